@@ -1,0 +1,97 @@
+"""ModelConfig: every architectural choice of a famjax model, validated on construction."""
+import dataclasses
+
+import jax.numpy as jnp
+
+ATTENTION_MODES = ("full", "bswa", "fam")
+NORMS = ("rms", "layer")
+MLP_ACTIVATIONS = ("swiglu", "geglu", "gelu")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only LM with full, block-sliding-window (BSWA) or FAM attention."""
+    vocab_size: int = 256             # tokens in the vocabulary
+    d_model: int = 128                # residual width d
+    num_layers: int = 2               # decoder layers L
+    num_heads: int = 4                # query heads H
+    num_kv_heads: int | None = None   # key/value heads (GQA/MQA); None = num_heads (MHA)
+    head_dim: int | None = None       # per-head width; None = d_model // num_heads
+    mlp_dim: int | None = None        # FFN hidden width; None = 4 * d_model
+    mlp_activation: str = "swiglu"    # "swiglu" | "geglu" | "gelu"
+    norm: str = "rms"                 # "rms" (RMSNorm) | "layer" (LayerNorm)
+    norm_eps: float = 1e-6            # epsilon inside the norms
+    rope_base: float = 10_000.0       # RoPE wavelength base
+    tie_embeddings: bool = False      # LM head = embedding matrix transposed
+    embed_scale: bool = False         # multiply token embeddings by sqrt(d_model) (Gemma)
+    dtype: str = "float32"            # compute dtype of activations and matmuls
+    param_dtype: str = "float32"      # storage dtype of parameters
+    scan_layers: bool = True          # lax.scan over layers (compile time independent of depth)
+    remat: str = "none"               # rematerialisation per layer: "none" | "full" | "dots" | "dots_no_batch"
+    attention: str = "fam"            # "full" (causal) | "bswa" | "fam" (BSWA + feedback memory)
+    block_size: int = 64              # B: tokens per block (bswa, fam)
+    memory_blocks: int = 1            # m: previous blocks each token sees (bswa, fam)
+    fam_len: int = 8                  # F: feedback rows per layer (fam; 0 = BSWA)
+    max_len: int = 4096               # KV-cache capacity for streaming with attention="full"
+
+    def __post_init__(self):
+        errors = []
+
+        def check(ok, message):
+            if not ok:
+                errors.append(message)
+
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "block_size", "max_len"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and value > 0, f"{name} must be an integer > 0, got {value!r}")
+        for name in ("memory_blocks", "fam_len"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and value >= 0, f"{name} must be an integer >= 0, got {value!r}")
+        for name, allowed in (("attention", ATTENTION_MODES), ("norm", NORMS),
+                              ("mlp_activation", MLP_ACTIVATIONS), ("remat", REMAT_POLICIES),
+                              ("dtype", DTYPES), ("param_dtype", DTYPES)):
+            value = getattr(self, name)
+            check(value in allowed, f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+        if errors:
+            raise ValueError("; ".join(errors))
+
+        heads = self.num_heads
+        if self.head_dim is None:
+            check(self.d_model % heads == 0,
+                  f"num_heads must divide d_model (or set head_dim): {self.d_model} % {heads} != 0")
+        elif not (isinstance(self.head_dim, int) and self.head_dim > 0):
+            errors.append(f"head_dim must be an integer > 0 or None, got {self.head_dim!r}")
+        kv = heads if self.num_kv_heads is None else self.num_kv_heads
+        check(isinstance(kv, int) and kv > 0 and heads % kv == 0,
+              f"num_kv_heads must be > 0 and divide num_heads={heads}, got {self.num_kv_heads!r}")
+        mlp = 4 * self.d_model if self.mlp_dim is None else self.mlp_dim
+        check(isinstance(mlp, int) and mlp > 0, f"mlp_dim must be an integer > 0 or None, got {mlp!r}")
+        check(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps!r}")
+        check(self.rope_base > 0, f"rope_base must be > 0, got {self.rope_base!r}")
+        if errors:
+            raise ValueError("; ".join(errors))
+        head_dim = self.d_model // heads if self.head_dim is None else self.head_dim
+        if head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {head_dim}")
+        object.__setattr__(self, "num_kv_heads", kv)
+        object.__setattr__(self, "head_dim", head_dim)
+        object.__setattr__(self, "mlp_dim", mlp)
+
+    @property
+    def num_fam(self) -> int:
+        """F actually used: fam_len in "fam" mode, 0 otherwise."""
+        return self.fam_len if self.attention == "fam" else 0
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def weight_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **changes) -> "ModelConfig":
+        """Returns a copy with some fields changed (and validated again)."""
+        return dataclasses.replace(self, **changes)

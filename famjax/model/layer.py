@@ -1,0 +1,164 @@
+"""One decoder layer serving full, BSWA and FAM attention from a single code path.
+
+The layer works on the block-aligned grid of a chunk (famjax.ops.blocks). Per layer (spec section 8):
+project Q/K/V of every slot at once; run the FAM recurrence over blocks carrying only the F rows; attend all
+blocks in parallel over [memory blocks, previous FAM, own block causal]; apply the FFN to every slot at once.
+Full attention is the same path with one block per chunk whose memory is a linear KV cache.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from famjax import ops
+from famjax.model.config import ModelConfig
+from famjax.model.layers import MLP, AttentionProjections, Norm
+from famjax.model.state import LayerCache
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """Where a chunk of T new tokens sits, shared by all layers of one call.
+
+    phase: int [b] slot of the first new token in grid block 0, or the static 0 when rows are aligned;
+    num_blocks: static grid blocks nb (full attention: 1 block of T slots);
+    positions: int [b, nb * B] RoPE position of every grid slot (absolute + offset);
+    offset: int [b] the position offset; first_block: int [b] absolute index of grid block 0;
+    completes: bool [b, nb] the block's last token is in this chunk (a FAM update happens);
+    next_block: int [b] grid block that holds the next token (or the static nb when aligned);
+    all_complete: static, every grid block completes (training); fresh: static, state still empty;
+    start: int [b] absolute position of the chunk's first token (full attention's cache slot);
+    is_initial: bool [b] the row's FAM is the learned initial FAM (its first update gets no residual).
+    """
+    phase: object
+    num_blocks: int
+    positions: jax.Array
+    offset: jax.Array
+    first_block: jax.Array
+    completes: jax.Array
+    next_block: object
+    all_complete: bool
+    fresh: bool
+    start: jax.Array
+    is_initial: jax.Array
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm decoder layer: A = Attn(Norm1(X)) + X; out = FFN(Norm2(A)) + A; FAM rows share all weights."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.norm1 = Norm(cfg, rngs)
+        self.attn = AttentionProjections(cfg, rngs)
+        self.norm2 = Norm(cfg, rngs)
+        self.mlp = MLP(cfg, rngs)
+
+    def ffn(self, a):
+        """a: [..., d] -> FFN(Norm2(a)) [..., d]."""
+        return self.mlp(self.norm2(a, self.cfg.compute_dtype))
+
+    def fam_key_value(self, fam, block_index, offset):
+        """Keys/values [b, F, KV, hd] of a FAM [b, F, d] that compressed absolute block block_index [b]."""
+        positions = ops.fam_positions(block_index, self.cfg.block_size, self.cfg.num_fam) + offset[:, None]
+        return self.attn.key_value(self.norm1(fam, self.cfg.compute_dtype), positions)
+
+    def initial_fam_step(self, fam):
+        """Returns S_0 of the next layer from this layer's S_0 [F, d]: the F rows alone, like a block with
+        no tokens (full attention among themselves at positions -F..-1, normal residual, FFN)."""
+        f = fam.shape[0]
+        positions = jnp.arange(-f, 0)
+        h = self.norm1(fam, self.cfg.compute_dtype)
+        q = self.attn.query(h, positions)
+        k, v = self.attn.key_value(h, positions)
+        heads = ops.segment_attention(q[None, None], [(k[None, None], v[None, None], None)])[0, 0]
+        a = fam + self.attn.out(heads).astype(jnp.float32)
+        return a + self.ffn(a).astype(jnp.float32)
+
+    def __call__(self, x, cache: LayerCache, chunk: Chunk):
+        """Returns (layer output [b, G, d], cache after the chunk) for grid input x [b, G, d]."""
+        cfg = self.cfg
+        h = self.norm1(x, cfg.compute_dtype)
+        q = self.attn.query(h, chunk.positions)
+        k, v = self.attn.key_value(h, chunk.positions)
+        if cfg.attention == "full":
+            heads, cache = self._full_attention(q, k, v, cache, chunk)
+        else:
+            heads, cache = self._block_attention(q, k, v, cache, chunk)
+        a = x + self.attn.out(heads).astype(x.dtype)
+        return a + self.ffn(a).astype(x.dtype), cache
+
+    def _full_attention(self, q, k, v, cache, chunk):
+        """Causal attention over [KV cache, chunk]; writes the chunk's keys/values into the cache."""
+        t = q.shape[1]
+        segments = []
+        if not chunk.fresh:
+            capacity = cache.mem_k.shape[2]
+            visible = (jnp.arange(capacity)[None, :] < chunk.start[:, None])[:, None, None, :]
+            segments.append((cache.mem_k, cache.mem_v, visible))
+        segments.append((k[:, None], v[:, None], ops.causal_mask(t)[None, None]))
+        heads = ops.segment_attention(q[:, None], segments)[:, 0]
+
+        def write(buffer, new):
+            return jax.vmap(lambda row, val, s: jax.lax.dynamic_update_slice_in_dim(row, val, s, axis=1))(
+                buffer, new[:, None].astype(buffer.dtype), chunk.start)
+        return heads, cache.replace(mem_k=write(cache.mem_k, k), mem_v=write(cache.mem_v, v))
+
+    def _block_attention(self, q, k, v, cache, chunk):
+        """BSWA (+ FAM) attention of every grid block in parallel; returns heads [b, G, H, hd] and cache."""
+        cfg = self.cfg
+        B, m, nb = cfg.block_size, cfg.memory_blocks, chunk.num_blocks
+        if not (isinstance(chunk.phase, int) and chunk.phase == 0):
+            # Slots before the phase belong to tokens read by earlier calls: take their keys from the state.
+            seen = (jnp.arange(B)[None, :] < chunk.phase[:, None])[:, :, None, None]
+            k = k.at[:, :B].set(jnp.where(seen, cache.cur_k, k[:, :B]))
+            v = v.at[:, :B].set(jnp.where(seen, cache.cur_v, v[:, :B]))
+        qb, kb, vb = (ops.split_blocks(a, B) for a in (q, k, v))
+        ext_k = jnp.concatenate([cache.mem_k, kb], axis=1)  # [b, m + nb, B, KV, hd]
+        ext_v = jnp.concatenate([cache.mem_v, vb], axis=1)
+        exists = ops.block_exists(chunk.first_block, m, nb)
+
+        segments = [(wk, wv, exists[:, i:i + nb, None, None])
+                    for i, (wk, wv) in enumerate(zip(ops.memory_windows(ext_k, m, nb),
+                                                     ops.memory_windows(ext_v, m, nb)))]
+        fam_state = (cache.fam, cache.fam_k, cache.fam_v)
+        if cfg.num_fam:
+            fam_state, fam_read = self._fam_scan(cache, kb, vb, chunk)
+            segments.append((*fam_read, None))
+        segments.append((kb, vb, ops.causal_mask(B)[None, None]))
+        heads = ops.segment_attention(qb, segments)
+        heads = heads.reshape(q.shape)
+
+        if isinstance(chunk.next_block, int):  # aligned chunk of whole blocks: static slices
+            mem_k, mem_v = ext_k[:, nb:nb + m], ext_v[:, nb:nb + m]
+            cur_k, cur_v = cache.cur_k, cache.cur_v  # the new current block is empty
+        else:
+            mem_k, mem_v = (ops.take_blocks(e, chunk.next_block, m) for e in (ext_k, ext_v))
+            cur = m + jnp.minimum(chunk.next_block, nb - 1)  # == nb only when the new block is empty
+            cur_k, cur_v = (ops.take_blocks(e, cur, 1)[:, 0] for e in (ext_k, ext_v))
+        fam, fam_k, fam_v = fam_state
+        return heads, cache.replace(mem_k=mem_k, mem_v=mem_v, cur_k=cur_k, cur_v=cur_v,
+                                    fam=fam, fam_k=fam_k, fam_v=fam_v)
+
+    def _fam_scan(self, cache, kb, vb, chunk):
+        """FAM recurrence over the grid blocks; returns ((fam, fam_k, fam_v) after, FAM K/V each block read)."""
+        cfg = self.cfg
+        dtype, offset = cfg.compute_dtype, chunk.offset
+
+        def update_fn(fam, is_initial, fam_k, fam_v, k, v, index):
+            prev_positions = ops.fam_positions(index - 1, cfg.block_size, cfg.num_fam) + offset[:, None]
+
+            def query_fn(s):
+                return self.attn.query(self.norm1(s, dtype), prev_positions)
+            return ops.fam_update(fam, is_initial, fam_k, fam_v, k, v,
+                                  query_fn=query_fn, out_fn=self.attn.out, ffn_fn=self.ffn)
+
+        def kv_fn(fam, index):
+            return self.fam_key_value(fam, index, offset)
+
+        carry = (cache.fam, chunk.is_initial, cache.fam_k, cache.fam_v)
+        carry, read = ops.fam_scan(carry, kb, vb, chunk.completes, chunk.first_block[:, None] +
+                                   jnp.arange(chunk.num_blocks)[None, :], update_fn=update_fn, kv_fn=kv_fn,
+                                   all_complete=chunk.all_complete)
+        fam, _, fam_k, fam_v = carry
+        return (fam, fam_k, fam_v), read

@@ -1,0 +1,200 @@
+"""FamLM: the decoder-only language model with an explicit state, `logits, state = model(tokens, state)`."""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from famjax import ops
+from famjax.model.config import ModelConfig
+from famjax.model.layer import Chunk, DecoderLayer
+from famjax.model.layers import Norm, normal, param
+from famjax.model.state import FamState, LayerCache, reset_rows
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class FamLM(nnx.Module):
+    """Decoder-only LM; attention "full", "bswa" or "fam" (spec sections 3-7).
+
+    Parameters: token embedding, optional LM head, the layer stack (leading "layers" axis, so a scan over
+    layers and an unrolled loop use the same checkpoint layout) and, for FAM, the learned initial-FAM table
+    `fam_init` [F, d]: the only parameter FAM adds.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        if not isinstance(cfg, ModelConfig):
+            raise TypeError(f"cfg must be a famjax.ModelConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        d, pd = cfg.d_model, cfg.weight_dtype
+        embed_std = 1.0 if cfg.embed_scale else d ** -0.5
+        self.embed = param(rngs, normal(embed_std), (cfg.vocab_size, d), ("vocab", "embed"), pd)
+        if cfg.num_fam:
+            self.fam_init = param(rngs, normal(embed_std), (cfg.num_fam, d), ("fam", "embed"), pd)
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_layers(rngs):
+            return DecoderLayer(cfg, rngs)
+
+        self.layers = make_layers(rngs)
+        self.final_norm = Norm(cfg, rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = param(rngs, normal(d ** -0.5), (d, cfg.vocab_size), ("embed", "vocab"), pd)
+
+    # ---------------------------------------------------------------- state
+    def init_state(self, batch_size: int, max_len: int | None = None) -> FamState:
+        """Returns the state of `batch_size` empty streams (fixed shapes: constant memory in stream length).
+
+        max_len: KV-cache capacity for attention="full" (default cfg.max_len); ignored by bswa/fam, whose
+        memory is m blocks + the current block + F FAM rows per layer.
+        """
+        cfg = self.cfg
+        if not (isinstance(batch_size, int) and batch_size > 0):
+            raise ValueError(f"batch_size must be an integer > 0, got {batch_size!r}")
+        L, b, kv, hd, dt = cfg.num_layers, batch_size, cfg.num_kv_heads, cfg.head_dim, cfg.compute_dtype
+        if cfg.attention == "full":
+            capacity = cfg.max_len if max_len is None else max_len
+            if not (isinstance(capacity, int) and capacity > 0):
+                raise ValueError(f"max_len must be an integer > 0, got {capacity!r}")
+            mem_shape, cur_len = (L, b, 1, capacity, kv, hd), 0
+        else:
+            mem_shape, cur_len = (L, b, cfg.memory_blocks, cfg.block_size, kv, hd), cfg.block_size
+        F = cfg.num_fam
+        if F:
+            fam, fam_k, fam_v = self._initial_fam(jnp.zeros((b,), jnp.int32))
+        else:
+            fam = jnp.zeros((L, b, 0, cfg.d_model), jnp.float32)
+            fam_k = fam_v = jnp.zeros((L, b, 0, kv, hd), dt)
+        layers = LayerCache(mem_k=jnp.zeros(mem_shape, dt), mem_v=jnp.zeros(mem_shape, dt),
+                            cur_k=jnp.zeros((L, b, cur_len, kv, hd), dt),
+                            cur_v=jnp.zeros((L, b, cur_len, kv, hd), dt), fam=fam, fam_k=fam_k, fam_v=fam_v)
+        return FamState(layers=layers, pos=jnp.zeros((b,), jnp.int32), is_initial=jnp.ones((b,), bool))
+
+    def _initial_fam(self, offset):
+        """Returns the initial FAM of every layer and its keys/values: [L, b, F, d] f32, [L, b, F, KV, hd].
+
+        S_0^0 is the learned table; S_0^{l+1} is S_0^l through layer l on its own (spec section 4). It depends
+        only on parameters (RoPE sees relative positions only), so it is computed once, unbatched; its
+        keys/values sit at positions -F..-1 + offset per row.
+        """
+        b = offset.shape[0]
+        s0 = self.fam_init[...].astype(jnp.float32)
+
+        def body(layer, s):
+            fam = jnp.broadcast_to(s, (b,) + s.shape)
+            k, v = layer.fam_key_value(fam, jnp.full((b,), -1), offset)
+            return layer.initial_fam_step(s), (fam, k, v)
+
+        _, (fam, k, v) = self._scan_layers(body, s0)
+        return fam, k, v
+
+    # ---------------------------------------------------------------- forward
+    def __call__(self, tokens, state: FamState | None = None, *, segment_start=None, position_offset=None):
+        """Returns (logits float32 [b, T, vocab], state after the chunk).
+
+        tokens: int [b, T], any T >= 1 (a whole sequence, a block, one token: one code path);
+        state: from init_state or a previous call; None starts empty streams;
+        segment_start: bool [b], restart those rows (a new document) before reading the chunk;
+        position_offset: int [b] added to every RoPE position of the row (training's random offset; pass the
+            same value on every call of a stream).
+        """
+        cfg = self.cfg
+        tokens = jnp.asarray(tokens)
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer) or tokens.shape[1] < 1:
+            raise ValueError(f"tokens must be int [batch, T] with T >= 1, got {tokens.dtype} {tokens.shape}")
+        b, t = tokens.shape
+        if state is None:
+            cap = max(cfg.max_len, t) if cfg.attention == "full" else None
+            state = self.init_state(b, max_len=cap)
+        if state.batch_size != b:
+            raise ValueError(f"state holds {state.batch_size} rows but tokens have batch {b}")
+        offset = (jnp.zeros((b,), jnp.int32) if position_offset is None
+                  else jnp.broadcast_to(jnp.asarray(position_offset, jnp.int32), (b,)))
+        fresh = state.fresh
+        if segment_start is not None:
+            state = reset_rows(state, jnp.broadcast_to(jnp.asarray(segment_start, bool), (b,)))
+        cache = state.layers
+        if cfg.num_fam and (fresh or segment_start is not None):
+            # Rows flagged initial read the initial FAM of the current parameters (so it gets gradients).
+            fam0, k0, v0 = self._initial_fam(offset)
+            sel = state.is_initial[None, :, None, None]
+            cache = cache.replace(fam=jnp.where(sel, fam0, cache.fam),
+                                  fam_k=jnp.where(sel[..., None], k0, cache.fam_k),
+                                  fam_v=jnp.where(sel[..., None], v0, cache.fam_v))
+
+        chunk, aligned_after = self._chunk(state, t, offset, fresh)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype)
+        if cfg.embed_scale:
+            x = x * jnp.asarray(cfg.d_model ** 0.5, cfg.compute_dtype)
+        block = t if cfg.attention == "full" else cfg.block_size
+        x = ops.to_grid(x, chunk.phase, chunk.num_blocks, block)
+
+        def body(layer, x, layer_cache):
+            return layer(x, layer_cache, chunk)
+        x, cache = self._scan_layers(body, x, cache, remat=True)
+
+        h = self.final_norm(ops.from_grid(x, chunk.phase, t), cfg.compute_dtype)
+        head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
+        logits = jnp.einsum("btd,dv->btv", h, head.astype(cfg.compute_dtype),
+                            preferred_element_type=jnp.float32)
+        new_state = FamState(layers=cache, pos=state.pos + t,
+                             is_initial=state.is_initial & ~jnp.any(chunk.completes, axis=1),
+                             aligned=aligned_after, fresh=False)
+        return logits, new_state
+
+    def _chunk(self, state: FamState, t: int, offset, fresh: bool):
+        """Returns (Chunk describing where t new tokens sit, static alignment after the call)."""
+        cfg = self.cfg
+        pos = state.pos
+        if cfg.attention == "full":
+            capacity = state.layers.mem_k.shape[3]
+            if t > capacity:
+                raise ValueError(f"chunk of {t} tokens exceeds the full-attention cache (max_len={capacity})")
+            if not isinstance(pos, jax.core.Tracer) and int(jnp.max(pos)) + t > capacity:
+                raise ValueError(f"stream exceeds the full-attention cache: max_len={capacity}; "
+                                 "pass a larger max_len to init_state")
+            positions = pos[:, None] + jnp.arange(t)[None, :] + offset[:, None]
+            none = jnp.zeros((pos.shape[0], 1), bool)
+            return Chunk(phase=0, num_blocks=1, positions=positions, offset=offset, first_block=pos,
+                         completes=none, next_block=1, all_complete=False, fresh=fresh, start=pos,
+                         is_initial=state.is_initial), True
+        B = cfg.block_size
+        aligned = state.aligned
+        nb = ops.num_grid_blocks(t, B, aligned)
+        phase = 0 if aligned else pos % B
+        starts = (pos - phase)[:, None] + jnp.arange(nb * B)[None, :]
+        ends = (jnp.arange(nb)[None, :] + 1) * B
+        completes = ends <= (jnp.asarray(phase) + t if aligned else phase[:, None] + t)
+        if aligned:
+            completes = jnp.broadcast_to(completes, (pos.shape[0], nb))
+        all_complete = aligned and t % B == 0
+        next_block = nb if all_complete else (phase + t) // B + jnp.zeros_like(pos)
+        chunk = Chunk(phase=phase, num_blocks=nb, positions=starts + offset[:, None], offset=offset,
+                      first_block=pos // B, completes=completes, next_block=next_block,
+                      all_complete=all_complete, fresh=fresh, start=pos, is_initial=state.is_initial)
+        return chunk, all_complete
+
+    def _scan_layers(self, body, carry, *xs, remat: bool = False):
+        """Applies body(layer, carry, *xs_l) -> (carry, ys_l) over the layer stack; ys stacked on axis 0.
+
+        With cfg.scan_layers a lax.scan (compile time independent of depth), else an unrolled loop over the
+        same stacked parameters.
+        """
+        graphdef, params = nnx.split(self.layers)
+
+        def step(carry, inputs):
+            layer_params, *rest = inputs
+            return body(nnx.merge(graphdef, layer_params), carry, *rest)
+
+        if remat and self.cfg.remat != "none":
+            step = jax.checkpoint(step, policy=_REMAT_POLICIES[self.cfg.remat])
+        if self.cfg.scan_layers:
+            return jax.lax.scan(step, carry, (params, *xs))
+        outs = []
+        for i in range(self.cfg.num_layers):
+            carry, y = step(carry, jax.tree.map(lambda a: a[i], (params, *xs)))
+            outs.append(y)
+        return carry, jax.tree.map(lambda *a: jnp.stack(a), *outs)

@@ -1,0 +1,60 @@
+"""Shared helpers for model tests: loading reference (numpy) parameters into a FamLM, configs."""
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import famjax
+
+
+def load_reference_params(model: famjax.FamLM, params: dict) -> None:
+    """Copies a tests/reference.py parameter dict into the model's stacked parameters, in place."""
+    cfg = model.cfg
+    dtype = cfg.weight_dtype
+
+    def put(variable, value):
+        value = jnp.asarray(np.asarray(value), dtype)
+        assert variable[...].shape == value.shape, (variable[...].shape, value.shape)
+        variable[...] = value
+
+    def stacked(*keys):
+        out = []
+        for layer in params["layers"]:
+            for k in keys:
+                layer = layer[k]
+            out.append(layer)
+        return np.stack(out)
+
+    put(model.embed, params["embed"])
+    if cfg.num_fam:
+        put(model.fam_init, params["fam_init"])
+    layers = model.layers
+    for norm in ("norm1", "norm2"):
+        put(getattr(layers, norm).scale, stacked(norm, "scale"))
+        if cfg.norm == "layer":
+            put(getattr(layers, norm).bias, stacked(norm, "bias"))
+    for name in ("q", "k", "v", "o"):
+        put(getattr(layers.attn, name), stacked(name))
+    for name in (("up", "down") if cfg.mlp_activation == "gelu" else ("gate", "up", "down")):
+        put(getattr(layers.mlp, name), stacked("mlp", name))
+    put(model.final_norm.scale, params["final_norm"]["scale"])
+    if cfg.norm == "layer":
+        put(model.final_norm.bias, params["final_norm"]["bias"])
+    if not cfg.tie_embeddings:
+        put(model.lm_head, params["lm_head"])
+
+
+def make_model(seed=0, **overrides):
+    """Returns (model, cfg) for a small config with overrides, reference-style random parameters loaded."""
+    from reference import random_params
+    base = dict(vocab_size=37, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=48,
+                attention="fam", block_size=4, memory_blocks=1, fam_len=3)
+    base.update(overrides)
+    cfg = famjax.ModelConfig(**base)
+    model = famjax.FamLM(cfg, rngs=nnx.Rngs(seed))
+    params = random_params(cfg, seed)
+    load_reference_params(model, params)
+    return model, cfg, params
+
+
+def random_tokens(batch, length, vocab, seed=0):
+    return np.random.default_rng(seed).integers(0, vocab, size=(batch, length)).astype(np.int32)
