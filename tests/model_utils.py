@@ -58,3 +58,20 @@ def make_model(seed=0, **overrides):
 
 def random_tokens(batch, length, vocab, seed=0):
     return np.random.default_rng(seed).integers(0, vocab, size=(batch, length)).astype(np.int32)
+
+
+@nnx.jit
+def jit_apply(model, tokens, state=None, segment_start=None, position_offset=None):
+    """model(tokens, state, ...) compiled; same results as the eager call."""
+    return model(tokens, state, segment_start=segment_start, position_offset=position_offset)
+
+
+def stream(model, tokens, sizes, state=None):
+    """Feeds tokens [b, T] in consecutive chunks of the given sizes; returns (logits [b, T, V], state)."""
+    out, start = [], 0
+    for size in sizes:
+        logits, state = jit_apply(model, tokens[:, start:start + size], state)
+        out.append(np.asarray(logits))
+        start += size
+    assert start == tokens.shape[1]
+    return np.concatenate(out, axis=1), state
