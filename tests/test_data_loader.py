@@ -27,7 +27,7 @@ def passkey_cfg(data_dir, **over):
 def text_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("texts")
     rng = np.random.default_rng(0)
-    words = "alpha beta gamma delta eps zeta eta theta".split()
+    words = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta"]
     for i in range(24):
         sub = d / ("sub" if i % 3 == 0 else "")
         sub.mkdir(exist_ok=True)
@@ -105,12 +105,14 @@ def test_same_seed_same_batches_other_seed_other(tmp_path):
 
 def _epoch_ids(cfg, pi, pc, split):
     """Returns the PassKey keys / document first words one host reads in one epoch."""
-    it = fd.make_iterator(cfg, block_size=BLOCK, process_index=pi, process_count=pc, split=split, num_epochs=1)
+    it = fd.make_iterator(cfg, block_size=BLOCK, process_index=pi, process_count=pc, split=split,
+                          num_epochs=1)
     tok = it.tokenizer
     out = []
     for b in it:
         if it.batching == "stream":
-            out += [tok.decode(b["tokens"][r][:8]).split()[0] for r in range(len(b["tokens"])) if b["segment_start"][r]]
+            starts = np.nonzero(b["segment_start"])[0]
+            out += [tok.decode(b["tokens"][r][:8]).split()[0] for r in starts]
         else:
             for r, s in zip(*np.nonzero(b["segment_start"])):
                 ans = b["targets"][r, s:][b["answer_mask"][r, s:]][:5]
@@ -178,19 +180,21 @@ def test_local_text_bad_inputs(tmp_path):
 def test_config_errors_name_the_field(tmp_path):
     cfg = passkey_cfg(tmp_path)
     cases = [
-        (dict(dataset="pg20"), r"data.dataset must be one of \('passkey', 'local_text', 'pg19'.*got 'pg20'"),
-        (dict(data_dir=""), "data.data_dir is required"),
-        (dict(batch_size=6), "data.batch_size must be divisible by the process count 4, got 6"),
-        (dict(seq_len=100), "data.seq_len must be a multiple of block_size 8, got 100"),
-        (dict(batching="rows"), r"data.batching must be one of \('auto', 'packed', 'stream'\)"),
+        ({"dataset": "pg20"}, r"data.dataset must be one of \('passkey', 'local_text', 'pg19'.*got 'pg20'"),
+        ({"data_dir": ""}, "data.data_dir is required"),
+        ({"batch_size": 6}, "data.batch_size must be divisible by the process count 4, got 6"),
+        ({"seq_len": 100}, "data.seq_len must be a multiple of block_size 8, got 100"),
+        ({"batching": "rows"}, r"data.batching must be one of \('auto', 'packed', 'stream'\)"),
     ]
     for over, msg in cases:
-        bad = passkey_cfg(tmp_path, **over)
+        bad = passkey_cfg(tmp_path)
+        bad.update(over)
         with pytest.raises(ValueError, match=msg):
             fd.validate(bad, process_count=4, block_size=8)
     bad = passkey_cfg(tmp_path)
     bad.passkey.key_position = "middle"
-    with pytest.raises(ValueError, match=r"data.passkey.key_position must be one of \('start', 'uniform', 'end'\)"):
+    msg = r"data.passkey.key_position must be one of \('start', 'uniform', 'end'\)"
+    with pytest.raises(ValueError, match=msg):
         fd.validate(bad)
     with pytest.raises(ValueError, match="more than data.seq_len 32"):
         fd.make_iterator(passkey_cfg(tmp_path, seq_len=32), block_size=8, process_index=0, process_count=1)
@@ -248,9 +252,11 @@ def test_catalog_missing_and_tfrecord_forms(tmp_path, monkeypatch):
         fd.make_iterator(cfg, block_size=BLOCK, process_index=0, process_count=1)
     vdir = _prepare_fake_lm1b(tmp_path)
     info_path = os.path.join(vdir, "dataset_info.json")
-    info = json.load(open(info_path))
+    with open(info_path) as fh:
+        info = json.load(fh)
     info["fileFormat"] = "tfrecord"
-    json.dump(info, open(info_path, "w"))
+    with open(info_path, "w") as fh:
+        json.dump(info, fh)
     cfg = passkey_cfg(tmp_path, dataset="lm1b", seq_len=64, batch_size=2)
     monkeypatch.setattr(catalog, "_tensorflow_available", lambda: False)
     with pytest.raises(ValueError, match=r"tfrecord form.*pip install famjax\[tf\]"):
@@ -261,9 +267,25 @@ def test_catalog_missing_and_tfrecord_forms(tmp_path, monkeypatch):
     def fake_convert(version_dir):
         converted.append(version_dir)
         info["fileFormat"] = "array_record"
-        json.dump(info, open(info_path, "w"))
+        with open(info_path, "w") as fh:
+            json.dump(info, fh)
 
     monkeypatch.setattr(catalog, "_tensorflow_available", lambda: True)
     monkeypatch.setattr(catalog, "_convert_to_array_record", fake_convert)
     it = fd.make_iterator(cfg, block_size=BLOCK, process_index=0, process_count=1, split="test")
     assert converted == [vdir] and int(next(it)["segment_start"].sum()) > 0
+
+
+def test_state_goes_through_grains_orbax_checkpoint_handler(tmp_path):
+    import grain
+
+    cfg = passkey_cfg(tmp_path / "data")
+    it = fd.make_iterator(cfg, block_size=BLOCK, process_index=0, process_count=1)
+    take(it, 2)
+    handler = grain.checkpoint.CheckpointHandler()  # what orbax's grain checkpoint args use
+    (tmp_path / "ckpt").mkdir()
+    handler.save(tmp_path / "ckpt", item=it)
+    after = take(it, 3)
+    it2 = fd.make_iterator(cfg, block_size=BLOCK, process_index=0, process_count=1)
+    handler.restore(tmp_path / "ckpt", item=it2)
+    assert_same(after, take(it2, 3))

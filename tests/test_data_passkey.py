@@ -1,5 +1,4 @@
 """PassKey: the key sits where stated, the answer is the key, the loss mask is the answer, lengths, seeds."""
-import ml_collections
 import numpy as np
 import pytest
 
@@ -45,7 +44,8 @@ def test_key_where_stated_answer_is_key_mask_is_answer(data_dir, position):
         assert np.all(ex["loss_mask"][s:s + a] == 1.0)
         # The key is written twice in the key sentence, with the answer's ids.
         assert t[kp:kp + a].tolist() == key_ids.tolist()
-        assert tok.decode(t[kp - key_before:kp + 2 * a + 5]).startswith(f"The pass key is {ex['key']}. Remember it. {ex['key']}")
+        sentence = tok.decode(t[kp - key_before:kp + 2 * a + 5])
+        assert sentence.startswith(f"The pass key is {ex['key']}. Remember it. {ex['key']}")
         filler_before = kp - key_before - intro_len
         if position == "start":
             assert filler_before == 0
@@ -70,7 +70,8 @@ def test_filler_lengths_in_range_and_eval_lengths_fixed(data_dir, kind):
     for m in (1, 4):
         ev = _records(cfg, fd.eval_split_name(m))
         assert len(ev) == 4 and {int(e["filler_tokens"]) for e in ev} == {40 * m}
-        assert max(len(e["tokens"]) for e in ev) <= passkey.max_tokens(cfg.passkey, tok, fd.eval_split_name(m))
+        longest = passkey.max_tokens(cfg.passkey, tok, fd.eval_split_name(m))
+        assert max(len(e["tokens"]) for e in ev) <= longest
 
 
 def test_filler_lengths_with_sentencepiece(tmp_path):

@@ -6,11 +6,20 @@ import numpy as np
 import pytest
 
 from famjax.data import passkey
-from famjax.data.tokenizers import (ByteTokenizer, HFTokenizer, SentencePieceTokenizer, WordTokenizer,
-                                    build_word_vocab, make_tokenizer, passkey_vocab, split_words)
+from famjax.data.tokenizers import (
+    ByteTokenizer,
+    HFTokenizer,
+    SentencePieceTokenizer,
+    WordTokenizer,
+    build_word_vocab,
+    make_tokenizer,
+    passkey_vocab,
+    split_words,
+)
 
 TEXT = ("There is an important info hidden inside a lot of irrelevant text. The pass key is 40213. "
-        "Remember it. 40213 is the pass key. The grass is green. What is the pass key? The pass key is 40213.")
+        "Remember it. 40213 is the pass key. The grass is green. What is the pass key? "
+        "The pass key is 40213.")
 
 
 def _tcfg(kind, path=""):
@@ -55,7 +64,8 @@ def sp_model(tmp_path_factory):
     import sentencepiece as spm
 
     d = tmp_path_factory.mktemp("sp")
-    corpus = [TEXT] + [s.strip() for s in passkey.template_texts()] * 20 + [" ".join(str(i) for i in range(100))]
+    corpus = [TEXT] + [s.strip() for s in passkey.template_texts()] * 20
+    corpus += [" ".join(str(i) for i in range(100))]
     spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_prefix=str(d / "m"), vocab_size=80,
                                    model_type="bpe", hard_vocab_limit=False, bos_id=1, eos_id=2, pad_id=0,
                                    unk_id=3, minloglevel=2)

@@ -2,7 +2,8 @@
 
 `passkey` and `local_text` are prepared here by famjax. Catalog names (`pg19`, `lm1b`, `c4`) must already be
 prepared by the user in `data_dir`; array_record copies are read with tfds without tensorflow, tfrecord copies
-are converted once to array_record with tfds's own converter, which needs tensorflow (`pip install famjax[tf]`).
+are converted once to array_record with tfds's own converter, which needs tensorflow
+(`pip install famjax[tf]`).
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import functools
 import glob as glob_lib
 import json
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -55,7 +57,8 @@ def text_example(record: dict, *, feature: str, tok: Tokenizer) -> dict:
     bos = [tok.bos_id] if tok.bos_id is not None else []
     eos = [tok.eos_id] if tok.eos_id is not None else []
     tokens = np.concatenate([np.asarray(bos, np.int32), ids, np.asarray(eos, np.int32)])
-    return {"tokens": tokens, "weights": np.ones(len(tokens), np.float32), "answer": np.zeros(len(tokens), bool)}
+    n = len(tokens)
+    return {"tokens": tokens, "weights": np.ones(n, np.float32), "answer": np.zeros(n, bool)}
 
 
 def passkey_example(record: dict, *, other_weight: float) -> dict:
@@ -125,7 +128,8 @@ def open_catalog(name: str, split: str, data_dir: str, version: str = ""):
         _convert_to_array_record(vdir)
     builder = tfds.builder_from_directory(vdir)
     if split not in builder.info.splits:
-        raise ValueError(f"split {split!r} is not in dataset {name!r}; available: {sorted(builder.info.splits)}")
+        raise ValueError(f"split {split!r} is not in dataset {name!r}; "
+                         f"available: {sorted(builder.info.splits)}")
     return builder.as_data_source(split=split)
 
 

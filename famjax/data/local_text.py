@@ -14,6 +14,8 @@ import os
 
 import tensorflow_datasets as tfds
 
+from famjax.data import tfds_util
+
 BUILDER_NAME = "famjax_local_text"
 ENCODING_ERRORS = ("strict", "replace", "ignore")
 
@@ -26,7 +28,8 @@ def list_files(path: str, pattern: str) -> list[str]:
     if not os.path.isdir(root):
         raise ValueError(f"local_text.path: {path!r} is not a folder")
     # lexists, not isfile: a dangling link must fail loudly when read rather than vanish from the data.
-    files = sorted(os.path.relpath(p, root) for p in glob_lib.glob(os.path.join(root, pattern), recursive=True)
+    matches = glob_lib.glob(os.path.join(root, pattern), recursive=True)
+    files = sorted(os.path.relpath(p, root) for p in matches
                    if os.path.lexists(p) and not os.path.isdir(p))
     if not files:
         raise ValueError(f"local_text.path: no files match {pattern!r} under {path!r} (local_text.glob)")
@@ -51,7 +54,8 @@ def read_document(root: str, relpath: str, errors: str) -> str:
         return raw.decode("utf-8", errors=errors)
     except UnicodeDecodeError as e:
         raise ValueError(f"local_text: file {p!r} is not valid UTF-8 ({e.reason} at byte {e.start}); "
-                         f"set local_text.encoding_errors to 'replace' or 'ignore' to read it anyway") from None
+                         "set local_text.encoding_errors to 'replace' or 'ignore' to read it anyway"
+                         ) from None
 
 
 @dataclasses.dataclass(eq=False)
@@ -89,7 +93,7 @@ class FamjaxLocalText(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
     # See passkey.FamjaxPasskey: no checksums file exists, and looking for one needs importlib_resources.
     code_path = None
-    BUILDER_CONFIGS = [LocalTextConfig(name="default")]
+    BUILDER_CONFIGS = [LocalTextConfig(name="default")]  # noqa: RUF012  (tfds reads this class attribute)
 
     def _info(self):
         return tfds.core.DatasetInfo(
@@ -113,8 +117,8 @@ class FamjaxLocalText(tfds.core.GeneratorBasedBuilder):
 def data_source(lt_cfg, data_dir: str, split: str):
     """Returns the random-access source of a split ([i] -> {'text', 'path'}), preparing it if needed."""
     builder = FamjaxLocalText(config=local_text_config(lt_cfg), data_dir=data_dir, file_format="array_record")
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+    tfds_util.prepare(builder)
     if split not in builder.info.splits:
-        raise ValueError(f"split {split!r} is not in dataset 'local_text'; available: {sorted(builder.info.splits)}")
+        raise ValueError(f"split {split!r} is not in dataset 'local_text'; "
+                         f"available: {sorted(builder.info.splits)}")
     return builder.as_data_source(split=split)

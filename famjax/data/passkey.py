@@ -1,4 +1,4 @@
-"""PassKey retrieval (paper section 4.3, spec section 9): generated locally and stored as a TF-free tfds dataset.
+"""PassKey retrieval (paper section 4.3, spec section 9), generated locally as a TF-free tfds dataset.
 
 An example is `[bos] intro, key sentence, filler, question, answer [eos]` in token ids of one tokenizer.
 The filler length is counted in tokens of that tokenizer, so token ids (not text) are stored, and the cache
@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from typing import Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from famjax.data import tfds_util
 from famjax.data.tokenizers import Tokenizer
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -120,12 +122,12 @@ class PassKeyConfig(tfds.core.BuilderConfig):
 
 def passkey_config(pk_cfg, tok: Tokenizer) -> PassKeyConfig:
     """Returns the builder config for the `data.passkey` config section and a tokenizer."""
-    fields = dict(tokenizer_fingerprint=tok.fingerprint, key_digits=int(pk_cfg.key_digits),
-                  key_position=str(pk_cfg.key_position), train_filler_min=int(pk_cfg.train_filler_min),
-                  train_filler_max=int(pk_cfg.train_filler_max), train_examples=int(pk_cfg.train_examples),
-                  validation_examples=int(pk_cfg.validation_examples),
-                  eval_multipliers=tuple(int(m) for m in pk_cfg.eval_multipliers),
-                  eval_examples=int(pk_cfg.eval_examples), seed=int(pk_cfg.seed))
+    fields = {"tokenizer_fingerprint": tok.fingerprint, "key_digits": int(pk_cfg.key_digits),
+                  "key_position": str(pk_cfg.key_position), "train_filler_min": int(pk_cfg.train_filler_min),
+                  "train_filler_max": int(pk_cfg.train_filler_max), "train_examples": int(pk_cfg.train_examples),
+                  "validation_examples": int(pk_cfg.validation_examples),
+                  "eval_multipliers": tuple(int(m) for m in pk_cfg.eval_multipliers),
+                  "eval_examples": int(pk_cfg.eval_examples), "seed": int(pk_cfg.seed)}
     digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
     name = (f"{tok.fingerprint.split('-')[0]}_k{fields['key_digits']}_{fields['key_position']}"
             f"_f{fields['train_filler_min']}-{fields['train_filler_max']}_s{fields['seed']}_{digest}")
@@ -133,13 +135,13 @@ def passkey_config(pk_cfg, tok: Tokenizer) -> PassKeyConfig:
 
 
 class FamjaxPasskey(tfds.core.GeneratorBasedBuilder):
-    """PassKey retrieval with splits train, validation (train lengths) and eval_x{m} (m x max train filler)."""
+    """PassKey with splits train, validation (train lengths), eval_x{m} (m x the longest train filler)."""
 
     VERSION = tfds.core.Version("1.0.0")
     # tfds looks for a checksums file next to the builder's module through `importlib_resources`, a
     # package it only requires on Python < 3.9; this builder downloads nothing, so there is no such file.
     code_path = None
-    BUILDER_CONFIGS = [PassKeyConfig(name="default")]
+    BUILDER_CONFIGS = [PassKeyConfig(name="default")]  # noqa: RUF012  (tfds reads this class attribute)
 
     def __init__(self, *, tokenizer: Tokenizer | None = None, **kwargs):
         # The tokenizer is only needed to generate; reading back needs nothing but the files.
@@ -163,12 +165,12 @@ class FamjaxPasskey(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         c = self.builder_config
-        splits = {"train": dict(n=c.train_examples, lo=c.train_filler_min, hi=c.train_filler_max, stream=0),
-                  "validation": dict(n=c.validation_examples, lo=c.train_filler_min, hi=c.train_filler_max,
-                                     stream=1)}
+        splits = {"train": {"n": c.train_examples, "lo": c.train_filler_min, "hi": c.train_filler_max, "stream": 0},
+                  "validation": {"n": c.validation_examples, "lo": c.train_filler_min, "hi": c.train_filler_max,
+                                     "stream": 1}}
         for m in c.eval_multipliers:
             length = m * c.train_filler_max
-            splits[eval_split_name(m)] = dict(n=c.eval_examples, lo=length, hi=length, stream=1000 + m)
+            splits[eval_split_name(m)] = {"n": c.eval_examples, "lo": length, "hi": length, "stream": 1000 + m}
         return {name: self._generate_examples(**kw) for name, kw in splits.items()}
 
     def _generate_examples(self, n, lo, hi, stream):
@@ -191,8 +193,7 @@ def prepare(pk_cfg, tok: Tokenizer, data_dir: str) -> FamjaxPasskey:
     """Returns the PassKey builder for this config, generating its files under data_dir the first time."""
     builder = FamjaxPasskey(config=passkey_config(pk_cfg, tok), data_dir=data_dir, tokenizer=tok,
                             file_format="array_record")
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+    tfds_util.prepare(builder)
     return builder
 
 
@@ -200,12 +201,14 @@ def data_source(pk_cfg, tok: Tokenizer, data_dir: str, split: str):
     """Returns the random-access source (len, [i] -> example dict) of a split, preparing it if needed."""
     builder = prepare(pk_cfg, tok, data_dir)
     if split not in builder.info.splits:
-        raise ValueError(f"split {split!r} is not in dataset 'passkey'; available: {sorted(builder.info.splits)}")
+        raise ValueError(f"split {split!r} is not in dataset 'passkey'; "
+                         f"available: {sorted(builder.info.splits)}")
     return builder.as_data_source(split=split)
 
 
 class PassKeyPair(NamedTuple):
-    """One evaluation item: feed `prompt` (int32 [P], starts with bos), the right answer is `answer` (int32 [A])."""
+    """One evaluation item: feed `prompt` (int32 [P], starts with bos); the right answer is `answer`
+    (int32 [A])."""
 
     prompt: np.ndarray
     answer: np.ndarray
@@ -220,3 +223,17 @@ def pairs_from_source(source, *, process_index: int = 0, process_count: int = 1,
         s, a = int(ex["answer_start"]), int(ex["answer_len"])
         tokens = np.asarray(ex["tokens"], np.int32)
         yield PassKeyPair(tokens[:s], tokens[s:s + a])
+
+
+def max_tokens(pk_cfg, tok: Tokenizer, split: str) -> int:
+    """Returns the length in tokens of the longest example a split can hold (before any block padding)."""
+    if split.startswith("eval_x"):
+        filler = int(split[len("eval_x"):]) * int(pk_cfg.train_filler_max)
+    else:
+        filler = int(pk_cfg.train_filler_max)
+    ex = make_example(_Pieces(tok), np.random.default_rng(0), filler_len=filler,
+                      key_digits=int(pk_cfg.key_digits), key_position="start")
+    # The key is written 3 times; with a subword tokenizer its token count varies with the digits, but
+    # no tokenizer spends more than one token per ASCII digit.
+    a = int(ex["answer_len"])
+    return len(ex["tokens"]) + 3 * (max(a, int(pk_cfg.key_digits)) - a)

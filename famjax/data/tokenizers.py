@@ -11,7 +11,8 @@ import hashlib
 import json
 import os
 import re
-from typing import Iterable, Protocol, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -116,7 +117,7 @@ class WordTokenizer:
         self.source = source
 
     @classmethod
-    def from_file(cls, path: str) -> "WordTokenizer":
+    def from_file(cls, path: str) -> WordTokenizer:
         """Returns a tokenizer from a vocabulary file: one word per line, UTF-8."""
         try:
             with open(path, encoding="utf-8") as f:
@@ -161,7 +162,7 @@ class SentencePieceTokenizer:
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.Load(path)
-        except Exception as e:  # sentencepiece raises OSError or RuntimeError depending on the damage
+        except Exception as e:  # noqa: BLE001  # sentencepiece raises OSError or RuntimeError depending on the damage
             raise ValueError(f"tokenizer.path: {path!r} is not a valid SentencePiece model: {e}") from None
         self.vocab_size = int(self.sp.GetPieceSize())
         self.pad_id = max(int(self.sp.pad_id()), 0)
@@ -198,7 +199,7 @@ class HFTokenizer:
             raise ValueError(f"tokenizer.path: Hugging Face tokenizer file {path!r} does not exist")
         try:
             self.tok = _HF.from_file(path)
-        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+        except Exception as e:  # noqa: BLE001  # tokenizers raises a bare Exception on bad JSON
             raise ValueError(f"tokenizer.path: {path!r} is not a valid tokenizer.json: {e}") from None
         names = self._config_names(os.path.join(os.path.dirname(path), "tokenizer_config.json"))
         self.vocab_size = int(self.tok.get_vocab_size(with_added_tokens=True))

@@ -62,34 +62,42 @@ class FamLM(nnx.Module):
             mem_shape, cur_len = (L, b, 1, capacity, kv, hd), 0
         else:
             mem_shape, cur_len = (L, b, cfg.memory_blocks, cfg.block_size, kv, hd), cfg.block_size
-        F = cfg.num_fam
-        if F:
-            fam, fam_k, fam_v = self._initial_fam(jnp.zeros((b,), jnp.int32))
-        else:
-            fam = jnp.zeros((L, b, 0, cfg.d_model), jnp.float32)
-            fam_k = fam_v = jnp.zeros((L, b, 0, kv, hd), dt)
+        fam = jnp.zeros((L, b, cfg.num_fam, cfg.d_model), jnp.float32)
+        if cfg.num_fam:
+            fam = fam + self._initial_fam()[:, None]
+        fam_k = fam_v = jnp.zeros((L, b, cfg.num_fam, kv, hd), dt)  # computed from fam on the first call
         layers = LayerCache(mem_k=jnp.zeros(mem_shape, dt), mem_v=jnp.zeros(mem_shape, dt),
                             cur_k=jnp.zeros((L, b, cur_len, kv, hd), dt),
                             cur_v=jnp.zeros((L, b, cur_len, kv, hd), dt), fam=fam, fam_k=fam_k, fam_v=fam_v)
         return FamState(layers=layers, pos=jnp.zeros((b,), jnp.int32), is_initial=jnp.ones((b,), bool))
 
-    def _initial_fam(self, offset):
-        """Returns the initial FAM of every layer and its keys/values: [L, b, F, d] f32, [L, b, F, KV, hd].
+    def start_from_fam(self, batch_size: int, fam) -> FamState:
+        """Returns empty streams whose FAM is `fam` [L, F, d] (not the initial FAM: it carries context).
 
-        S_0^0 is the learned table; S_0^{l+1} is S_0^l through layer l on its own (spec section 4). It depends
-        only on parameters (RoPE sees relative positions only), so it is computed once, unbatched; its
-        keys/values sit at positions -F..-1 + offset per row.
+        This is the spec's random state passing: a saved final FAM seeds the next sequences, with the normal
+        residual on their first update. Positions still start at 0.
         """
-        b = offset.shape[0]
-        s0 = self.fam_init[...].astype(jnp.float32)
+        state = self.init_state(batch_size)
+        fam = jnp.broadcast_to(jnp.asarray(fam, jnp.float32), state.layers.fam.shape)
+        return state.replace(layers=state.layers.replace(fam=fam), is_initial=jnp.zeros((batch_size,), bool))
 
+    def _initial_fam(self):
+        """Returns the initial FAM of every layer, float32 [L, F, d] (spec section 4).
+
+        S_0^0 is the learned table; S_0^{l+1} is S_0^l through layer l on its own. It depends only on the
+        parameters (its attention sees relative positions only), so it is computed once, unbatched.
+        """
         def body(layer, s):
-            fam = jnp.broadcast_to(s, (b,) + s.shape)
-            k, v = layer.fam_key_value(fam, jnp.full((b,), -1), offset)
-            return layer.initial_fam_step(s), (fam, k, v)
+            return layer.initial_fam_step(s), s
+        return self._scan_layers(body, self.fam_init[...].astype(jnp.float32))[1]
 
-        _, (fam, k, v) = self._scan_layers(body, s0)
-        return fam, k, v
+    def _fam_key_value(self, fam, pos, offset):
+        """Returns keys/values [L, b, F, KV, hd] of the FAMs fam [L, b, F, d] held before position pos [b]."""
+        block = pos // self.cfg.block_size - 1
+
+        def body(layer, _, fam_l):
+            return None, layer.fam_key_value(fam_l, block, offset)
+        return self._scan_layers(body, None, fam)[1]
 
     # ---------------------------------------------------------------- forward
     def __call__(self, tokens, state: FamState | None = None, *, segment_start=None, position_offset=None):
@@ -118,12 +126,14 @@ class FamLM(nnx.Module):
             state = reset_rows(state, jnp.broadcast_to(jnp.asarray(segment_start, bool), (b,)))
         cache = state.layers
         if cfg.num_fam and (fresh or segment_start is not None):
-            # Rows flagged initial read the initial FAM of the current parameters (so it gets gradients).
-            fam0, k0, v0 = self._initial_fam(offset)
-            sel = state.is_initial[None, :, None, None]
-            cache = cache.replace(fam=jnp.where(sel, fam0, cache.fam),
-                                  fam_k=jnp.where(sel[..., None], k0, cache.fam_k),
-                                  fam_v=jnp.where(sel[..., None], v0, cache.fam_v))
+            # Rows flagged initial read the initial FAM of the current parameters (so it gets gradients);
+            # a fresh state also gets its FAM keys here, at this call's position offset.
+            refresh = jnp.ones_like(state.is_initial) if fresh else state.is_initial
+            fam = jnp.where(state.is_initial[None, :, None, None], self._initial_fam()[:, None], cache.fam)
+            fam_k, fam_v = self._fam_key_value(fam, state.pos, offset)
+            sel = refresh[None, :, None, None, None]
+            cache = cache.replace(fam=fam, fam_k=jnp.where(sel, fam_k, cache.fam_k),
+                                  fam_v=jnp.where(sel, fam_v, cache.fam_v))
 
         chunk, aligned_after = self._chunk(state, t, offset, fresh)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype)
