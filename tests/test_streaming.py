@@ -45,3 +45,48 @@ def test_state_shapes_constant_in_stream_length():
     shapes = lambda s: [(x.shape, x.dtype) for x in __import__("jax").tree.leaves(s)]  # noqa: E731
     assert shapes(after_10) == shapes(after_many)
     assert after_10.nbytes() == after_many.nbytes()
+
+
+@pytest.mark.parametrize("mode", ["fam", "bswa"])
+def test_packed_rows_equal_separate_examples(mode):
+    """segment_start [b, T] at block boundaries: each packed example behaves as if it were alone."""
+    model, cfg, _ = make_model(seed=8, **MODES[mode])  # block_size 4
+    tokens = random_tokens(2, 20, cfg.vocab_size, seed=11)
+    starts = np.zeros((2, 20), bool)
+    starts[0, [0, 8]] = True        # row 0: examples of 8 and 12 tokens
+    starts[1, [0, 4, 12]] = True    # row 1: 4, 8, 8 tokens
+    logits, state = jit_apply(model, tokens, segment_start=starts)
+    logits = np.asarray(logits)
+    for row, bounds in ((0, [0, 8, 20]), (1, [0, 4, 12, 20])):
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            alone, alone_state = jit_apply(model, tokens[row:row + 1, lo:hi])
+            np.testing.assert_allclose(logits[row, lo:hi], np.asarray(alone[0]), atol=2e-5, rtol=2e-5)
+        np.testing.assert_allclose(np.asarray(state.layers.fam[:, row]), np.asarray(alone_state.layers.fam[:, 0]),
+                                   atol=2e-5, rtol=2e-5)
+        assert int(state.pos[row]) == 20 - bounds[-2]
+    # Continuing the stream after the packed call equals continuing the last example alone.
+    more = random_tokens(2, 6, cfg.vocab_size, seed=12)
+    cont, _ = jit_apply(model, more, state)
+    alone_cont, _ = jit_apply(model, more[1:], alone_state)
+    np.testing.assert_allclose(np.asarray(cont[1]), np.asarray(alone_cont[0]), atol=2e-5, rtol=2e-5)
+
+
+def test_packed_resets_must_be_block_aligned():
+    model, cfg, _ = make_model(seed=8, **MODES["fam"])
+    starts = np.zeros((1, 8), bool)
+    starts[0, 3] = True
+    with pytest.raises(ValueError, match="multiples of block_size"):
+        model(random_tokens(1, 8, cfg.vocab_size), segment_start=starts)
+
+
+def test_inspect_shapes_and_probabilities():
+    model, cfg, _ = make_model(seed=9, **MODES["fam"])  # B 4, F 3, H 4, L 2
+    out = model.inspect(random_tokens(2, 12, cfg.vocab_size))
+    assert out["fam_probs"].shape == (2, 2, 3, 4, 3, 7)
+    assert out["token_fam_mass"].shape == (2, 2, 3, 4, 4)
+    assert out["fam_norm"].shape == (2, 2, 3, 3)
+    np.testing.assert_allclose(np.asarray(out["fam_probs"]).sum(-1), 1.0, atol=1e-5)
+    mass = np.asarray(out["token_fam_mass"])
+    assert (mass > 0).all() and (mass < 1).all()
+    np.testing.assert_allclose(np.asarray(out["logits"]), np.asarray(jit_apply(model, random_tokens(2, 12, 37))[0]),
+                               atol=1e-5)

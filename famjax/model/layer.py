@@ -24,24 +24,31 @@ class Chunk:
     phase: int [b] slot of the first new token in grid block 0, or the static 0 when rows are aligned;
     num_blocks: static grid blocks nb (full attention: 1 block of T slots);
     positions: int [b, nb * B] RoPE position of every grid slot (absolute + offset);
-    offset: int [b] the position offset; first_block: int [b] absolute index of grid block 0;
+    offset: int [b] the position offset;
+    block_index: int [b, nb] index of every grid block counted from its segment's start;
+    memory_visible: bool [b, nb, m] memory block i of grid block j exists in the same segment;
     completes: bool [b, nb] the block's last token is in this chunk (a FAM update happens);
     next_block: int [b] grid block that holds the next token (or the static nb when aligned);
     all_complete: static, every grid block completes (training); fresh: static, state still empty;
     start: int [b] absolute position of the chunk's first token (full attention's cache slot);
-    is_initial: bool [b] the row's FAM is the learned initial FAM (its first update gets no residual).
+    is_initial: bool [b] the row's FAM is the learned initial FAM (its first update gets no residual);
+    resets: None or bool [b, nb], a new segment (packed example) starts at the grid block;
+    collect: static, also return per-block diagnostics (model.inspect).
     """
     phase: object
     num_blocks: int
     positions: jax.Array
     offset: jax.Array
-    first_block: jax.Array
+    block_index: jax.Array
+    memory_visible: jax.Array
     completes: jax.Array
     next_block: object
     all_complete: bool
     fresh: bool
     start: jax.Array
     is_initial: jax.Array
+    resets: object = None
+    collect: bool = False
 
 
 class DecoderLayer(nnx.Module):
@@ -75,18 +82,22 @@ class DecoderLayer(nnx.Module):
         a = fam + self.attn.out(heads).astype(jnp.float32)
         return a + self.ffn(a).astype(jnp.float32)
 
-    def __call__(self, x, cache: LayerCache, chunk: Chunk):
-        """Returns (layer output [b, G, d], cache after the chunk) for grid input x [b, G, d]."""
+    def __call__(self, x, cache: LayerCache, chunk: Chunk, initial_fam=None):
+        """Returns (layer output [b, G, d], (cache after the chunk, diagnostics or None)).
+
+        x: grid input [b, G, d]; initial_fam: this layer's initial FAM [F, d], needed for chunk.resets.
+        """
         cfg = self.cfg
         h = self.norm1(x, cfg.compute_dtype)
         q = self.attn.query(h, chunk.positions)
         k, v = self.attn.key_value(h, chunk.positions)
+        diagnostics = None
         if cfg.attention == "full":
             heads, cache = self._full_attention(q, k, v, cache, chunk)
         else:
-            heads, cache = self._block_attention(q, k, v, cache, chunk)
+            heads, cache, diagnostics = self._block_attention(q, k, v, cache, chunk, initial_fam)
         a = x + self.attn.out(heads).astype(x.dtype)
-        return a + self.ffn(a).astype(x.dtype), cache
+        return a + self.ffn(a).astype(x.dtype), (cache, diagnostics)
 
     def _full_attention(self, q, k, v, cache, chunk):
         """Causal attention over [KV cache, chunk]; writes the chunk's keys/values into the cache."""
@@ -104,8 +115,9 @@ class DecoderLayer(nnx.Module):
                 buffer, new[:, None].astype(buffer.dtype), chunk.start)
         return heads, cache.replace(mem_k=write(cache.mem_k, k), mem_v=write(cache.mem_v, v))
 
-    def _block_attention(self, q, k, v, cache, chunk):
-        """BSWA (+ FAM) attention of every grid block in parallel; returns heads [b, G, H, hd] and cache."""
+    def _block_attention(self, q, k, v, cache, chunk, initial_fam):
+        """BSWA (+ FAM) attention of every grid block in parallel; returns (heads [b, G, H, hd], cache,
+        diagnostics or None)."""
         cfg = self.cfg
         B, m, nb = cfg.block_size, cfg.memory_blocks, chunk.num_blocks
         if not (isinstance(chunk.phase, int) and chunk.phase == 0):
@@ -116,17 +128,21 @@ class DecoderLayer(nnx.Module):
         qb, kb, vb = (ops.split_blocks(a, B) for a in (q, k, v))
         ext_k = jnp.concatenate([cache.mem_k, kb], axis=1)  # [b, m + nb, B, KV, hd]
         ext_v = jnp.concatenate([cache.mem_v, vb], axis=1)
-        exists = ops.block_exists(chunk.first_block, m, nb)
-
-        segments = [(wk, wv, exists[:, i:i + nb, None, None])
+        segments = [(wk, wv, chunk.memory_visible[:, :, i, None, None])
                     for i, (wk, wv) in enumerate(zip(ops.memory_windows(ext_k, m, nb),
                                                      ops.memory_windows(ext_v, m, nb)))]
-        fam_state = (cache.fam, cache.fam_k, cache.fam_v)
+        fam_state, diagnostics = (cache.fam, cache.fam_k, cache.fam_v), None
         if cfg.num_fam:
-            fam_state, fam_read = self._fam_scan(cache, kb, vb, chunk)
+            fam_state, fam_read, fam_aux = self._fam_scan(cache, kb, vb, chunk, initial_fam)
             segments.append((*fam_read, None))
         segments.append((kb, vb, ops.causal_mask(B)[None, None]))
-        heads = ops.segment_attention(qb, segments)
+        heads = ops.segment_attention(qb, segments, return_probs=chunk.collect)
+        if chunk.collect:
+            heads, probs = heads
+            fam_mass = probs[..., m * B:m * B + cfg.num_fam].sum(-1)  # [b, nb, H, B]
+            diagnostics = dict(token_fam_mass=jnp.swapaxes(fam_mass, 2, 3))
+            if cfg.num_fam:
+                diagnostics.update(fam_probs=fam_aux[0], fam_norm=fam_aux[1])
         heads = heads.reshape(q.shape)
 
         if isinstance(chunk.next_block, int):  # aligned chunk of whole blocks: static slices
@@ -138,10 +154,11 @@ class DecoderLayer(nnx.Module):
             cur_k, cur_v = (ops.take_blocks(e, cur, 1)[:, 0] for e in (ext_k, ext_v))
         fam, fam_k, fam_v = fam_state
         return heads, cache.replace(mem_k=mem_k, mem_v=mem_v, cur_k=cur_k, cur_v=cur_v,
-                                    fam=fam, fam_k=fam_k, fam_v=fam_v)
+                                    fam=fam, fam_k=fam_k, fam_v=fam_v), diagnostics
 
-    def _fam_scan(self, cache, kb, vb, chunk):
-        """FAM recurrence over the grid blocks; returns ((fam, fam_k, fam_v) after, FAM K/V each block read)."""
+    def _fam_scan(self, cache, kb, vb, chunk, initial_fam):
+        """FAM recurrence over the grid blocks; returns ((fam, fam_k, fam_v) after, FAM K/V each block read,
+        diagnostics or None)."""
         cfg = self.cfg
         dtype, offset = cfg.compute_dtype, chunk.offset
 
@@ -150,15 +167,20 @@ class DecoderLayer(nnx.Module):
 
             def query_fn(s):
                 return self.attn.query(self.norm1(s, dtype), prev_positions)
-            return ops.fam_update(fam, is_initial, fam_k, fam_v, k, v,
-                                  query_fn=query_fn, out_fn=self.attn.out, ffn_fn=self.ffn)
+            return ops.fam_update(fam, is_initial, fam_k, fam_v, k, v, query_fn=query_fn, out_fn=self.attn.out,
+                                  ffn_fn=self.ffn, return_probs=chunk.collect)
 
         def kv_fn(fam, index):
             return self.fam_key_value(fam, index, offset)
 
+        initial = None
+        if chunk.resets is not None:
+            b = offset.shape[0]
+            fam0 = jnp.broadcast_to(initial_fam, (b,) + initial_fam.shape)
+            initial = (fam0, *kv_fn(fam0, jnp.full((b,), -1)))
         carry = (cache.fam, chunk.is_initial, cache.fam_k, cache.fam_v)
-        carry, read = ops.fam_scan(carry, kb, vb, chunk.completes, chunk.first_block[:, None] +
-                                   jnp.arange(chunk.num_blocks)[None, :], update_fn=update_fn, kv_fn=kv_fn,
-                                   all_complete=chunk.all_complete)
-        fam, _, fam_k, fam_v = carry
-        return (fam, fam_k, fam_v), read
+        out = ops.fam_scan(carry, kb, vb, chunk.completes, chunk.block_index, update_fn=update_fn, kv_fn=kv_fn,
+                           all_complete=chunk.all_complete, resets=chunk.resets, initial=initial,
+                           collect=chunk.collect)
+        (fam, _, fam_k, fam_v), read = out[:2]
+        return (fam, fam_k, fam_v), read, (out[2] if chunk.collect else None)

@@ -105,10 +105,33 @@ class FamLM(nnx.Module):
 
         tokens: int [b, T], any T >= 1 (a whole sequence, a block, one token: one code path);
         state: from init_state or a previous call; None starts empty streams;
-        segment_start: bool [b], restart those rows (a new document) before reading the chunk;
+        segment_start: bool [b], restart those rows (a new document) before reading the chunk; or bool [b, T]
+            for packed rows: a new example starts at token t (only at block boundaries, from an aligned
+            state; attention "bswa"/"fam"): its tokens see nothing of the previous example, its FAM restarts
+            from the initial FAM and its positions from 0;
         position_offset: int [b] added to every RoPE position of the row (training's random offset; pass the
             same value on every call of a stream).
         """
+        logits, state, _ = self._forward(tokens, state, segment_start, position_offset, collect=False)
+        return logits, state
+
+    def inspect(self, tokens, state: FamState | None = None, *, position_offset=None):
+        """Returns per-block FAM diagnostics of one call (whole blocks, aligned state), each stacked over layers:
+
+        fam_probs: float32 [L, b, nb, H, F, F + B] attention of FAM queries over [previous FAM, whole block];
+        token_fam_mass: float32 [L, b, nb, B, H] attention mass each block token puts on the previous FAM;
+        fam_norm: float32 [L, b, nb, F] L2 norm of every FAM row after each block; plus logits and state.
+        """
+        cfg = self.cfg
+        if cfg.attention != "fam" or not cfg.num_fam:
+            raise ValueError(f"inspect needs attention='fam' with fam_len > 0, got {cfg.attention!r}")
+        if jnp.shape(tokens)[-1] % cfg.block_size:
+            raise ValueError(f"inspect needs whole blocks: T={jnp.shape(tokens)[-1]} is not a multiple of "
+                             f"block_size={cfg.block_size}")
+        logits, state, diagnostics = self._forward(tokens, state, None, position_offset, collect=True)
+        return dict(diagnostics, logits=logits, state=state)
+
+    def _forward(self, tokens, state, segment_start, position_offset, collect):
         cfg = self.cfg
         tokens = jnp.asarray(tokens)
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer) or tokens.shape[1] < 1:
@@ -119,46 +142,74 @@ class FamLM(nnx.Module):
             state = self.init_state(b, max_len=cap)
         if state.batch_size != b:
             raise ValueError(f"state holds {state.batch_size} rows but tokens have batch {b}")
+        if collect and not state.aligned:
+            raise ValueError("inspect needs an aligned state (every previous call read whole blocks)")
         offset = (jnp.zeros((b,), jnp.int32) if position_offset is None
                   else jnp.broadcast_to(jnp.asarray(position_offset, jnp.int32), (b,)))
         fresh = state.fresh
+        inner_resets = None
         if segment_start is not None:
-            state = reset_rows(state, jnp.broadcast_to(jnp.asarray(segment_start, bool), (b,)))
+            segment_start = jnp.asarray(segment_start, bool)
+            if segment_start.ndim == 2:
+                inner_resets = self._check_packed(segment_start, state, t)
+                segment_start = segment_start[:, 0]
+            state = reset_rows(state, jnp.broadcast_to(segment_start, (b,)))
         cache = state.layers
-        if cfg.num_fam and (fresh or segment_start is not None):
+        restart = cfg.num_fam and (fresh or segment_start is not None)
+        initial_fam = self._initial_fam() if restart else None  # F rows through L layers: not per decode step
+        if restart:
             # Rows flagged initial read the initial FAM of the current parameters (so it gets gradients);
             # a fresh state also gets its FAM keys here, at this call's position offset.
             refresh = jnp.ones_like(state.is_initial) if fresh else state.is_initial
-            fam = jnp.where(state.is_initial[None, :, None, None], self._initial_fam()[:, None], cache.fam)
+            fam = jnp.where(state.is_initial[None, :, None, None], initial_fam[:, None], cache.fam)
             fam_k, fam_v = self._fam_key_value(fam, state.pos, offset)
             sel = refresh[None, :, None, None, None]
             cache = cache.replace(fam=fam, fam_k=jnp.where(sel, fam_k, cache.fam_k),
                                   fam_v=jnp.where(sel, fam_v, cache.fam_v))
 
-        chunk, aligned_after = self._chunk(state, t, offset, fresh)
+        chunk, new_pos, is_initial, aligned_after = self._chunk(state, t, offset, fresh, inner_resets, collect)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype)
         if cfg.embed_scale:
             x = x * jnp.asarray(cfg.d_model ** 0.5, cfg.compute_dtype)
         block = t if cfg.attention == "full" else cfg.block_size
         x = ops.to_grid(x, chunk.phase, chunk.num_blocks, block)
 
-        def body(layer, x, layer_cache):
-            return layer(x, layer_cache, chunk)
-        x, cache = self._scan_layers(body, x, cache, remat=True)
+        def body(layer, x, layer_cache, layer_initial_fam):
+            return layer(x, layer_cache, chunk, layer_initial_fam)
+        per_layer_fam = initial_fam if inner_resets is not None else None
+        x, (cache, diagnostics) = self._scan_layers(body, x, cache, per_layer_fam, remat=True)
 
         h = self.final_norm(ops.from_grid(x, chunk.phase, t), cfg.compute_dtype)
         head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
         logits = jnp.einsum("btd,dv->btv", h, head.astype(cfg.compute_dtype),
                             preferred_element_type=jnp.float32)
-        new_state = FamState(layers=cache, pos=state.pos + t,
-                             is_initial=state.is_initial & ~jnp.any(chunk.completes, axis=1),
-                             aligned=aligned_after, fresh=False)
-        return logits, new_state
+        new_state = FamState(layers=cache, pos=new_pos, is_initial=is_initial, aligned=aligned_after,
+                             fresh=False)
+        return logits, new_state, diagnostics
 
-    def _chunk(self, state: FamState, t: int, offset, fresh: bool):
-        """Returns (Chunk describing where t new tokens sit, static alignment after the call)."""
+    def _check_packed(self, segment_start, state: FamState, t: int):
+        """Returns the block-start columns [b, nb] of a [b, T] segment_start, checking it is block-aligned."""
+        cfg = self.cfg
+        B = cfg.block_size
+        if cfg.attention == "full":
+            raise ValueError("segment_start of shape [batch, T] (packed rows) needs attention 'bswa' or 'fam'")
+        if segment_start.shape != (state.batch_size, t):
+            raise ValueError(f"segment_start must be [batch] or [batch, T]={state.batch_size, t}, "
+                             f"got {segment_start.shape}")
+        if not state.aligned:
+            raise ValueError("segment_start of shape [batch, T] needs an aligned state (whole blocks so far)")
+        if not isinstance(segment_start, jax.core.Tracer):
+            off_block = jnp.arange(t) % B != 0
+            if bool(jnp.any(segment_start & off_block[None, :])):
+                raise ValueError(f"segment_start may only be True at multiples of block_size={B}")
+        resets = segment_start[:, ::B]
+        return resets.at[:, 0].set(False)  # column 0 is a plain row reset
+
+    def _chunk(self, state: FamState, t: int, offset, fresh: bool, resets, collect: bool):
+        """Returns (Chunk for t new tokens, position after it, is_initial after it, static aligned after it)."""
         cfg = self.cfg
         pos = state.pos
+        b = pos.shape[0]
         if cfg.attention == "full":
             capacity = state.layers.mem_k.shape[3]
             if t > capacity:
@@ -167,25 +218,37 @@ class FamLM(nnx.Module):
                 raise ValueError(f"stream exceeds the full-attention cache: max_len={capacity}; "
                                  "pass a larger max_len to init_state")
             positions = pos[:, None] + jnp.arange(t)[None, :] + offset[:, None]
-            none = jnp.zeros((pos.shape[0], 1), bool)
-            return Chunk(phase=0, num_blocks=1, positions=positions, offset=offset, first_block=pos,
-                         completes=none, next_block=1, all_complete=False, fresh=fresh, start=pos,
-                         is_initial=state.is_initial), True
-        B = cfg.block_size
+            none = jnp.zeros((b, 1), bool)
+            chunk = Chunk(phase=0, num_blocks=1, positions=positions, offset=offset, block_index=none,
+                          memory_visible=none, completes=none, next_block=1, all_complete=False, fresh=fresh,
+                          start=pos, is_initial=state.is_initial)
+            return chunk, pos + t, state.is_initial, True
+        B, m = cfg.block_size, cfg.memory_blocks
         aligned = state.aligned
         nb = ops.num_grid_blocks(t, B, aligned)
         phase = 0 if aligned else pos % B
-        starts = (pos - phase)[:, None] + jnp.arange(nb * B)[None, :]
-        ends = (jnp.arange(nb)[None, :] + 1) * B
-        completes = ends <= (jnp.asarray(phase) + t if aligned else phase[:, None] + t)
-        if aligned:
-            completes = jnp.broadcast_to(completes, (pos.shape[0], nb))
+        j = jnp.arange(nb)[None, :]
+        first_block = pos // B
+        completes = (j + 1) * B <= (jnp.asarray(phase) + t if aligned else phase[:, None] + t)
+        completes = jnp.broadcast_to(completes, (b, nb))
+        if resets is None:
+            begin = jnp.zeros((b, nb), jnp.int32)
+            is_initial = state.is_initial & ~jnp.any(completes, axis=1)
+        else:
+            begin = ops.segment_begin_blocks(first_block, resets)
+            last_reset = jnp.max(jnp.where(resets, j, -1), axis=1)
+            since = completes & (j >= last_reset[:, None])
+            is_initial = (state.is_initial | (last_reset >= 0)) & ~jnp.any(since, axis=1)
+        slot_begin = jnp.repeat(begin, B, axis=1) * B  # [b, nb * B] first position of each slot's segment
+        positions = (pos - phase)[:, None] + jnp.arange(nb * B)[None, :] - slot_begin + offset[:, None]
         all_complete = aligned and t % B == 0
         next_block = nb if all_complete else (phase + t) // B + jnp.zeros_like(pos)
-        chunk = Chunk(phase=phase, num_blocks=nb, positions=starts + offset[:, None], offset=offset,
-                      first_block=pos // B, completes=completes, next_block=next_block,
-                      all_complete=all_complete, fresh=fresh, start=pos, is_initial=state.is_initial)
-        return chunk, all_complete
+        chunk = Chunk(phase=phase, num_blocks=nb, positions=positions, offset=offset,
+                      block_index=first_block[:, None] + j - begin,
+                      memory_visible=ops.memory_visible(first_block, begin, m), completes=completes,
+                      next_block=next_block, all_complete=all_complete, fresh=fresh, start=pos,
+                      is_initial=state.is_initial, resets=resets, collect=collect)
+        return chunk, pos + t - begin[:, -1] * B, is_initial, all_complete
 
     def _scan_layers(self, body, carry, *xs, remat: bool = False):
         """Applies body(layer, carry, *xs_l) -> (carry, ys_l) over the layer stack; ys stacked on axis 0.
@@ -198,6 +261,7 @@ class FamLM(nnx.Module):
         def step(carry, inputs):
             layer_params, *rest = inputs
             return body(nnx.merge(graphdef, layer_params), carry, *rest)
+
 
         if remat and self.cfg.remat != "none":
             step = jax.checkpoint(step, policy=_REMAT_POLICIES[self.cfg.remat])

@@ -16,13 +16,14 @@ def causal_mask(size: int):
     return jnp.tril(jnp.ones((size, size), dtype=bool))
 
 
-def segment_attention(q, segments, *, scale: float | None = None):
+def segment_attention(q, segments, *, scale: float | None = None, return_probs: bool = False):
     """Returns softmax attention of q over the union of key segments, [b, n, Tq, H, hd] in q's dtype.
 
     q: [b, n, Tq, H, hd] (n: independent groups, e.g. blocks);
     segments: sequence of (k, v, mask); k, v: [b, n, S, KV, hd] with KV dividing H (GQA: query head h reads
         kv head h // (H // KV)); mask: None (all visible) or bool broadcastable to [b, n, Tq, S].
     Every query must see at least one key (in every mode it sees itself or a FAM row).
+    return_probs: also return the attention weights, float32 [b, n, H, Tq, sum of S] (for inspection).
     """
     b, n, tq, h, hd = q.shape
     kv_heads = segments[0][0].shape[3]
@@ -41,4 +42,7 @@ def segment_attention(q, segments, *, scale: float | None = None):
         p = probs[..., start:start + k.shape[2]].astype(v.dtype)
         out = out + jnp.einsum("bnkgqs,bnskd->bnqkgd", p, v, preferred_element_type=jnp.float32)
         start += k.shape[2]
-    return out.reshape(b, n, tq, h, hd).astype(q.dtype)
+    out = out.reshape(b, n, tq, h, hd).astype(q.dtype)
+    if return_probs:
+        return out, probs.reshape(b, n, h, tq, probs.shape[-1])
+    return out

@@ -56,13 +56,26 @@ def memory_windows(ext, num_memory: int, num_blocks: int):
     return [ext[:, i:i + num_blocks] for i in range(num_memory)]
 
 
-def block_exists(first_block, num_memory: int, num_blocks: int):
-    """Returns bool [b, num_memory + nb]: ext block e holds a real block (absolute index >= 0).
+def memory_visible(first_block, segment_begin, num_memory: int):
+    """Returns bool [b, nb, m]: memory block i of grid block j is visible to it.
 
-    first_block: int [b], absolute index of grid block 0 (pos // B).
+    Memory block i of grid block j is absolute block (first_block + j - m + i); it is visible when it exists
+    in the same segment, i.e. is not before segment_begin [b, nb] (the absolute block where grid block j's
+    segment starts; 0 for a row without packed segments). first_block: int [b], absolute index of grid block 0.
     """
-    e = jnp.arange(num_memory + num_blocks)
-    return first_block[:, None] - num_memory + e[None, :] >= 0
+    nb = segment_begin.shape[1]
+    j = jnp.arange(nb)[None, :, None]
+    i = jnp.arange(num_memory)[None, None, :]
+    return first_block[:, None, None] + j - num_memory + i >= segment_begin[:, :, None]
+
+
+def segment_begin_blocks(first_block, resets):
+    """Returns int [b, nb]: absolute block index where each grid block's segment begins (0 without resets).
+
+    resets: bool [b, nb] a new segment starts at the grid block (block-aligned packed examples).
+    """
+    j = jnp.arange(resets.shape[1])[None, :]
+    return jax.lax.cummax(jnp.where(resets, first_block[:, None] + j, 0), axis=1)
 
 
 def take_blocks(ext, start, count: int):

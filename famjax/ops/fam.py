@@ -19,7 +19,8 @@ def fam_positions(block_index, block_size: int, fam_len: int):
     return last[..., None] + jnp.arange(fam_len)
 
 
-def fam_update(fam, is_initial, fam_k, fam_v, block_k, block_v, *, query_fn, out_fn, ffn_fn):
+def fam_update(fam, is_initial, fam_k, fam_v, block_k, block_v, *, query_fn, out_fn, ffn_fn,
+               return_probs: bool = False):
     """Returns S_t, float32 [b, F, d]: the FAM after reading one complete block.
 
     fam: S_{t-1} [b, F, d]; is_initial: bool [b] (S_{t-1} is the learned initial FAM: zero residual);
@@ -27,45 +28,68 @@ def fam_update(fam, is_initial, fam_k, fam_v, block_k, block_v, *, query_fn, out
     query_fn: fam -> queries [b, F, H, hd] (Norm1, query projection, RoPE at S_{t-1}'s positions);
     out_fn: heads [b, F, H, hd] -> [b, F, d]; ffn_fn: a [b, F, d] -> FFN(Norm2(a)) [b, F, d].
     FAM queries see all of S_{t-1} and the whole block (no causal mask), never the memory blocks.
+    return_probs: also return the FAM queries' attention over [S_{t-1}, block], [b, H, F, F + B].
     """
     q = query_fn(fam)[:, None]
-    heads = segment_attention(q, [(fam_k[:, None], fam_v[:, None], None),
-                                  (block_k[:, None], block_v[:, None], None)])[:, 0]
+    heads, probs = segment_attention(q, [(fam_k[:, None], fam_v[:, None], None),
+                                         (block_k[:, None], block_v[:, None], None)], return_probs=True)
     residual = jnp.where(is_initial[:, None, None], 0.0, fam)
-    a = out_fn(heads).astype(jnp.float32) + residual
-    return a + ffn_fn(a).astype(jnp.float32)
+    a = out_fn(heads[:, 0]).astype(jnp.float32) + residual
+    new = a + ffn_fn(a).astype(jnp.float32)
+    return (new, probs[:, 0]) if return_probs else new
 
 
-def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv_fn, all_complete: bool):
-    """Runs the FAM over the blocks of a chunk; returns (final carry, FAM keys/values each block read).
+def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv_fn, all_complete: bool,
+             resets=None, initial=None, collect: bool = False):
+    """Runs the FAM over the blocks of a chunk; returns (final carry, what each block's tokens read[, aux]).
 
     carry: (fam [b, F, d] f32, is_initial bool [b], fam_k, fam_v [b, F, KV, hd]) before grid block 0;
     blocks_k, blocks_v: [b, nb, B, KV, hd]; completes: bool [b, nb] (the block's last token is in this chunk:
-    only then is the FAM updated); block_index: int [b, nb] absolute block indices;
-    update_fn(fam, is_initial, fam_k, fam_v, k, v, block_index) -> S_t (see fam_update);
+    only then is the FAM updated); block_index: int [b, nb] block indices counted from the segment start;
+    update_fn(fam, is_initial, fam_k, fam_v, k, v, block_index) -> S_t, or (S_t, probs) when collecting;
     kv_fn(fam, block_index) -> keys/values of a FAM that compressed block `block_index`;
-    all_complete: static promise that every block completes (training), which skips the per-block branch.
+    all_complete: static promise that every block completes (training), which skips the per-block branch;
+    resets: None or bool [b, nb], a new segment starts at the block: the carry restarts from `initial`,
+    (fam, fam_k, fam_v) of the initial FAM, before the block is read (packed rows);
+    collect: return per-block diagnostics (requires all_complete): FAM attention [b, nb, H, F, F + B] and the
+    norm of every FAM row after the block [b, nb, F].
     Returns carry after the chunk and (fam_k, fam_v) [b, nb, F, KV, hd]: what the tokens of block j read.
     """
+    if collect and not all_complete:
+        raise ValueError("FAM diagnostics need a chunk of whole blocks from an aligned state")
+
     def update(state, k, v, done, index):
         fam, is_initial, fk, fv = state
         new = update_fn(fam, is_initial, fk, fv, k, v, index)
+        new, probs = new if collect else (new, None)
         nk, nv = kv_fn(new, index)
         sel = done[:, None, None]
         sel4 = done[:, None, None, None]
-        return (jnp.where(sel, new, fam), is_initial & ~done,
-                jnp.where(sel4, nk, fk), jnp.where(sel4, nv, fv))
+        state = (jnp.where(sel, new, fam), is_initial & ~done, jnp.where(sel4, nk, fk), jnp.where(sel4, nv, fv))
+        return state, probs
 
     def step(state, xs):
-        k, v, done, index = xs
+        k, v, done, index, reset = xs
+        if reset is not None:
+            fam0, k0, v0 = initial
+            r3, r4 = reset[:, None, None], reset[:, None, None, None]
+            state = (jnp.where(r3, fam0, state[0]), state[1] | reset,
+                     jnp.where(r4, k0, state[2]), jnp.where(r4, v0, state[3]))
         read = state[2:]
         if all_complete:
-            state = update(state, k, v, done, index)
+            state, probs = update(state, k, v, done, index)
         else:
             # Decode and small chunks rarely complete a block: skip the F-row layer unless one does.
-            state = jax.lax.cond(jnp.any(done), update, lambda s, *_: s, state, k, v, done, index)
-        return state, read
+            state = jax.lax.cond(jnp.any(done), lambda *a: update(*a)[0], lambda s, *_: s,
+                                 state, k, v, done, index)
+            probs = None
+        aux = (probs, jnp.linalg.norm(state[0], axis=-1)) if collect else None
+        return state, (read, aux)
 
-    xs = tuple(jnp.moveaxis(a, 1, 0) for a in (blocks_k, blocks_v, completes, block_index))
-    carry, (fk, fv) = jax.lax.scan(step, carry, xs)
-    return carry, (jnp.moveaxis(fk, 0, 1), jnp.moveaxis(fv, 0, 1))
+    xs = tuple(None if a is None else jnp.moveaxis(a, 1, 0)
+               for a in (blocks_k, blocks_v, completes, block_index, resets))
+    carry, ((fk, fv), aux) = jax.lax.scan(step, carry, xs)
+    read = (jnp.moveaxis(fk, 0, 1), jnp.moveaxis(fv, 0, 1))
+    if collect:
+        return carry, read, jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), aux)
+    return carry, read
