@@ -1,0 +1,135 @@
+"""Forward+backward step time, compiled memory and MFU of famjax (full / BSWA / FAM) next to a PyTorch peer.
+
+    python benchmarks/step_time.py                      # tiny and small configs, 1k..16k tokens
+    python benchmarks/step_time.py --sizes=tiny --lengths=1024,4096 --peer=false
+
+Every number in the printed table is measured in this one process: the matmul peak (a 2048^3 float32 matmul
+in JAX), each configuration's best-of-N step time, and the PyTorch peer (transformers' Llama with SDPA, if
+torch is installed: `pip install -e .[bench]`). Ratios are only meaningful within one run.
+"""
+import argparse
+import gc
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import famjax
+
+SIZES = {  # vocab 256, SwiGLU, batch 1
+    "tiny": dict(d_model=256, num_layers=4, num_heads=4, mlp_dim=1024),
+    "small": dict(d_model=512, num_layers=8, num_heads=8, mlp_dim=2048),
+}
+BLOCK, MEMORY, FAM = 256, 1, 16  # F / B = 1 / 16
+
+
+def best_time(fn, repeats):
+    """Returns the best wall time of fn() over repeats runs (after one warm-up run)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def matmul_peak(n=2048):
+    """Returns float32 matmul FLOP/s measured with JAX on this machine."""
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    return 2 * n ** 3 / best_time(lambda: f(a).block_until_ready(), 5)
+
+
+def model_flops(cfg: famjax.ModelConfig, t: int) -> float:
+    """Returns the FLOPs of one training step (forward + backward = 3x forward) on t tokens."""
+    d, h, kv, hd, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+    per_row = 2 * (d * (h + 2 * kv) * hd + h * hd * d + 3 * d * f)  # matmuls of one token (or FAM row)
+    if cfg.attention == "full":
+        keys = (t + 1) / 2 * t
+    else:
+        pos = np.arange(t)
+        keys = np.minimum(pos, cfg.memory_blocks * cfg.block_size + pos % cfg.block_size).sum() + t
+        keys += cfg.num_fam * t
+    attention = 4 * h * hd * keys
+    fam_rows = cfg.num_fam * (t // cfg.block_size)
+    fam = fam_rows * per_row + 4 * h * hd * fam_rows * (cfg.num_fam + cfg.block_size)
+    head = 2 * d * cfg.vocab_size * t
+    return 3 * (cfg.num_layers * (per_row * t + attention + fam) + head)
+
+
+def famjax_step(size, mode, t, repeats):
+    cfg = famjax.ModelConfig(vocab_size=256, **SIZES[size], attention=mode, block_size=BLOCK,
+                             memory_blocks=MEMORY, fam_len=FAM, max_len=t)
+    graphdef, params = nnx.split(famjax.FamLM(cfg, rngs=nnx.Rngs(0)))
+
+    def loss(params, tokens):
+        logits, _ = nnx.merge(graphdef, params)(tokens[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (1, t + 1)), jnp.int32)
+    t0 = time.perf_counter()
+    compiled = jax.jit(jax.value_and_grad(loss)).lower(params, tokens).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    peak = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+    step = best_time(lambda: jax.block_until_ready(compiled(params, tokens)), repeats)
+    return dict(step=step, compile=compile_s, mem=peak, flops=model_flops(cfg, t))
+
+
+def torch_step(size, t, repeats):
+    try:
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        return None
+    torch.manual_seed(0)
+    s = SIZES[size]
+    cfg = LlamaConfig(vocab_size=256, hidden_size=s["d_model"], intermediate_size=s["mlp_dim"],
+                      num_hidden_layers=s["num_layers"], num_attention_heads=s["num_heads"],
+                      num_key_value_heads=s["num_heads"], max_position_embeddings=t + 1,
+                      attn_implementation="sdpa")
+    model = LlamaForCausalLM(cfg)
+    tokens = torch.randint(0, 256, (1, t + 1))
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=tokens[:, :-1], labels=tokens[:, :-1])
+        out.loss.backward()
+    return best_time(step, repeats)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="tiny,small")
+    parser.add_argument("--lengths", default="1024,2048,4096,8192,16384")
+    parser.add_argument("--modes", default="full,bswa,fam")
+    parser.add_argument("--peer", default="true", help="also time the PyTorch Llama peer")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    peak = matmul_peak()
+    print(f"device: {jax.devices()[0].device_kind}, matmul peak (JAX f32 2048^3): {peak / 1e9:.1f} GFLOP/s")
+    print(f"B={BLOCK} m={MEMORY} F={FAM}; batch 1; best of {args.repeats}; memory = XLA buffers of the step\n")
+    header = ("| size | tokens | mode | step s | compile s | mem MB | MFU | FAM/BSWA | torch s | torch/famjax |\n"
+              "|---|---|---|---|---|---|---|---|---|---|")
+    print(header)
+    for size in args.sizes.split(","):
+        for t in map(int, args.lengths.split(",")):
+            torch_s = torch_step(size, t, args.repeats) if args.peer == "true" else None
+            results = {}
+            for mode in args.modes.split(","):
+                r = results[mode] = famjax_step(size, mode, t, args.repeats)
+                ratio = (f"{r['step'] / results['bswa']['step']:.2f}x"
+                         if mode == "fam" and "bswa" in results else "")
+                vs = f"{torch_s / r['step']:.2f}x" if torch_s else ""
+                print(f"| {size} | {t} | {mode} | {r['step']:.3f} | {r['compile']:.1f} | {r['mem'] / 2**20:.0f} | "
+                      f"{r['flops'] / r['step'] / peak:.0%} | {ratio} | {f'{torch_s:.3f}' if torch_s else '-'} | "
+                      f"{vs} |", flush=True)
+                gc.collect()
+
+
+if __name__ == "__main__":
+    main()
