@@ -1,7 +1,7 @@
 """The fast model equals the slow loop reference written from the spec (tests/reference.py)."""
 import numpy as np
 import pytest
-from model_utils import make_model, random_tokens
+from model_utils import jit_apply, make_model, random_tokens
 from reference import reference_fam_states, reference_logits
 
 CASES = [
@@ -26,7 +26,7 @@ def test_logits_match_reference(name, overrides, T):
     model, cfg, params = make_model(seed=len(name), **overrides)
     tokens = random_tokens(2, T, cfg.vocab_size, seed=T)
     offset = np.array([0, 7], np.int32)
-    logits, _ = model(tokens, position_offset=offset)
+    logits, _ = jit_apply(model, tokens, position_offset=offset)
     want = reference_logits(params, cfg, tokens, position_offset=offset)
     np.testing.assert_allclose(np.asarray(logits), want, atol=1e-5, rtol=1e-5)
 
@@ -35,7 +35,7 @@ def test_logits_match_reference(name, overrides, T):
 def test_final_fam_matches_reference(T):
     model, cfg, params = make_model(seed=3, block_size=4, memory_blocks=1, fam_len=3)
     tokens = random_tokens(2, T, cfg.vocab_size, seed=5)
-    _, state = model(tokens)
+    _, state = jit_apply(model, tokens)
     want = reference_fam_states(params, cfg, tokens)
     np.testing.assert_allclose(np.asarray(state.layers.fam), want, atol=1e-5, rtol=1e-5)
     assert np.asarray(state.is_initial).tolist() == [T < 4] * 2
