@@ -1,4 +1,5 @@
 """One call == chunked calls (any sizes, boundaries inside blocks) == token-by-token decode; resets."""
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from model_utils import jit_apply, make_model, random_tokens, stream
@@ -90,3 +91,17 @@ def test_inspect_shapes_and_probabilities():
     assert (mass > 0).all() and (mass < 1).all()
     np.testing.assert_allclose(np.asarray(out["logits"]), np.asarray(jit_apply(model, random_tokens(2, 12, 37))[0]),
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["fam", "full"])
+def test_bfloat16_compute_streams_and_tracks_float32(mode):
+    model, cfg, _ = make_model(seed=1, attention=mode, dtype="bfloat16", remat="dots")
+    reference, _, _ = make_model(seed=1, attention=mode)
+    tokens = random_tokens(2, 13, cfg.vocab_size, seed=2)
+    whole, state = jit_apply(model, tokens)
+    assert whole.dtype == np.float32 and state.layers.fam.dtype == np.float32
+    assert state.layers.mem_k.dtype == jnp.bfloat16
+    chunked, _ = stream(model, tokens, [5, 1, 7])
+    np.testing.assert_allclose(chunked, np.asarray(whole), atol=1e-2)
+    want = np.asarray(jit_apply(reference, tokens)[0])
+    assert np.abs(np.asarray(whole) - want).max() < 0.05 * np.abs(want).max()
