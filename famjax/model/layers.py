@@ -21,6 +21,17 @@ def normal(stddev):
     return nnx.initializers.normal(stddev)
 
 
+def dense(x, kernel, dtype):
+    """Returns x [..., n] @ kernel [n, *out] as [..., *out], computed as one 2-D matmul.
+
+    Flattening the leading axes first matters on CPU: with several contracting axes in the weight gradient,
+    XLA materialises transposed [hidden, tokens] copies that cost more than the matmuls themselves.
+    """
+    lead, out = x.shape[:-1], kernel.shape[1:]
+    y = x.reshape(-1, x.shape[-1]).astype(dtype) @ kernel[...].astype(dtype).reshape(kernel.shape[0], -1)
+    return y.reshape(*lead, *out)
+
+
 class Norm(nnx.Module):
     """RMSNorm (scale) or LayerNorm (scale and bias) over the last axis, computed in float32."""
 
@@ -54,7 +65,7 @@ class AttentionProjections(nnx.Module):
         self.o = param(rngs, normal((h * hd) ** -0.5), (h, hd, d), ("q_heads", "head_dim", "embed"), pd)
 
     def _project(self, kernel, x):
-        return jnp.einsum("...d,dhk->...hk", x, kernel[...].astype(self.dtype))
+        return dense(x, kernel, self.dtype)
 
     def query(self, x, positions):
         """x: [..., T, d] (normed), positions int [..., T] -> [..., T, H, hd] with RoPE."""
@@ -66,7 +77,8 @@ class AttentionProjections(nnx.Module):
 
     def out(self, heads):
         """heads: [..., H, hd] -> [..., d]."""
-        return jnp.einsum("...hk,hkd->...d", heads.astype(self.dtype), self.o[...].astype(self.dtype))
+        o = self.o[...]
+        return dense(heads.reshape(*heads.shape[:-2], -1), o.reshape(-1, o.shape[-1]), self.dtype)
 
 
 class MLP(nnx.Module):
@@ -82,12 +94,11 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         """x: [..., d] -> [..., d]."""
-        x = x.astype(self.dtype)
-        up = x @ self.up[...].astype(self.dtype)
+        up = dense(x, self.up, self.dtype)
         if self.activation == "gelu":
             hidden = jax.nn.gelu(up, approximate=True)
         else:
-            gate = x @ self.gate[...].astype(self.dtype)
+            gate = dense(x, self.gate, self.dtype)
             act = jax.nn.silu if self.activation == "swiglu" else lambda g: jax.nn.gelu(g, approximate=True)
             hidden = act(gate) * up
-        return hidden @ self.down[...].astype(self.dtype)
+        return dense(hidden, self.down, self.dtype)

@@ -181,8 +181,8 @@ class FamLM(nnx.Module):
 
         h = self.final_norm(ops.from_grid(x, chunk.phase, t), cfg.compute_dtype)
         head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-        logits = jnp.einsum("btd,dv->btv", h, head.astype(cfg.compute_dtype),
-                            preferred_element_type=jnp.float32)
+        logits = jnp.dot(h.reshape(b * t, -1), head.astype(cfg.compute_dtype),
+                         preferred_element_type=jnp.float32).reshape(b, t, -1)
         new_state = FamState(layers=cache, pos=new_pos, is_initial=is_initial, aligned=aligned_after,
                              fresh=False)
         return logits, new_state, diagnostics
