@@ -33,7 +33,12 @@ class Chunk:
     start: int [b] absolute position of the chunk's first token (full attention's cache slot);
     is_initial: bool [b] the row's FAM is the learned initial FAM (its first update gets no residual);
     resets: None or bool [b, nb], a new segment (packed example) starts at the grid block;
-    collect: static, also return per-block diagnostics (model.inspect).
+    collect: static, also return per-block diagnostics (model.inspect);
+    compact: static, the chunk fits in one grid block (decode, short chunks): queries, projections and FFN
+        run on the T new tokens only and only keys/values are placed on the block, so decoding one token
+        costs one token, not a block;
+    own_mask: bool, broadcastable to [b, nb, Tq, B]: which own-block keys each query sees (causal; for a
+        compact chunk key slot <= phase + i).
     """
     phase: object
     num_blocks: int
@@ -49,6 +54,8 @@ class Chunk:
     is_initial: jax.Array
     resets: object = None
     collect: bool = False
+    compact: bool = False
+    own_mask: object = None
 
 
 class DecoderLayer(nnx.Module):
@@ -120,12 +127,15 @@ class DecoderLayer(nnx.Module):
         diagnostics or None)."""
         cfg = self.cfg
         B, m, nb = cfg.block_size, cfg.memory_blocks, chunk.num_blocks
+        if chunk.compact:  # queries stay [b, T]; keys/values go to their slots of the one grid block
+            k, v = (ops.to_grid(a, chunk.phase, 1, B) for a in (k, v))
         if not (isinstance(chunk.phase, int) and chunk.phase == 0):
             # Slots before the phase belong to tokens read by earlier calls: take their keys from the state.
             seen = (jnp.arange(B)[None, :] < chunk.phase[:, None])[:, :, None, None]
             k = k.at[:, :B].set(jnp.where(seen, cache.cur_k, k[:, :B]))
             v = v.at[:, :B].set(jnp.where(seen, cache.cur_v, v[:, :B]))
-        qb, kb, vb = (ops.split_blocks(a, B) for a in (q, k, v))
+        qb = q[:, None] if chunk.compact else ops.split_blocks(q, B)
+        kb, vb = ops.split_blocks(k, B), ops.split_blocks(v, B)
         ext_k = jnp.concatenate([cache.mem_k, kb], axis=1)  # [b, m + nb, B, KV, hd]
         ext_v = jnp.concatenate([cache.mem_v, vb], axis=1)
         segments = [(wk, wv, chunk.memory_visible[:, :, i, None, None])
@@ -135,7 +145,7 @@ class DecoderLayer(nnx.Module):
         if cfg.num_fam:
             fam_state, fam_read, fam_aux = self._fam_scan(cache, kb, vb, chunk, initial_fam)
             segments.append((*fam_read, None))
-        segments.append((kb, vb, ops.causal_mask(B)[None, None]))
+        segments.append((kb, vb, chunk.own_mask))
         heads = ops.segment_attention(qb, segments, return_probs=chunk.collect)
         if chunk.collect:
             heads, probs = heads

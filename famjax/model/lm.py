@@ -65,10 +65,11 @@ class FamLM(nnx.Module):
         fam = jnp.zeros((L, b, cfg.num_fam, cfg.d_model), jnp.float32)
         if cfg.num_fam:
             fam = fam + self._initial_fam()[:, None]
-        fam_k = fam_v = jnp.zeros((L, b, cfg.num_fam, kv, hd), dt)  # computed from fam on the first call
+        fam_kv_shape = (L, b, cfg.num_fam, kv, hd)  # keys/values are computed from fam on the first call
         layers = LayerCache(mem_k=jnp.zeros(mem_shape, dt), mem_v=jnp.zeros(mem_shape, dt),
                             cur_k=jnp.zeros((L, b, cur_len, kv, hd), dt),
-                            cur_v=jnp.zeros((L, b, cur_len, kv, hd), dt), fam=fam, fam_k=fam_k, fam_v=fam_v)
+                            cur_v=jnp.zeros((L, b, cur_len, kv, hd), dt), fam=fam,
+                            fam_k=jnp.zeros(fam_kv_shape, dt), fam_v=jnp.zeros(fam_kv_shape, dt))
         return FamState(layers=layers, pos=jnp.zeros((b,), jnp.int32), is_initial=jnp.ones((b,), bool))
 
     def start_from_fam(self, batch_size: int, fam) -> FamState:
@@ -171,15 +172,15 @@ class FamLM(nnx.Module):
         x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype)
         if cfg.embed_scale:
             x = x * jnp.asarray(cfg.d_model ** 0.5, cfg.compute_dtype)
-        block = t if cfg.attention == "full" else cfg.block_size
-        x = ops.to_grid(x, chunk.phase, chunk.num_blocks, block)
+        if not chunk.compact:
+            x = ops.to_grid(x, chunk.phase, chunk.num_blocks, cfg.block_size)
 
         def body(layer, x, layer_cache, layer_initial_fam):
             return layer(x, layer_cache, chunk, layer_initial_fam)
         per_layer_fam = initial_fam if inner_resets is not None else None
         x, (cache, diagnostics) = self._scan_layers(body, x, cache, per_layer_fam, remat=True)
 
-        h = self.final_norm(ops.from_grid(x, chunk.phase, t), cfg.compute_dtype)
+        h = self.final_norm(x if chunk.compact else ops.from_grid(x, chunk.phase, t), cfg.compute_dtype)
         head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
         logits = jnp.dot(h.reshape(b * t, -1), head.astype(cfg.compute_dtype),
                          preferred_element_type=jnp.float32).reshape(b, t, -1)
@@ -221,7 +222,7 @@ class FamLM(nnx.Module):
             none = jnp.zeros((b, 1), bool)
             chunk = Chunk(phase=0, num_blocks=1, positions=positions, offset=offset, block_index=none,
                           memory_visible=none, completes=none, next_block=1, all_complete=False, fresh=fresh,
-                          start=pos, is_initial=state.is_initial)
+                          start=pos, is_initial=state.is_initial, compact=True)
             return chunk, pos + t, state.is_initial, True
         B, m = cfg.block_size, cfg.memory_blocks
         aligned = state.aligned
@@ -243,7 +244,18 @@ class FamLM(nnx.Module):
         positions = (pos - phase)[:, None] + jnp.arange(nb * B)[None, :] - slot_begin + offset[:, None]
         all_complete = aligned and t % B == 0
         next_block = nb if all_complete else (phase + t) // B + jnp.zeros_like(pos)
-        chunk = Chunk(phase=phase, num_blocks=nb, positions=positions, offset=offset,
+        # One grid block (decode, short chunks) and no diagnostics: compute only the T real query slots.
+        compact = nb == 1 and t < B and not collect
+        if compact:
+            positions = positions[:, :t] if aligned else jnp.take_along_axis(
+                positions, jnp.asarray(phase)[:, None] + jnp.arange(t)[None, :], axis=1)
+            query_slot = jnp.asarray(phase)[..., None] + jnp.arange(t)  # [b, T] or [T]
+            own_mask = jnp.arange(B) <= query_slot[..., None]
+            own_mask = own_mask[:, None] if own_mask.ndim == 3 else own_mask[None, None]
+        else:
+            own_mask = ops.causal_mask(B)[None, None]
+        chunk = Chunk(phase=phase, num_blocks=nb, positions=positions, offset=offset, compact=compact,
+                      own_mask=own_mask,
                       block_index=first_block[:, None] + j - begin,
                       memory_visible=ops.memory_visible(first_block, begin, m), completes=completes,
                       next_block=next_block, all_complete=all_complete, fresh=fresh, start=pos,
