@@ -2,9 +2,11 @@
 
 Each mode only chooses the segments: BSWA gives [m memory blocks, own block causal], FAM adds the previous
 FAM between them, the FAM update uses [previous FAM, whole block], full attention [KV cache, chunk causal].
-Scores are computed per segment and softmaxed together, so no concatenated key tensor is materialised and
+Scores are computed per segment and normalised together, so no concatenated key tensor is materialised and
 the (m + 1)-fold copy of keys that a naive BSWA builds never exists.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -35,14 +37,17 @@ def segment_attention(q, segments, *, scale: float | None = None, return_probs: 
         if mask is not None:
             s = jnp.where(mask[:, :, None, None], s, _MASKED)
         scores.append(s)
-    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
-    out = 0.0
-    start = 0
-    for k, v, _ in segments:
-        p = probs[..., start:start + k.shape[2]].astype(v.dtype)
-        out = out + jnp.einsum("bnkgqs,bnskd->bnqkgd", p, v, preferred_element_type=jnp.float32)
-        start += k.shape[2]
-    out = out.reshape(b, n, tq, h, hd).astype(q.dtype)
+    # One softmax over all segments without concatenating them (the concat/split costs more than the
+    # matmuls in the backward pass on CPU): shared max, per-segment exponentials, one normaliser applied
+    # to the output. The max is a constant of the softmax, so stopping its gradient is exact.
+    top = jax.lax.stop_gradient(functools.reduce(jnp.maximum, [s.max(-1, keepdims=True) for s in scores]))
+    exps = [jnp.exp(s - top) for s in scores]
+    norm = functools.reduce(jnp.add, [e.sum(-1) for e in exps])[..., None]  # [b, n, KV, G, Tq, 1]
+    out = functools.reduce(jnp.add, [
+        jnp.einsum("bnkgqs,bnskd->bnkgqd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        for e, (_, v, _) in zip(exps, segments)]) / norm
+    out = jnp.moveaxis(out, 4, 2).reshape(b, n, tq, h, hd).astype(q.dtype)
     if return_probs:
+        probs = jnp.concatenate(exps, axis=-1) / norm
         return out, probs.reshape(b, n, h, tq, probs.shape[-1])
     return out
