@@ -69,3 +69,18 @@ def test_fam_state_is_used():
     bumped = state.replace(layers=state.layers.replace(fam_k=state.layers.fam_k * 1.5))
     b = np.asarray(jit_apply(model, nxt, bumped)[0])
     assert np.abs(a - b).max() > 1e-4
+
+
+def test_start_from_fam_seeds_every_row_with_the_given_fam():
+    model, cfg, _ = make_model(seed=5, attention="fam", block_size=4, memory_blocks=1, fam_len=3)
+    tokens = random_tokens(2, 8, cfg.vocab_size, seed=6)
+    _, after = jit_apply(model, tokens)
+    saved = after.layers.fam[:, 0]  # [L, F, d]
+    state = model.start_from_fam(2, saved)
+    np.testing.assert_array_equal(np.asarray(state.layers.fam[:, 1]), np.asarray(saved))
+    assert not np.asarray(state.is_initial).any()
+    seeded = np.asarray(jit_apply(model, tokens, state)[0])
+    fresh = np.asarray(jit_apply(model, tokens)[0])
+    assert np.abs(seeded - fresh).max() > 1e-3
+    with pytest.raises(ValueError, match="fam must be"):
+        model.start_from_fam(2, saved[:, None])

@@ -79,7 +79,11 @@ class FamLM(nnx.Module):
         residual on their first update. Positions still start at 0.
         """
         state = self.init_state(batch_size)
-        fam = jnp.broadcast_to(jnp.asarray(fam, jnp.float32), state.layers.fam.shape)
+        fam = jnp.asarray(fam, jnp.float32)
+        if fam.shape != state.layers.fam.shape[:1] + state.layers.fam.shape[2:]:
+            raise ValueError(f"fam must be [num_layers, fam_len, d_model]={state.layers.fam.shape[:1] + "
+                             f"state.layers.fam.shape[2:]}, got {fam.shape}")
+        fam = jnp.broadcast_to(fam[:, None], state.layers.fam.shape)
         return state.replace(layers=state.layers.replace(fam=fam), is_initial=jnp.zeros((batch_size,), bool))
 
     def _initial_fam(self):
