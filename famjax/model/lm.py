@@ -80,9 +80,9 @@ class FamLM(nnx.Module):
         """
         state = self.init_state(batch_size)
         fam = jnp.asarray(fam, jnp.float32)
-        if fam.shape != state.layers.fam.shape[:1] + state.layers.fam.shape[2:]:
-            raise ValueError(f"fam must be [num_layers, fam_len, d_model]={state.layers.fam.shape[:1] + "
-                             f"state.layers.fam.shape[2:]}, got {fam.shape}")
+        L, _, F, d = state.layers.fam.shape
+        if fam.shape != (L, F, d):
+            raise ValueError(f"fam must be [num_layers, fam_len, d_model]={(L, F, d)}, got {fam.shape}")
         fam = jnp.broadcast_to(fam[:, None], state.layers.fam.shape)
         return state.replace(layers=state.layers.replace(fam=fam), is_initial=jnp.zeros((batch_size,), bool))
 
