@@ -1,0 +1,101 @@
+"""Every field of a famjax training config, with its meaning; presets import this and change what differs.
+
+The defaults are the `passkey_tiny` preset: a 2-layer FAM model that learns PassKey on a laptop CPU in a few
+minutes (word tokenizer, loss on the answer + 0.1 elsewhere). `python -m famjax.main` uses it when no
+--config is given.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+import famjax.data as fd
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    c.model = m = ml_collections.ConfigDict()
+    m.vocab_size = 0  # tokens in the vocabulary; 0 = the data tokenizer's vocab_size (resolved at start)
+    m.d_model = 128  # residual width d
+    m.num_layers = 2  # decoder layers L
+    m.num_heads = 4  # query heads H
+    m.num_kv_heads = config_dict.placeholder(int)  # key/value heads (GQA); None = num_heads
+    m.head_dim = config_dict.placeholder(int)  # per-head width; None = d_model // num_heads
+    m.mlp_dim = 512  # FFN hidden width; None = 4 * d_model
+    m.mlp_activation = "swiglu"  # swiglu | geglu | gelu
+    m.norm = "rms"  # rms | layer
+    m.norm_eps = 1e-6  # epsilon inside the norms
+    m.rope_base = 10_000.0  # RoPE wavelength base (also sets the random position offset range)
+    m.tie_embeddings = False  # LM head = embedding transposed
+    m.embed_scale = False  # multiply embeddings by sqrt(d_model)
+    m.dtype = "float32"  # compute dtype: float32 | bfloat16 (bf16 compute, parameters stay param_dtype)
+    m.param_dtype = "float32"  # parameter storage dtype (keep float32 for training)
+    m.scan_layers = True  # lax.scan over layers (compile time independent of depth)
+    m.remat = "none"  # rematerialisation: none | full | dots | dots_no_batch
+    m.attention = "fam"  # full | bswa | fam
+    m.block_size = 32  # B: tokens per block
+    m.memory_blocks = 0  # m: previous blocks each token attends to (besides the FAM)
+    m.max_len = 4096  # KV-cache capacity for attention="full" streaming
+
+    c.fam = f = ml_collections.ConfigDict()
+    f.fam_len = 8  # F: feedback-memory rows per layer (ignored unless model.attention == "fam")
+    f.rsp_prob = 0.0  # random state passing: probability a step starts from the saved final FAM (paper 0.8)
+    f.rpo = True  # random position offset per training sequence (off at eval/inference)
+    f.rpo_zero_prob = 0.5  # probability a sequence's offset is 0 (spec: 0.5)
+
+    c.data = d = fd.default_config()  # see famjax/data/config.py for every field
+    d.tokenizer.kind = "word"  # word-level PassKey vocabulary: ~5x shorter sequences than bytes
+    d.seq_len = 256  # tokens per row per step (multiple of block_size)
+    d.batch_size = 16  # global rows per step (16 x 256: more, cheaper steps learn PassKey sooner on CPU)
+    d.passkey.train_filler_min = 16  # shortest filler (words)
+    d.passkey.train_filler_max = 180  # longest filler: examples up to ~250 tokens (8 blocks) fit seq_len 256
+    d.passkey.train_examples = 50_000  # more than the run reads: no example is seen twice
+    d.passkey.loss_weight_other = 0.1  # loss on non-answer tokens (answer weight 1)
+    d.passkey.eval_multipliers = (1, 2, 4, 8, 16)  # eval_xM splits prepared for the evals
+
+    c.train = t = ml_collections.ConfigDict()
+    t.steps = 1500  # optimizer steps (PassKey accuracy jumps after ~700 steps at this size)
+    t.seed = 0  # parameter init, RPO/RSP draws
+    t.optimizer = "adamw"  # adamw | adafactor (the paper's)
+    t.learning_rate = 1e-3  # peak learning rate
+    t.schedule = "constant"  # cosine (to min_lr_ratio * lr at the end) | constant (after warmup)
+    t.warmup_steps = 50  # linear warmup from 0
+    t.min_lr_ratio = 0.1  # final LR / peak for the cosine schedule
+    t.b1 = 0.9  # Adam/Adafactor first-moment decay
+    t.b2 = 0.99  # Adam second-moment decay (Adafactor: decay rate)
+    t.eps = 1e-8  # Adam epsilon
+    t.weight_decay = 0.01  # decoupled weight decay (matrices only)
+    t.grad_clip_norm = 1.0  # global-norm clipping; 0 = off
+    t.grad_accum_steps = 1  # micro-batches per step (divides data.batch_size)
+    t.z_loss = 0.0  # weight of log(Z)^2 (PaLM z-loss); 0 = off
+    t.stream_state = "auto"  # carry model state across steps per row: auto (stream batching) | on | off
+    t.log_every = 25  # console line + TensorBoard scalars every N steps
+    t.peak_flops = 0.0  # peak FLOP/s of the whole job for MFU; 0 = measure a matmul at start
+    t.debug_step_delay_s = 0.0  # sleep after every step (tests use it to kill a run mid-way); keep 0
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = (-1, 1, 1)  # sizes of the (data, fsdp, tensor) axes; one -1 fills with the devices left
+    # Logical axis -> mesh axis (or tuple of axes, or None = replicated). "blocks" is sequential (the FAM
+    # recurrence runs along it) and is never sharded; "layers" is scanned and stays whole on each device.
+    c.mesh.rules = (
+        ("batch", ("data", "fsdp")),
+        ("vocab", "tensor"),
+        ("embed", "fsdp"),
+        ("q_heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("head_dim", None),
+        ("mlp", "tensor"),
+        ("fam", None),
+        ("layers", None),
+        ("blocks", None),
+    )
+
+    c.checkpoint = ck = ml_collections.ConfigDict()
+    ck.enabled = True  # write checkpoints to <workdir>/checkpoints and resume from them
+    ck.every_steps = 250  # save every N steps (and at the end, and on SIGTERM); 0 = only at the end
+    ck.keep = 3  # checkpoints kept (older ones deleted)
+    ck.async_save = True  # write in a background thread while training continues
+
+    c.eval = e = ml_collections.ConfigDict()
+    e.every_steps = 250  # evaluate every N steps (and at the end); 0 = only at the end
+    e.batches = 8  # batches of data.eval_split per evaluation (PassKey validation: 8 x 16 rows, ~140 examples)
+    return c

@@ -1,0 +1,184 @@
+"""The trainer's config: building a ModelConfig from it, resolving it, and validating every section.
+
+A famjax config is an `ml_collections.ConfigDict` with the sections `model`, `fam`, `data`, `train`, `mesh`,
+`checkpoint`, `eval` (see configs/default.py for every field and its meaning). `validate` reports every bad
+field, one line each, in a single ValueError.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+from types import ModuleType
+
+import ml_collections
+
+import famjax.data as fd
+from famjax.model.config import ModelConfig
+
+SECTIONS = ("model", "fam", "data", "train", "mesh", "checkpoint", "eval")
+MESH_AXES = ("data", "fsdp", "tensor")
+OPTIMIZERS = ("adamw", "adafactor")
+SCHEDULES = ("cosine", "constant")
+STREAM_MODES = ("auto", "on", "off")
+# Model fields that live in the config's `model` section (fam_len lives in `fam`).
+_MODEL_FIELDS = tuple(f for f in ModelConfig.__dataclass_fields__ if f != "fam_len")
+
+
+def sibling_config(file: str, name: str) -> ModuleType:
+    """Returns the config module `name`.py next to `file` (how presets import configs/default.py).
+
+    Loading by path keeps configs/ free of packaging: presets work from any working directory.
+    """
+    path = os.path.join(os.path.dirname(os.path.abspath(file)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"famjax_configs_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def model_config(cfg: ml_collections.ConfigDict) -> ModelConfig:
+    """Returns the ModelConfig of a (resolved) config: cfg.model fields plus fam.fam_len as F."""
+    fields = {k: cfg.model[k] for k in _MODEL_FIELDS if k in cfg.model}
+    fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in fields.items()}
+    return ModelConfig(fam_len=int(cfg.fam.fam_len), **fields)
+
+
+def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Returns a copy with derived fields filled: model.vocab_size 0 -> the tokenizer's vocabulary size."""
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    if int(cfg.model.vocab_size) == 0:
+        with cfg.unlocked():
+            cfg.model.vocab_size = int(fd.make_tokenizer(cfg.data).vocab_size)
+    return cfg
+
+
+def to_json(cfg: ml_collections.ConfigDict) -> str:
+    """Returns the config as JSON (what the trainer writes to <workdir>/config.json)."""
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+    """Returns the ConfigDict of a config.json (lists become tuples, as the presets write them)."""
+    def tuples(x):
+        if isinstance(x, dict):
+            return {k: tuples(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return tuple(tuples(v) for v in x)
+        return x
+    return ml_collections.ConfigDict(tuples(json.loads(text)))
+
+
+def validate(cfg: ml_collections.ConfigDict, *, process_count: int = 1) -> None:
+    """Raises ValueError with one line per bad field ("section.field: what is wrong, allowed values")."""
+    errors: list[str] = []
+
+    def err(msg: str) -> None:
+        errors.append(msg)
+
+    missing = [s for s in SECTIONS if s not in cfg]
+    if missing:
+        raise ValueError("\n".join(f"config: missing section {s!r}" for s in missing))
+
+    # model / fam
+    try:
+        mcfg = model_config(cfg if int(cfg.model.vocab_size) > 0 else _with_vocab(cfg, 1))
+    except (ValueError, TypeError) as e:
+        for part in str(e).split("; "):
+            err(f"model: {part}")
+        mcfg = None
+    if int(cfg.model.vocab_size) < 0:
+        err(f"model.vocab_size must be >= 0 (0 = the tokenizer's), got {cfg.model.vocab_size}")
+    fam = cfg.fam
+    if not 0.0 <= float(fam.rsp_prob) <= 1.0:
+        err(f"fam.rsp_prob must be in [0, 1], got {fam.rsp_prob}")
+    if not 0.0 <= float(fam.rpo_zero_prob) <= 1.0:
+        err(f"fam.rpo_zero_prob must be in [0, 1], got {fam.rpo_zero_prob}")
+    if not isinstance(fam.rpo, bool):
+        err(f"fam.rpo must be True or False, got {fam.rpo!r}")
+
+    # data
+    try:
+        fd.validate(cfg.data, process_count=process_count,
+                    block_size=mcfg.block_size if mcfg is not None else None)
+    except ValueError as e:
+        err(str(e))
+
+    # train
+    t = cfg.train
+    if int(t.steps) < 0:
+        err(f"train.steps must be >= 0, got {t.steps}")
+    if t.optimizer not in OPTIMIZERS:
+        err(f"train.optimizer must be one of {OPTIMIZERS}, got {t.optimizer!r}")
+    if t.schedule not in SCHEDULES:
+        err(f"train.schedule must be one of {SCHEDULES}, got {t.schedule!r}")
+    if not float(t.learning_rate) > 0:
+        err(f"train.learning_rate must be > 0, got {t.learning_rate}")
+    if int(t.warmup_steps) < 0:
+        err(f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    if not 0.0 <= float(t.min_lr_ratio) <= 1.0:
+        err(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    if float(t.grad_clip_norm) < 0:
+        err(f"train.grad_clip_norm must be >= 0 (0 = off), got {t.grad_clip_norm}")
+    if float(t.weight_decay) < 0:
+        err(f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    if float(t.z_loss) < 0:
+        err(f"train.z_loss must be >= 0, got {t.z_loss}")
+    if int(t.grad_accum_steps) < 1:
+        err(f"train.grad_accum_steps must be >= 1, got {t.grad_accum_steps}")
+    elif int(cfg.data.batch_size) % int(t.grad_accum_steps):
+        err(f"train.grad_accum_steps must divide data.batch_size {cfg.data.batch_size}, "
+            f"got {t.grad_accum_steps}")
+    if t.stream_state not in STREAM_MODES:
+        err(f"train.stream_state must be one of {STREAM_MODES}, got {t.stream_state!r}")
+    if int(t.log_every) < 1:
+        err(f"train.log_every must be >= 1, got {t.log_every}")
+    if float(t.peak_flops) < 0:
+        err(f"train.peak_flops must be >= 0 (0 = measure at start), got {t.peak_flops}")
+
+    # mesh
+    shape = tuple(cfg.mesh.shape)
+    if len(shape) != len(MESH_AXES) or any(not isinstance(s, int) or (s < 1 and s != -1) for s in shape):
+        err(f"mesh.shape must be 3 sizes for {MESH_AXES}, each >= 1 or -1 (fill), got {shape}")
+    elif sum(s == -1 for s in shape) > 1:
+        err(f"mesh.shape may have at most one -1, got {shape}")
+    for rule in cfg.mesh.rules:
+        if len(rule) != 2:
+            err(f"mesh.rules entries must be (logical name, mesh axis or None), got {rule!r}")
+            continue
+        axes = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
+        bad = [a for a in axes if a is not None and a not in MESH_AXES]
+        if bad:
+            err(f"mesh.rules[{rule[0]!r}] names unknown mesh axes {bad}; allowed {MESH_AXES} or None")
+        if rule[0] == "blocks" and rule[1] is not None:
+            err("mesh.rules['blocks'] must be None: the block axis is sequential and never sharded")
+
+    # checkpoint
+    c = cfg.checkpoint
+    if int(c.every_steps) < 0:
+        err(f"checkpoint.every_steps must be >= 0 (0 = only at the end), got {c.every_steps}")
+    if int(c.keep) < 1:
+        err(f"checkpoint.keep must be >= 1, got {c.keep}")
+
+    # eval
+    e = cfg.eval
+    if int(e.every_steps) < 0:
+        err(f"eval.every_steps must be >= 0 (0 = only at the end), got {e.every_steps}")
+    if int(e.batches) < 1:
+        err(f"eval.batches must be >= 1, got {e.batches}")
+
+    if errors:
+        raise ValueError("invalid config:\n" + "\n".join(errors))
+
+
+def _with_vocab(cfg: ml_collections.ConfigDict, vocab: int) -> ml_collections.ConfigDict:
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    with cfg.unlocked():
+        cfg.model.vocab_size = vocab
+    return cfg
+
+
+def rope_offset_range(cfg: ml_collections.ConfigDict) -> int:
+    """Returns the exclusive upper bound of the random position offset: ceil(2 * pi * rope_base)."""
+    return math.ceil(2 * math.pi * float(cfg.model.rope_base))

@@ -1,0 +1,278 @@
+"""The training loop and evaluation: `train`, `evaluate`, `train_and_eval` (what famjax.main calls).
+
+Every process runs the same loop on its own rows; arrays are global (jax.make_array_from_process_local_data)
+and jitted with explicit in/out shardings. Resume is automatic: the newest readable checkpoint in
+<workdir>/checkpoints restores params, optimizer, step, RNG, RSP/stream state and the data iterator.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+import famjax.data as fd
+from famjax.train import mesh as meshlib
+from famjax.train import metrics as mlib
+from famjax.train.checkpoint import CONFIG_FILE, Checkpointer
+from famjax.train.config import model_config, resolve, to_json, validate
+from famjax.train.optim import make_optimizer
+from famjax.train.state import abstract_model, abstract_train_state, create_train_state, init_stream_state
+from famjax.train.step import make_eval_step, make_train_step
+
+TRAIN_KEYS = ("tokens", "targets", "loss_mask", "segment_start")
+EVAL_KEYS = TRAIN_KEYS + ("answer_mask",)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN/inf; the last good checkpoint is left as it was."""
+
+
+@dataclasses.dataclass
+class Result:
+    """What train / evaluate return: the final step, the last train metrics, eval metrics, the TB log dir."""
+    step: int
+    train: dict
+    eval: dict
+    logdir: str
+
+
+def prepare(cfg, workdir: str):
+    """Returns the resolved, validated config (written to <workdir>/config.json by process 0)."""
+    cfg = resolve(cfg)
+    validate(cfg, process_count=jax.process_count())
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+            f.write(to_json(cfg))
+    return cfg
+
+
+def _streaming(cfg, batching: str) -> bool:
+    mode = cfg.train.stream_state
+    return mode == "on" or (mode == "auto" and batching == "stream")
+
+
+class _Preempted:
+    """Set by SIGTERM; the loop saves a checkpoint at the next step boundary and stops."""
+
+    def __init__(self):
+        self.flag = False
+        self._old = None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.flag = True
+
+    def check(self) -> bool:
+        if jax.process_count() > 1:  # every process must stop at the same step
+            return bool(multihost_utils.process_allgather(np.int32(self.flag)).max())
+        return self.flag
+
+    def restore(self):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _next_or_none(it):
+    try:
+        return next(it)
+    except StopIteration:
+        return None
+
+
+def evaluate_params(cfg, params, mesh, *, batches: int | None = None) -> dict:
+    """Returns eval metrics (loss, accuracy, passkey_accuracy, passkey_examples) of `params` on
+    data.eval_split: at most eval.batches global batches, every process reading its own rows."""
+    graphdef, _, _ = abstract_model(cfg)
+    mcfg = model_config(cfg)
+    it = fd.make_iterator(cfg.data, block_size=mcfg.block_size, split=cfg.data.eval_split, num_epochs=1)
+    streaming = it.batching == "stream"
+    step = jax.jit(make_eval_step(cfg, graphdef, streaming=streaming))
+    rows = int(cfg.data.batch_size) // jax.process_count()
+    stream = None
+    if streaming:
+        stream = jax.jit(lambda p: init_stream_state(_merge(graphdef, p), rows * jax.process_count()))(params)
+    totals: dict = {}
+    empty = None
+    for _ in range(int(batches or cfg.eval.batches)):
+        batch = _next_or_none(it)
+        done = batch is None
+        if jax.process_count() > 1:
+            done = bool(multihost_utils.process_allgather(np.int32(done)).min())
+        elif done:
+            break
+        if done:
+            break
+        if batch is None:  # this process ran out before the others: padding rows (mask 0) keep them in step
+            batch = empty
+        empty = {k: np.zeros_like(v) for k, v in batch.items()}
+        gb = meshlib.global_batch({k: v for k, v in batch.items() if k in EVAL_KEYS}, cfg.mesh.rules, mesh)
+        sums, stream = step(params, gb, stream)
+        for k, v in jax.device_get(sums).items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    it.close()
+    out = {"loss": totals.get("loss_sum", np.nan) / max(totals.get("weight", 0.0), 1e-9),
+           "accuracy": totals.get("correct", 0.0) / max(totals.get("count", 0.0), 1.0)}
+    if totals.get("passkey_total", 0) > 0:
+        out["passkey_accuracy"] = totals["passkey_correct"] / totals["passkey_total"]
+        out["passkey_examples"] = totals["passkey_total"]
+        out["answer_token_accuracy"] = totals["answer_correct"] / max(totals["answer_tokens"], 1.0)
+    return out
+
+
+def _merge(graphdef, params):
+    from flax import nnx
+    return nnx.merge(graphdef, params)
+
+
+def train(cfg, workdir: str, *, do_eval: bool = False) -> Result:
+    """Trains (resuming from <workdir>/checkpoints if there are any) and returns the Result."""
+    cfg = prepare(cfg, workdir)
+    mcfg = model_config(cfg)
+    mesh = meshlib.make_mesh(cfg.mesh)
+    rules = cfg.mesh.rules
+    train_it = fd.make_iterator(cfg.data, block_size=mcfg.block_size, split=cfg.data.train_split)
+    streaming = _streaming(cfg, train_it.batching)
+    tx = make_optimizer(cfg.train)
+    ckpt = Checkpointer(workdir, cfg.checkpoint, cfg) if cfg.checkpoint.enabled else None
+    writer = mlib.Writer(workdir)
+    restored = None
+    if ckpt is not None and ckpt.steps():
+        abstract, shardings = abstract_train_state(cfg, tx, mesh, stream=streaming)
+        restored = ckpt.restore(abstract)
+    if restored is not None:
+        ts, data_state, start = restored
+        if data_state is not None:
+            train_it.set_state(data_state)
+        mlib.log(f"resumed from step {start} ({ckpt.directory})")
+    else:
+        ts, shardings = create_train_state(cfg, tx, mesh, stream=streaming)
+        start = 0
+    graphdef, _, _ = abstract_model(cfg)
+    steps = int(cfg.train.steps)
+    throughput = mlib.Throughput(mlib.flops_per_token(mcfg, int(cfg.data.seq_len)),
+                                 mlib.job_peak_flops(cfg.train))
+    step_fn = None
+    preempt = _Preempted()
+    last_saved = start if restored is not None else None
+    last_metrics: dict = {}
+    eval_metrics: dict = {}
+    step = start
+    log_every, ck_every, ev_every = int(cfg.train.log_every), int(cfg.checkpoint.every_steps), \
+        int(cfg.eval.every_steps)
+    mlib.log(f"training {steps} steps from step {start}: {jax.device_count()} devices, mesh "
+             f"{dict(mesh.shape)}, {'stream' if streaming else 'packed'} rows, workdir {workdir}")
+
+    def save(ts, step):
+        nonlocal last_saved
+        loss = jax.device_get(last_loss)
+        if not np.isfinite(loss):
+            raise NonFiniteLossError(f"loss is {loss} at step {step}; not saving; the last good checkpoint "
+                                     f"is step {last_saved} in {ckpt.directory}")
+        ckpt.save(ts, train_it.get_state())
+        last_saved = step
+
+    last_loss = jnp.zeros(())
+    delay = float(cfg.train.debug_step_delay_s)
+    try:
+        while step < steps:
+            batch = _next_or_none(train_it)
+            if batch is None:
+                mlib.log(f"training data exhausted at step {step}")
+                break
+            gb = meshlib.global_batch({k: batch[k] for k in TRAIN_KEYS}, rules, mesh)
+            if step_fn is None:
+                batch_sh = {k: v.sharding for k, v in gb.items()}
+                step_fn = jax.jit(make_train_step(cfg, graphdef, tx, streaming=streaming),
+                                  in_shardings=(shardings, batch_sh),
+                                  out_shardings=(shardings, meshlib.replicated(mesh)), donate_argnums=0)
+            ts, m = step_fn(ts, gb)
+            step += 1
+            last_loss = m["loss"]
+            throughput.add(int(np.prod(batch["tokens"].shape)) * jax.process_count())
+            if step % log_every == 0 or step == steps:
+                m = {k: float(v) for k, v in jax.device_get(m).items()}
+                m.update(throughput.rates())
+                if not mlib.finite({"loss": m["loss"], "grad_norm": m["grad_norm"]}):
+                    where = f"step {last_saved} in {ckpt.directory}" if ckpt and last_saved is not None \
+                        else "none"
+                    raise NonFiniteLossError(f"non-finite loss {m['loss']} / grad norm {m['grad_norm']} at "
+                                             f"step {step}; stopping; last good checkpoint: {where}")
+                mlib.log(mlib.console_line(step, steps, m))
+                writer.scalars(step, m, "train/")
+                writer.jsonl(step, m)
+                last_metrics = m
+                throughput.reset()
+            if delay:
+                time.sleep(delay)
+            stop = preempt.check()
+            if ckpt is not None and (stop or (ck_every and step % ck_every == 0)):
+                save(ts, step)
+            if stop:
+                mlib.log(f"SIGTERM: saved step {step}, stopping")
+                break
+            if do_eval and ev_every and step % ev_every == 0 and step < steps:
+                eval_metrics = evaluate_params(cfg, ts.params, mesh)
+                writer.scalars(step, eval_metrics, "eval/")
+                mlib.log(f"eval at step {step}: " + _fmt(eval_metrics))
+                throughput.reset()
+        if ckpt is not None and last_saved != step and not preempt.flag:
+            save(ts, step)
+        if do_eval and not preempt.flag:
+            eval_metrics = evaluate_params(cfg, ts.params, mesh)
+            writer.scalars(step, eval_metrics, "eval/")
+            mlib.log(f"eval at step {step}: " + _fmt(eval_metrics))
+    finally:
+        preempt.restore()
+        if ckpt is not None:
+            ckpt.close()
+        writer.close()
+        train_it.close()
+    if jax.process_index() == 0 and eval_metrics:
+        with open(os.path.join(workdir, "eval_metrics.json"), "w") as f:
+            json.dump({"step": step, **eval_metrics}, f, indent=2)
+    return Result(step=step, train=last_metrics, eval=eval_metrics, logdir=writer.logdir)
+
+
+def train_and_eval(cfg, workdir: str) -> Result:
+    """Trains with an evaluation every eval.every_steps and at the end."""
+    return train(cfg, workdir, do_eval=True)
+
+
+def evaluate(cfg, workdir: str) -> Result:
+    """Evaluates the newest readable checkpoint of <workdir> (the config comes from the command line)."""
+    cfg = prepare(cfg, workdir)
+    mesh = meshlib.make_mesh(cfg.mesh)
+    tx = make_optimizer(cfg.train)
+    mcfg = model_config(cfg)
+    probe = fd.make_iterator(cfg.data, block_size=mcfg.block_size)
+    streaming = _streaming(cfg, probe.batching)  # the train state's layout depends on the train batching
+    probe.close()
+    ckpt = Checkpointer(workdir, cfg.checkpoint, cfg)
+    try:
+        abstract, _ = abstract_train_state(cfg, tx, mesh, stream=streaming)
+        restored = ckpt.restore(abstract, with_data=False)
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise FileNotFoundError(f"no checkpoint to evaluate in {ckpt.directory}")
+    ts, _, step = restored
+    writer = mlib.Writer(workdir)
+    out = evaluate_params(cfg, ts.params, mesh)
+    writer.scalars(step, out, "eval/")
+    writer.close()
+    mlib.log(f"eval at step {step}: " + _fmt(out))
+    return Result(step=step, train={}, eval=out, logdir=writer.logdir)
+
+
+def _fmt(m: dict) -> str:
+    return "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items())

@@ -1,0 +1,125 @@
+"""Observability: one console line per N steps, TensorBoard scalars (process 0 only), model FLOPs and MFU."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from famjax.model import ModelConfig
+
+TB_DIR = "tensorboard"
+
+_LOG = logging.getLogger(__name__)
+
+
+class Writer:
+    """TensorBoard scalars under <workdir>/tensorboard via tensorboardX; a no-op on processes other than 0."""
+
+    def __init__(self, workdir: str):
+        self.logdir = os.path.join(os.path.abspath(workdir), TB_DIR)
+        self._tb = None
+        if jax.process_index() == 0:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(self.logdir)
+
+    def scalars(self, step: int, values: dict, prefix: str = "") -> None:
+        if self._tb is None:
+            return
+        for k, v in values.items():
+            self._tb.add_scalar(f"{prefix}{k}", float(v), step)
+        self._tb.flush()
+
+    def jsonl(self, step: int, values: dict) -> None:
+        """Appends {"step", **values} to <workdir>/metrics.jsonl (a plain record tests and scripts can read)."""
+        if self._tb is None:
+            return
+        with open(os.path.join(os.path.dirname(self.logdir), "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n")
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def flops_per_token(mcfg: ModelConfig, seq_len: int) -> float:
+    """Returns training FLOPs per token (forward + backward = 3x forward) of the model's matmuls.
+
+    Per layer: projections and FFN (2 FLOPs per weight), attention scores and values over the average
+    context (half the own block, m memory blocks, F FAM rows), and the FAM update (F rows per B tokens run
+    through the layer again). Plus the LM head. Embedding lookups are free.
+    """
+    d, h, kv, hd, f = mcfg.d_model, mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim, mcfg.mlp_dim
+    gates = 3 if mcfg.mlp_activation in ("swiglu", "geglu") else 2
+    layer_weights = d * hd * (2 * h + 2 * kv) + gates * d * f
+    if mcfg.attention == "full":
+        context = seq_len / 2
+    else:
+        context = mcfg.block_size / 2 + mcfg.memory_blocks * mcfg.block_size + mcfg.num_fam
+    per_layer = 2 * layer_weights + 4 * h * hd * context
+    fam_factor = 1 + (mcfg.num_fam / mcfg.block_size if mcfg.attention == "fam" else 0)
+    forward = mcfg.num_layers * per_layer * fam_factor + 2 * d * mcfg.vocab_size
+    return 3.0 * forward
+
+
+def measure_peak_flops(n: int = 1024, repeats: int = 5) -> float:
+    """Returns FLOP/s of a float32 n x n matmul on the first device (a stand-in peak for MFU on CPU)."""
+    x = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(x).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        y = f(x)
+    y.block_until_ready()
+    return 2 * n ** 3 * repeats / max(time.perf_counter() - t, 1e-9)
+
+
+def job_peak_flops(train_cfg) -> float:
+    """Returns the job's peak FLOP/s: train.peak_flops, or one measured matmul x devices (x hosts on CPU,
+    where host devices share the same cores)."""
+    if float(train_cfg.peak_flops) > 0:
+        return float(train_cfg.peak_flops)
+    per = measure_peak_flops()
+    units = jax.process_count() if jax.default_backend() == "cpu" else jax.device_count()
+    return per * units
+
+
+class Throughput:
+    """Tokens/s and MFU between two console lines."""
+
+    def __init__(self, flops_per_tok: float, peak: float):
+        self.flops_per_tok, self.peak = flops_per_tok, peak
+        self.reset()
+
+    def reset(self) -> None:
+        self._t, self._tokens = time.perf_counter(), 0
+
+    def add(self, tokens: int) -> None:
+        self._tokens += tokens
+
+    def rates(self) -> dict:
+        dt = max(time.perf_counter() - self._t, 1e-9)
+        tps = self._tokens / dt
+        return {"tokens_per_s": tps, "mfu": tps * self.flops_per_tok / max(self.peak, 1e-9)}
+
+
+def console_line(step: int, steps: int, m: dict) -> str:
+    """Returns the one-line progress summary of a step."""
+    return (f"step {step}/{steps}  loss {m['loss']:.4f}  acc {m['accuracy']:.3f}  "
+            f"tok/s {m.get('tokens_per_s', 0):,.0f}  MFU {100 * m.get('mfu', 0):.1f}%  lr {m['lr']:.2e}  "
+            f"gnorm {m['grad_norm']:.3f}  fam_norm {m['fam_norm']:.3f}")
+
+
+def log(msg: str) -> None:
+    """Prints on process 0 (and logs on every process)."""
+    _LOG.info(msg)
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+def finite(values: dict) -> bool:
+    return all(np.isfinite(float(v)) for v in values.values())
