@@ -7,6 +7,8 @@ PyTorch Llama with its KV cache (skipped with a message if torch/transformers ar
     python benchmarks/generate.py --quick            # smoke run (~1 minute), prints the table
     python benchmarks/generate.py --write            # full run, appends "## Generation" to RESULTS.md
 
+famjax decodes with `infer.generate(..., steps_per_call=N)` (N decode steps fused into one jitted
+`lax.while_loop` call, --steps_per_call); torch runs its usual one-forward-per-token Python loop.
 Every configuration runs in its own subprocess, so its peak RSS (ru_maxrss of that process: Python, the
 framework, compiled programs and the data) is its own. Tokens/s exclude compilation (a warm-up run first).
 Full attention and torch run only up to --full_max / --torch_max tokens: their prefill time grows as n^2 (every chunk
@@ -63,14 +65,15 @@ def work_jax_prefill(attention: str, tokens: int, chunk: int) -> dict:
     return {"seconds": dt, "tokens_per_s": tokens / dt, "state_mib": state.nbytes() / 2**20}
 
 
-def work_jax_decode(attention: str, context: int, new: int) -> dict:
+def work_jax_decode(attention: str, context: int, new: int, steps_per_call: int) -> dict:
     import numpy as np
 
     from famjax import infer
     model = _jax_model(attention, context + new)
     prompt = np.random.default_rng(0).integers(0, SIZE["vocab_size"], context).astype(np.int32)
-    infer.generate(model, [prompt], max_new_tokens=3, chunk_size=1024)  # compiles prefill and decode
-    gen = infer.generate(model, [prompt], max_new_tokens=new, chunk_size=1024)
+    kw = {"chunk_size": 1024, "steps_per_call": steps_per_call}
+    infer.generate(model, [prompt], max_new_tokens=3, **kw)  # compiles prefill and decode (same programs)
+    gen = infer.generate(model, [prompt], max_new_tokens=new, **kw)
     return {"seconds": gen.decode_seconds, "tokens_per_s": gen.decode_steps / gen.decode_seconds,
             "state_mib": gen.state.nbytes() / 2**20}
 
@@ -183,6 +186,7 @@ def main(argv=None) -> None:
     p.add_argument("--full_max", type=int, default=8192, help="longest prompt for famjax full attention")
     p.add_argument("--torch_max", type=int, default=32768, help="longest prompt for torch Llama")
     p.add_argument("--torch_threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--steps_per_call", type=int, default=64, help="famjax decode steps per jitted call")
     p.add_argument("--timeout", type=float, default=240.0, help="seconds per configuration")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -215,9 +219,10 @@ def main(argv=None) -> None:
             add("torch Llama", "prefill", n, note if n > args.torch_max else run_job(
                 "torch_prefill", args.timeout, args.torch_threads, tokens=n, chunk=quad_chunk))
     add("famjax FAM", "decode", context, run_job("jax_decode", args.timeout, attention="fam", context=context,
-                                                  new=new))
+                                                  new=new, steps_per_call=args.steps_per_call))
     add("famjax full+KV", "decode", context, run_job("jax_decode", args.timeout, attention="full",
-                                                      context=context, new=new))
+                                                      context=context, new=new,
+                                                      steps_per_call=args.steps_per_call))
     if skip_torch:
         print(f"torch Llama: {skip_torch}")
     else:
@@ -242,7 +247,8 @@ def main(argv=None) -> None:
     import jax
     header = (f"Model: {SIZE} (FAM: {FAM}); prefill chunk {args.chunk} (full/torch {quad_chunk}); torch "
               f"threads {args.torch_threads}; decode "
-              f"{new} tokens after a {context}-token prompt, batch 1, greedy. Machine: {platform.machine()}, "
+              f"{new} tokens after a {context}-token prompt, batch 1, greedy (famjax: {args.steps_per_call} "
+              f"steps per jitted call). Machine: {platform.machine()}, "
               f"{os.cpu_count()} CPU cores, jax {jax.__version__}, {datetime.date.today()}; other jobs shared the "
               f"cores, so tokens/s are indicative. Command: `python benchmarks/generate.py "
               f"{' '.join(argv if argv is not None else sys.argv[1:])}`.")

@@ -169,3 +169,47 @@ def test_cli_run_streams_text():
     assert out.getvalue() == tok.decode(gen.tokens[0]) + "\n"
     with pytest.raises(ValueError, match="no tokens"):
         run(model, tok, "", add_bos=False, out=out)
+
+
+@pytest.mark.parametrize("mode", ["fam", "full"])
+@pytest.mark.parametrize("sampling", [infer.GREEDY, infer.Sampling(temperature=3.0, top_k=20, top_p=0.9)],
+                         ids=["greedy", "sampled"])
+def test_fused_decode_equals_step_by_step(mode, sampling):
+    """steps_per_call > 1 (one jitted while loop per call) gives the tokens, stops, streamed steps and state of
+    the one-step-per-call loop bit for bit; a stop token ends one row mid-block while the others go on."""
+    model, cfg, _ = make_model(seed=9, **MODES[mode])
+    prompts = _prompts(cfg.vocab_size)
+    kw = {"max_new_tokens": 11, "sampling": sampling, "seed": 11}
+    free = infer.generate(model, prompts, steps_per_call=1, **kw)
+    # A stop token that row 1 produces at step >= 2 and no other row produces: only row 1 stops.
+    others = set(np.concatenate([free.tokens[0], free.tokens[2]]).tolist())
+    stop = next(int(t) for t in free.tokens[1][2:] if int(t) not in others)
+
+    def run(steps_per_call):
+        seen = []
+        gen = infer.generate(model, prompts, stop_tokens=[stop], steps_per_call=steps_per_call,
+                             on_token=lambda t, e: seen.append((t.copy(), e.copy())), **kw)
+        return gen, seen
+    ref, ref_seen = run(1)
+    assert ref.finish_reason == ["length", "stop", "length"] and len(ref.tokens[1]) < 10
+    for steps_per_call in (3, 64):
+        gen, seen = run(steps_per_call)
+        for x, y in zip(ref.tokens, gen.tokens):
+            np.testing.assert_array_equal(x, y)
+        assert gen.finish_reason == ref.finish_reason and gen.decode_steps == ref.decode_steps == 10
+        assert len(seen) == len(ref_seen) == 11
+        for (t0, e0), (t1, e1) in zip(ref_seen, seen):
+            np.testing.assert_array_equal(e0, e1)
+            np.testing.assert_array_equal(t0, t1)
+        assert jax.tree.structure(gen.state) == jax.tree.structure(ref.state)
+        for a, b in zip(jax.tree.leaves(ref.state), jax.tree.leaves(gen.state)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # The unstopped run of the fused path matches too, and every row stopping ends the loop early.
+    fused_free = infer.generate(model, prompts, steps_per_call=4, **kw)
+    for x, y in zip(free.tokens, fused_free.tokens):
+        np.testing.assert_array_equal(x, y)
+    first = [int(t[0]) for t in free.tokens]
+    early = infer.generate(model, prompts, stop_tokens=first, steps_per_call=64, **kw)
+    assert early.finish_reason == ["stop"] * 3 and early.decode_steps == 0
+    with pytest.raises(ValueError, match="steps_per_call"):
+        infer.generate(model, prompts, steps_per_call=0, **kw)
