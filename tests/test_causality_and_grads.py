@@ -51,7 +51,10 @@ def test_memory_carries_information_beyond_the_window():
         tokens = jnp.asarray(random_tokens(1, 17, cfg.vocab_size, seed=2))
 
         graphdef, params = nnx.split(model)
-        grads = jax.grad(lambda p: _loss(nnx.merge(graphdef, p), tokens, last_only=True))(params)
+
+        def last_block_loss(p, graphdef=graphdef, tokens=tokens):
+            return _loss(nnx.merge(graphdef, p), tokens, last_only=True)
+        grads = jax.grad(last_block_loss)(params)
         grad = grads["embed"][...]
         first_block = np.unique(np.asarray(tokens[0, :4]))
         others = np.setdiff1d(first_block, np.asarray(tokens[0, 4:]))  # tokens only in block 0

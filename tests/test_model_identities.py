@@ -1,5 +1,7 @@
 """The spec's identities: F=0 is BSWA, BSWA with a wide window is full attention, full attention is
 jax.nn.dot_product_attention with a causal mask."""
+import operator
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,7 +36,7 @@ def _dot_product_forward(model, tokens):
     x = jnp.take(model.embed[...], tokens, axis=0)
     positions = jnp.arange(tokens.shape[1])[None]
     for i in range(cfg.num_layers):
-        layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], params))
+        layer = nnx.merge(graphdef, jax.tree.map(operator.itemgetter(i), params))
         h = layer.norm1(x, jnp.float32)
         q = layer.attn.query(h, positions)
         k, v = layer.attn.key_value(h, positions)

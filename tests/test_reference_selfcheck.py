@@ -1,10 +1,8 @@
 """Self-checks of tests/reference.py (the numpy TransformerFAM reference); no famjax needed."""
-import math
 import types
 
 import numpy as np
 import pytest
-
 from reference import random_params, reference_fam_states, reference_forward, reference_logits
 
 
@@ -188,7 +186,7 @@ def test_prefix_consistency():
 def masked_fam_forward(p, c, tokens):
     """FAM written differently: per layer, first run the FAM recurrence over blocks (section 8), then
     all token attention at once with one [T, keys] mask over [tokens, FAM rows of every block]."""
-    B, m, F, T, d = c.block_size, c.memory_blocks, c.fam_len, len(tokens), c.d_model
+    B, m, F, T = c.block_size, c.memory_blocks, c.fam_len, len(tokens)
     rms = lambda x, q: x / np.sqrt((x ** 2).mean(-1, keepdims=True) + c.norm_eps) * q["scale"]
     def rope(x, pos):
         half = x.shape[-1] // 2

@@ -1,4 +1,6 @@
 """FamLM: the decoder-only language model with an explicit state, `logits, state = model(tokens, state)`."""
+import operator
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -285,6 +287,6 @@ class FamLM(nnx.Module):
             return jax.lax.scan(step, carry, (params, *xs))
         outs = []
         for i in range(self.cfg.num_layers):
-            carry, y = step(carry, jax.tree.map(lambda a: a[i], (params, *xs)))
+            carry, y = step(carry, jax.tree.map(operator.itemgetter(i), (params, *xs)))
             outs.append(y)
         return carry, jax.tree.map(lambda *a: jnp.stack(a), *outs)

@@ -1,7 +1,15 @@
 """Pure jax.numpy building blocks of TransformerFAM (no Flax): RoPE, windowing, attention, FAM update."""
 from famjax.ops.attention import causal_mask, segment_attention
-from famjax.ops.blocks import (from_grid, memory_visible, memory_windows, num_grid_blocks, segment_begin_blocks,
-                               split_blocks, take_blocks, to_grid)
+from famjax.ops.blocks import (
+                               from_grid,
+                               memory_visible,
+                               memory_windows,
+                               num_grid_blocks,
+                               segment_begin_blocks,
+                               split_blocks,
+                               take_blocks,
+                               to_grid,
+)
 from famjax.ops.fam import fam_positions, fam_scan, fam_update
 from famjax.ops.rope import apply_rope, rope_angles
 
