@@ -23,7 +23,7 @@ SIZES = {  # vocab 256, SwiGLU, batch 1
     "tiny": dict(d_model=256, num_layers=4, num_heads=4, mlp_dim=1024),
     "small": dict(d_model=512, num_layers=8, num_heads=8, mlp_dim=2048),
 }
-BLOCK, MEMORY, FAM = 256, 1, 16  # F / B = 1 / 16
+MEMORY = 1
 
 
 def best_time(fn, repeats):
@@ -61,9 +61,9 @@ def model_flops(cfg: famjax.ModelConfig, t: int) -> float:
     return 3 * (cfg.num_layers * (per_row * t + attention + fam) + head)
 
 
-def famjax_step(size, mode, t, repeats):
-    cfg = famjax.ModelConfig(vocab_size=256, **SIZES[size], attention=mode, block_size=BLOCK,
-                             memory_blocks=MEMORY, fam_len=FAM, max_len=t)
+def famjax_step(size, mode, t, repeats, block, fam):
+    cfg = famjax.ModelConfig(vocab_size=256, **SIZES[size], attention=mode, block_size=block,
+                             memory_blocks=MEMORY, fam_len=fam, max_len=t)
     graphdef, params = nnx.split(famjax.FamLM(cfg, rngs=nnx.Rngs(0)))
 
     def loss(params, tokens):
@@ -109,10 +109,14 @@ def main():
     parser.add_argument("--modes", default="full,bswa,fam")
     parser.add_argument("--peer", default="true", help="also time the PyTorch Llama peer")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--block", type=int, default=256, help="block size B")
+    parser.add_argument("--fam", type=int, default=16, help="FAM rows F (F / B = 1 / 16 by default)")
+    parser.add_argument("--full_max", type=int, default=8192, help="longest length for famjax full attention")
     args = parser.parse_args()
     peak = matmul_peak()
     print(f"device: {jax.devices()[0].device_kind}, matmul peak (JAX f32 2048^3): {peak / 1e9:.1f} GFLOP/s")
-    print(f"B={BLOCK} m={MEMORY} F={FAM}; batch 1; best of {args.repeats}; memory = XLA buffers of the step\n")
+    print(f"B={args.block} m={MEMORY} F={args.fam}; batch 1; best of {args.repeats}; "
+          "memory = XLA buffers of the step\n")
     header = ("| size | tokens | mode | step s | compile s | mem MB | MFU | FAM/BSWA | torch s | torch/famjax |\n"
               "|---|---|---|---|---|---|---|---|---|---|")
     print(header)
@@ -121,7 +125,9 @@ def main():
             torch_s = torch_step(size, t, args.repeats) if args.peer == "true" else None
             results = {}
             for mode in args.modes.split(","):
-                r = results[mode] = famjax_step(size, mode, t, args.repeats)
+                if mode == "full" and t > args.full_max:
+                    continue  # dense [T, T] scores per layer: memory grows as T^2
+                r = results[mode] = famjax_step(size, mode, t, args.repeats, args.block, args.fam)
                 ratio = (f"{r['step'] / results['bswa']['step']:.2f}x"
                          if mode == "fam" and "bswa" in results else "")
                 vs = f"{torch_s / r['step']:.2f}x" if torch_s else ""
