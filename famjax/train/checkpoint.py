@@ -16,6 +16,7 @@ import os
 
 import grain.checkpoint as gcp
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -132,15 +133,21 @@ class _DataTarget:
 
 
 def _train_tree(ts: TrainState) -> dict:
-    """Returns the non-parameter part of a TrainState as a flat dict {'0000': leaf, ...} (orbax-friendly)."""
+    """Returns the non-parameter part of a TrainState as a flat dict {'0000': leaf, ...} (orbax-friendly).
+
+    Zero-size leaves (the FAM of a BSWA model, the current block of full attention) are left out: orbax
+    refuses to save them, and their shape alone, known from the abstract state, restores them.
+    """
     leaves = jax.tree.leaves(ts.replace(params={}))
-    return {f"{i:04d}": x for i, x in enumerate(leaves)}
+    return {f"{i:04d}": x for i, x in enumerate(leaves) if x.size}
 
 
 def _from_train_tree(flat: dict, like: TrainState, params) -> TrainState:
-    treedef = jax.tree.structure(like.replace(params={}))
-    leaves = [flat[f"{i:04d}"] for i in range(len(flat))]
-    return jax.tree.unflatten(treedef, leaves).replace(params=params)
+    """Inverse of _train_tree; `like` (concrete or abstract) supplies the structure and zero-size leaves."""
+    like = like.replace(params={})
+    leaves = [flat[f"{i:04d}"] if x.size else jnp.zeros(x.shape, x.dtype)
+              for i, x in enumerate(jax.tree.leaves(like))]
+    return jax.tree.unflatten(jax.tree.structure(like), leaves).replace(params=params)
 
 
 class Checkpointer:
