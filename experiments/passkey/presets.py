@@ -1,0 +1,78 @@
+"""Presets of the PassKey extrapolation experiment (issue 6): which models, which curriculum, which eval.
+
+A preset is a dict:
+  models:  name -> (config file, {config override: value}) ; every model gets the same curriculum
+  stages:  list of {config override: value} applied in order; stage k fine-tunes from stage k-1's checkpoint
+           ("steps" is the number of optimizer steps of that stage, not the cumulative count)
+  eval:    multipliers of N (N = the longest training filler of the last stage), examples per length,
+           chunk_size / batch_size of the streaming evaluator, seed of the eval examples
+"""
+
+FAM = ("configs/passkey_tiny.py", {})
+BSWA = "configs/passkey_bswa_tiny.py"
+
+# Shared by every stage unless a stage changes it: no intermediate checkpoints or evals (the script
+# evaluates by streaming at the end), only the 1x eval split prepared.
+COMMON = {
+    "checkpoint.every_steps": 0,
+    "eval.every_steps": 0,
+    "eval.batches": 2,
+    "train.log_every": 50,
+    "data.passkey.eval_multipliers": "(1,)",
+    "data.passkey.eval_examples": 10,
+}
+
+PRESETS = {
+    # What fits about 30 minutes on the shared 2-core CPU: stage 1 continues the passkey_tiny recipe
+    # (filler 16-180), stage 2 fine-tunes on filler up to 360 (N = 360).
+    # The FAM model fine-tunes from a finished `make train` run (runs/passkey_tiny, 1500 steps of the
+    # passkey_tiny recipe); the BSWA baselines get only the curriculum steps (from scratch): beyond their
+    # receptive field they cannot see the key whatever their training, at 1x they are undertrained.
+    "tiny": {
+        "models": {
+            "fam_m0": FAM + ("runs/passkey_tiny",),
+            "bswa_m2": (BSWA, {"model.memory_blocks": 2}),
+            "bswa_m1": (BSWA, {"model.memory_blocks": 1}),
+            "bswa_m0": (BSWA, {"model.memory_blocks": 0}),
+        },
+        "stages": [
+            {"steps": 150},
+            {"steps": 100, "data.passkey.train_filler_min": 16, "data.passkey.train_filler_max": 360,
+             "data.seq_len": 448, "data.batch_size": 8, "train.learning_rate": 5e-4},
+        ],
+        "eval": {"multipliers": (1, 2, 4, 8, 16, 32, 64), "examples": 16, "chunk_size": 1024,
+                 "batch_size": 16, "seed": 1234},
+    },
+    # More of the last curriculum stage for the FAM model of `tiny` (fine-tunes from its stage 2 workdir,
+    # same N = 360): does more training at the same length move the horizon?
+    "fam_more": {
+        "models": {"fam_m0": FAM + ("runs/passkey_exp/fam_m0/stage2",)},
+        "stages": [
+            {"steps": 300, "data.passkey.train_filler_min": 16, "data.passkey.train_filler_max": 360,
+             "data.seq_len": 448, "data.batch_size": 8, "train.learning_rate": 5e-4},
+        ],
+        "eval": {"multipliers": (1, 2, 4, 8, 16, 32, 64), "examples": 16, "chunk_size": 1024,
+                 "batch_size": 16, "seed": 1234},
+    },
+    # Ablation: the `tiny` FAM curriculum's stage 2 again, from the same stage-1 checkpoint, with random
+    # state passing (p 0.8, the paper's) switched on. Compare with `tiny`'s fam_m0 (RSP off).
+    "fam_rsp": {
+        "models": {"fam_m0_rsp": FAM + ("runs/passkey_exp/fam_m0/stage1",)},
+        "stages": [
+            {"steps": 100, "data.passkey.train_filler_min": 16, "data.passkey.train_filler_max": 360,
+             "data.seq_len": 448, "data.batch_size": 8, "train.learning_rate": 5e-4, "fam.rsp_prob": 0.8},
+        ],
+        "eval": {"multipliers": (1, 2, 4, 8, 16, 32, 64), "examples": 16, "chunk_size": 1024,
+                 "batch_size": 16, "seed": 1234},
+    },
+    # Seconds-long smoke test of the whole pipeline (nothing is learned).
+    "smoke": {
+        "models": {"fam_m0": FAM, "bswa_m1": (BSWA, {"model.memory_blocks": 1})},
+        "stages": [
+            {"steps": 4, "data.passkey.train_examples": 200},
+            {"steps": 2, "data.passkey.train_filler_max": 360, "data.seq_len": 448, "data.batch_size": 4,
+             "data.passkey.train_examples": 200},
+        ],
+        "eval": {"multipliers": (1, 2, 4), "examples": 2, "chunk_size": 512, "batch_size": 2, "seed": 1234},
+    },
+}

@@ -1,0 +1,208 @@
+"""PassKey extrapolation experiment (issue 6): FAM vs BSWA, length curriculum, streaming eval to 64x.
+
+    .venv/bin/python experiments/passkey/run.py --preset=tiny --out=runs/passkey_exp
+
+For every model of the preset (experiments/passkey/presets.py): trains stage 1 with the trainer
+(`python -m famjax.main`; stage 1
+starts from scratch or, with an init workdir / --fam_init, from that run's newest checkpoint), then
+fine-tunes each later stage from the previous stage's checkpoint (copied into the new stage's workdir
+without its data-iterator state, with train.steps = previous step + stage steps, so the trainer simply
+resumes with the new data/LR config). Then streams fresh PassKey prompts (generated here with the data
+layer's make_example, seed `eval.seed`, not from the training splits) of N x 1, 2, 4, ... filler tokens
+through famjax.evals.evaluate_passkey, where N is the longest filler of the last stage, and writes
+<out>/passkey.{json,csv,md,png}. Re-running skips stages whose workdir already holds the final step
+(use --retrain to redo them). Each model is evaluated right after its training and the table is
+rewritten, so an interrupted run keeps the models done so far. --eval_only --examples=K re-evaluates
+trained stages into passkey_Kex.*.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+from presets import COMMON, PRESETS  # noqa: E402
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _ckpt_steps(workdir: str) -> list[int]:
+    d = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(d):
+        return []
+    return sorted(int(s) for s in os.listdir(d) if s.isdigit())
+
+
+def _copy_checkpoint(src: str, dst: str) -> int:
+    """Copies src's newest checkpoint into dst/checkpoints without its data-iterator state; returns its step."""
+    step = _ckpt_steps(src)[-1]
+    out = os.path.join(dst, "checkpoints", str(step))
+    shutil.copytree(os.path.join(src, "checkpoints", str(step)), out)
+    shutil.rmtree(os.path.join(out, "data"), ignore_errors=True)  # new stage = new data: start it fresh
+    return step
+
+
+def train_model(name: str, config: str, overrides: dict, stages: list[dict], out: str, retrain: bool,
+                python: str, init_from: str | None = None) -> tuple[str, int, float]:
+    """Runs every stage; returns (last workdir, longest training filler, seconds spent training).
+
+    init_from: a workdir whose newest checkpoint stage 1 fine-tunes from (None: stage 1 starts from scratch).
+    """
+    prev, total, seconds, longest = init_from, 0, 0.0, 0
+    if init_from is not None:
+        total = _ckpt_steps(init_from)[-1]
+    for k, stage in enumerate(stages, 1):
+        stage = dict(stage)
+        steps = int(stage.pop("steps"))
+        wd = os.path.join(out, name, f"stage{k}")
+        if retrain and os.path.isdir(wd):
+            shutil.rmtree(wd)
+        total += steps
+        opts = {**COMMON, **overrides, **stage, "train.steps": total}
+        for st in stages[:k]:  # a stage inherits the data settings of the earlier ones unless it sets them
+            for key, v in st.items():
+                if key != "steps" and key not in stage:
+                    opts.setdefault(key, v)
+        done = _ckpt_steps(wd)
+        if done and done[-1] >= total:
+            _log(f"{name} stage {k}: already at step {done[-1]}, skipped")
+        else:
+            if prev is not None and not done:
+                s = _copy_checkpoint(prev, wd)
+                _log(f"{name} stage {k}: fine-tunes from {prev} step {s}")
+            cmd = [python, "-m", "famjax.main", f"--config={config}", f"--workdir={wd}", "--mode=train"]
+            cmd += [f"--config.{key}={v}" for key, v in opts.items()]
+            _log(f"{name} stage {k}: " + " ".join(cmd[2:]))
+            t0 = time.time()
+            with open(os.path.join(out, name, f"stage{k}.log"), "a") as logf:
+                subprocess.run(cmd, cwd=ROOT, check=True, stdout=logf, stderr=subprocess.STDOUT)
+            seconds += time.time() - t0
+            _log(f"{name} stage {k}: {time.time() - t0:.0f} s")
+        longest = max(longest, int(opts.get("data.passkey.train_filler_max", 180)))
+        prev = wd
+    return prev, longest, seconds
+
+
+def eval_examples(data_cfg, lengths, count: int, seed: int):
+    """{length: [(prompt, answer, length)]}: fresh PassKey examples made here (not the training splits)."""
+    from famjax.data import passkey as pk
+    from famjax.data.tokenizers import make_tokenizer
+
+    pieces = pk._Pieces(make_tokenizer(data_cfg))
+    out = {}
+    for n in lengths:
+        rng = np.random.default_rng([seed, n])
+        exs = []
+        for _ in range(count):
+            ex = pk.make_example(pieces, rng, filler_len=n, key_digits=int(data_cfg.passkey.key_digits),
+                                 key_position=data_cfg.passkey.key_position)
+            s, a = ex["answer_start"], ex["answer_len"]
+            exs.append((ex["tokens"][:s], ex["tokens"][s:s + a], n))
+        out[n] = exs
+    return out
+
+
+def markdown(rows: list[dict], lengths: list[int], n: int) -> str:
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    acc = {(r["model"], r["length"]): r for r in rows}
+    head = "| model | " + " | ".join(f"{ln // n}x ({ln})" for ln in lengths) + " |"
+    lines = [head, "|" + "---|" * (len(lengths) + 1)]
+    for m in models:
+        cells = []
+        for ln in lengths:
+            r = acc.get((m, ln))
+            cells.append("-" if r is None else f"{100 * r['accuracy']:.0f}% ({r['correct']}/{r['count']})"
+                         + (f", d {100 * r['digit_accuracy']:.0f}%" if "digit_accuracy" in r else ""))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--out", default="runs/passkey_exp")
+    p.add_argument("--models", default="", help="comma-separated subset of the preset's models, in order")
+    p.add_argument("--fam_init", default=None,
+                   help="workdir of a trained FAM run (e.g. `make train`'s runs/passkey_tiny) that the fam* "
+                        "models fine-tune from; default: the preset's choice")
+    p.add_argument("--examples", type=int, default=0, help="examples per length (default: the preset's)")
+    p.add_argument("--retrain", action="store_true")
+    p.add_argument("--eval_only", action="store_true", help="evaluate the stages already trained")
+    args = p.parse_args()
+    t_start = time.time()
+    preset = PRESETS[args.preset]
+    out = os.path.abspath(args.out)
+    models = preset["models"]
+    if args.models:
+        models = {k: models[k] for k in args.models.split(",")}
+    os.makedirs(out, exist_ok=True)
+
+    from famjax import evals
+    from famjax.train import restore_model
+
+    ev = dict(preset["eval"])
+    if args.examples:
+        ev["examples"] = args.examples
+    n = max(int(st.get("data.passkey.train_filler_max", 180)) for st in preset["stages"])
+    lengths = [n * m for m in ev["multipliers"]]
+    rows, train_s, eval_s, examples = [], {}, {}, None
+    stem = os.path.join(out, "passkey" + (f"_{args.examples}ex" if args.examples else ""))
+    for name, spec in models.items():  # train, evaluate and write the table after every model
+        config, overrides = spec[0], spec[1]
+        init_from = spec[2] if len(spec) > 2 else None
+        if name.startswith("fam") and args.fam_init:
+            init_from = args.fam_init
+        os.makedirs(os.path.join(out, name), exist_ok=True)
+        if args.eval_only:
+            wd, secs = os.path.join(out, name, f"stage{len(preset['stages'])}"), 0.0
+        else:
+            wd, _, secs = train_model(name, config, overrides, preset["stages"], out, args.retrain,
+                                      sys.executable, init_from)
+        train_s[name] = secs
+        model, cfg = restore_model(wd)
+        if examples is None:
+            examples = eval_examples(cfg.data, lengths, int(ev["examples"]), int(ev["seed"]))
+        t0 = time.time()
+        for ln in lengths:
+            t1 = time.time()
+            scores = evals.evaluate_passkey(model, examples[ln], chunk_size=int(ev["chunk_size"]),
+                                            batch_size=int(ev["batch_size"]))
+            acc = evals.accuracy_by_length(scores)[ln]
+            # share of answer digits right (chance: ~0.1), a finer signal than exact match
+            acc["digit_accuracy"] = float(np.mean([
+                np.sum(s.predicted[:len(s.answer)] == s.answer[:len(s.predicted)]) / len(s.answer)
+                for s in scores]))
+            rows.append({"model": name, "length": ln, **acc})
+            _log(f"eval {name} filler {ln} ({ln // n}x): {100 * acc['accuracy']:.0f}% "
+                 f"({acc['correct']}/{acc['count']}), digits {100 * acc['digit_accuracy']:.0f}% "
+                 f"in {time.time() - t1:.0f} s")
+        eval_s[name] = time.time() - t0
+        evals.write_rows(rows, stem, fields=evals.passkey.TABLE_FIELDS + ("digit_accuracy",))
+        table = markdown(rows, lengths, n)
+        total = time.time() - t_start
+        with open(stem + ".md", "w") as f:
+            f.write(f"PassKey exact match, N = {n} filler tokens (longest trained), {ev['examples']} examples "
+                    f"per length, preset {args.preset}\n\n" + table)
+            f.write("\ntrain seconds: " + json.dumps({k: round(v) for k, v in train_s.items()}) + "\n")
+            f.write("eval seconds: " + json.dumps({k: round(v) for k, v in eval_s.items()}) + "\n")
+            f.write(f"total seconds so far: {total:.0f}\n")
+        fig = evals.plot_passkey_accuracy(rows, title=f"PassKey, trained up to N={n} filler tokens")
+        evals.save_png(fig, stem + ".png")
+    print(table)
+    _log(f"wrote {stem}.{{json,csv,md,png}}; train s {json.dumps({k: round(v) for k, v in train_s.items()})}; "
+         f"eval s {json.dumps({k: round(v) for k, v in eval_s.items()})}; total {time.time() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
