@@ -35,8 +35,6 @@ def inspect_fam(model: famjax.FamLM, tokens, *, chunk_blocks: int = 16) -> dict[
     cfg = model.cfg
     if cfg.attention != "fam" or not cfg.num_fam:
         raise ValueError(f"FAM inspection needs attention='fam' with fam_len > 0, got {cfg.attention!r}")
-    if not hasattr(model, "inspect"):
-        raise NotImplementedError("this famjax model has no FamLM.inspect (added with the FAM diagnostics)")
     tokens = np.asarray(tokens, np.int32)
     tokens = tokens[None] if tokens.ndim == 1 else tokens
     B = cfg.block_size
