@@ -22,6 +22,13 @@ COMMON = {
     "data.passkey.eval_examples": 10,
 }
 
+# The curriculum's second stage: filler up to N = 360 tokens, fine-tuned at a lower learning rate.
+STAGE2 = {"data.passkey.train_filler_min": 16, "data.passkey.train_filler_max": 360, "data.seq_len": 448,
+          "data.batch_size": 8, "train.learning_rate": 5e-4}
+# Streaming evaluation at N x 1 .. 64 on fresh examples (seed apart from the training splits').
+EVAL = {"multipliers": (1, 2, 4, 8, 16, 32, 64), "examples": 16, "chunk_size": 1024, "batch_size": 16,
+        "seed": 1234}
+
 PRESETS = {
     # What fits about 30 minutes on the shared 2-core CPU: stage 1 continues the passkey_tiny recipe
     # (filler 16-180), stage 2 fine-tunes on filler up to 360 (N = 360).
@@ -37,33 +44,27 @@ PRESETS = {
         },
         "stages": [
             {"steps": 150},
-            {"steps": 100, "data.passkey.train_filler_min": 16, "data.passkey.train_filler_max": 360,
-             "data.seq_len": 448, "data.batch_size": 8, "train.learning_rate": 5e-4},
+            {"steps": 100, **STAGE2},
         ],
-        "eval": {"multipliers": (1, 2, 4, 8, 16, 32, 64), "examples": 16, "chunk_size": 1024,
-                 "batch_size": 16, "seed": 1234},
+        "eval": dict(EVAL),
     },
     # More of the last curriculum stage for the FAM model of `tiny` (fine-tunes from its stage 2 workdir,
     # same N = 360): does more training at the same length move the horizon?
     "fam_more": {
         "models": {"fam_m0": FAM + ("runs/passkey_exp/fam_m0/stage2",)},
         "stages": [
-            {"steps": 300, "data.passkey.train_filler_min": 16, "data.passkey.train_filler_max": 360,
-             "data.seq_len": 448, "data.batch_size": 8, "train.learning_rate": 5e-4},
+            {"steps": 300, **STAGE2},
         ],
-        "eval": {"multipliers": (1, 2, 4, 8, 16, 32, 64), "examples": 16, "chunk_size": 1024,
-                 "batch_size": 16, "seed": 1234},
+        "eval": dict(EVAL),
     },
     # Ablation: the `tiny` FAM curriculum's stage 2 again, from the same stage-1 checkpoint, with random
     # state passing (p 0.8, the paper's) switched on. Compare with `tiny`'s fam_m0 (RSP off).
     "fam_rsp": {
         "models": {"fam_m0_rsp": FAM + ("runs/passkey_exp/fam_m0/stage1",)},
         "stages": [
-            {"steps": 100, "data.passkey.train_filler_min": 16, "data.passkey.train_filler_max": 360,
-             "data.seq_len": 448, "data.batch_size": 8, "train.learning_rate": 5e-4, "fam.rsp_prob": 0.8},
+            {"steps": 100, **STAGE2, "fam.rsp_prob": 0.8},
         ],
-        "eval": {"multipliers": (1, 2, 4, 8, 16, 32, 64), "examples": 16, "chunk_size": 1024,
-                 "batch_size": 16, "seed": 1234},
+        "eval": dict(EVAL),
     },
     # Seconds-long smoke test of the whole pipeline (nothing is learned).
     "smoke": {

@@ -37,6 +37,18 @@ def _grid(fig: Figure, n: int):
     return [fig.add_subplot(rows, cols, i + 1) for i in range(n)]
 
 
+def _finish_log_x(fig: Figure, ax, xlabel: str, ylabel: str, title: str) -> Figure:
+    """Returns fig after giving its one-axes line plot a log x axis, labels, grid and legend."""
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
 def plot_passkey_accuracy(rows: list[dict], *, title: str = "PassKey retrieval", **size) -> Figure:
     """Returns accuracy vs filler length (log x), one line per model.
 
@@ -47,15 +59,8 @@ def plot_passkey_accuracy(rows: list[dict], *, title: str = "PassKey retrieval",
     for name in dict.fromkeys(r["model"] for r in rows):
         pts = sorted((r["length"], r["accuracy"]) for r in rows if r["model"] == name)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-    ax.set_xscale("log")
     ax.set_ylim(-0.05, 1.05)
-    ax.set_xlabel("filler length (tokens)")
-    ax.set_ylabel("exact-match accuracy")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    return fig
+    return _finish_log_x(fig, ax, "filler length (tokens)", "exact-match accuracy", title)
 
 
 def plot_perplexity_by_position(results: dict[str, list[dict]], *, title: str = "Perplexity by position",
@@ -70,14 +75,7 @@ def plot_perplexity_by_position(results: dict[str, list[dict]], *, title: str = 
     for name, rows in results.items():
         x = [np.sqrt(r["lo"] * r["hi"]) for r in rows]
         ax.plot(x, [r["perplexity"] for r in rows], marker="o", label=name)
-    ax.set_xscale("log")
-    ax.set_xlabel("tokens read before the predicted token")
-    ax.set_ylabel("perplexity")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    return fig
+    return _finish_log_x(fig, ax, "tokens read before the predicted token", "perplexity", title)
 
 
 def _check(name: str, x, ndim: int, layout: str) -> np.ndarray:
