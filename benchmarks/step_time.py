@@ -19,9 +19,11 @@ from flax import nnx
 
 import famjax
 
-SIZES = {  # vocab 256, SwiGLU, batch 1
+SIZES = {  # vocab 256, SwiGLU
     "tiny": dict(d_model=256, num_layers=4, num_heads=4, mlp_dim=1024),
     "small": dict(d_model=512, num_layers=8, num_heads=8, mlp_dim=2048),
+    "base": dict(d_model=1024, num_layers=12, num_heads=8, mlp_dim=4096),  # accelerators
+    "1b": dict(d_model=1536, num_layers=18, num_heads=12, mlp_dim=6144),  # the paper's 1B shape, FFN 4x SwiGLU
 }
 MEMORY = 1
 
@@ -37,9 +39,9 @@ def best_time(fn, repeats):
     return min(times)
 
 
-def matmul_peak(n=2048):
-    """Returns float32 matmul FLOP/s measured with JAX on this machine."""
-    a = jnp.ones((n, n), jnp.float32)
+def matmul_peak(n=2048, dtype="float32"):
+    """Returns matmul FLOP/s of an n^3 product in `dtype`, measured with JAX on this machine."""
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
     f = jax.jit(lambda a: a @ a)
     return 2 * n ** 3 / best_time(lambda: f(a).block_until_ready(), 5)
 
@@ -61,26 +63,26 @@ def model_flops(cfg: famjax.ModelConfig, t: int) -> float:
     return 3 * (cfg.num_layers * (per_row * t + attention + fam) + head)
 
 
-def famjax_step(size, mode, t, repeats, block, fam):
+def famjax_step(size, mode, t, repeats, block, fam, batch=1, dtype="float32"):
     cfg = famjax.ModelConfig(vocab_size=256, **SIZES[size], attention=mode, block_size=block,
-                             memory_blocks=MEMORY, fam_len=fam, max_len=t)
+                             memory_blocks=MEMORY, fam_len=fam, max_len=t, dtype=dtype)
     graphdef, params = nnx.split(famjax.FamLM(cfg, rngs=nnx.Rngs(0)))
 
     def loss(params, tokens):
         logits, _ = nnx.merge(graphdef, params)(tokens[:, :-1])
         return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
-    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (1, t + 1)), jnp.int32)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (batch, t + 1)), jnp.int32)
     t0 = time.perf_counter()
     compiled = jax.jit(jax.value_and_grad(loss)).lower(params, tokens).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     peak = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
     step = best_time(lambda: jax.block_until_ready(compiled(params, tokens)), repeats)
-    return dict(step=step, compile=compile_s, mem=peak, flops=model_flops(cfg, t))
+    return dict(step=step, compile=compile_s, mem=peak, flops=batch * model_flops(cfg, t))
 
 
-def torch_step(size, t, repeats):
+def torch_step(size, t, repeats, batch=1, dtype="float32"):
     try:
         import torch
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -92,13 +94,17 @@ def torch_step(size, t, repeats):
                       num_hidden_layers=s["num_layers"], num_attention_heads=s["num_heads"],
                       num_key_value_heads=s["num_heads"], max_position_embeddings=t + 1,
                       attn_implementation="sdpa")
-    model = LlamaForCausalLM(cfg)
-    tokens = torch.randint(0, 256, (1, t + 1))
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = LlamaForCausalLM(cfg).to(dev)  # float32 parameters; bf16 compute through autocast
+    tokens = torch.randint(0, 256, (batch, t + 1), device=dev)
 
     def step():
         model.zero_grad(set_to_none=True)
-        out = model(input_ids=tokens[:, :-1], labels=tokens[:, :-1])
+        with torch.autocast(dev, torch.bfloat16, enabled=dtype == "bfloat16"):
+            out = model(input_ids=tokens[:, :-1], labels=tokens[:, :-1])
         out.loss.backward()
+        if dev == "cuda":
+            torch.cuda.synchronize()
     return best_time(step, repeats)
 
 
@@ -112,22 +118,28 @@ def main():
     parser.add_argument("--block", type=int, default=256, help="block size B")
     parser.add_argument("--fam", type=int, default=16, help="FAM rows F (F / B = 1 / 16 by default)")
     parser.add_argument("--full_max", type=int, default=8192, help="longest length for famjax full attention")
+    parser.add_argument("--batch", type=int, default=1, help="rows per step")
+    parser.add_argument("--dtype", default="float32", help="compute dtype: float32 | bfloat16 (params f32)")
+    parser.add_argument("--peak_n", type=int, default=2048, help="side of the matmul that measures the peak")
     args = parser.parse_args()
-    peak = matmul_peak()
-    print(f"device: {jax.devices()[0].device_kind}, matmul peak (JAX f32 2048^3): {peak / 1e9:.1f} GFLOP/s")
-    print(f"B={args.block} m={MEMORY} F={args.fam}; batch 1; best of {args.repeats}; "
+    peak = matmul_peak(args.peak_n, args.dtype)
+    print(f"device: {jax.devices()[0].device_kind}, matmul peak (JAX {args.dtype} {args.peak_n}^3): "
+          f"{peak / 1e9:.1f} GFLOP/s")
+    print(f"B={args.block} m={MEMORY} F={args.fam}; batch {args.batch}; {args.dtype}; best of {args.repeats}; "
           "memory = XLA buffers of the step\n")
     header = ("| size | tokens | mode | step s | compile s | mem MB | MFU | FAM/BSWA | torch s | torch/famjax |\n"
               "|---|---|---|---|---|---|---|---|---|---|")
     print(header)
     for size in args.sizes.split(","):
         for t in map(int, args.lengths.split(",")):
-            torch_s = torch_step(size, t, args.repeats) if args.peer == "true" else None
+            torch_s = (torch_step(size, t, args.repeats, args.batch, args.dtype) if args.peer == "true"
+                       else None)
             results = {}
             for mode in args.modes.split(","):
                 if mode == "full" and t > args.full_max:
                     continue  # dense [T, T] scores per layer: memory grows as T^2
-                r = results[mode] = famjax_step(size, mode, t, args.repeats, args.block, args.fam)
+                r = results[mode] = famjax_step(size, mode, t, args.repeats, args.block, args.fam, args.batch,
+                                                args.dtype)
                 ratio = (f"{r['step'] / results['bswa']['step']:.2f}x"
                          if mode == "fam" and "bswa" in results else "")
                 vs = f"{torch_s / r['step']:.2f}x" if torch_s else ""
