@@ -30,9 +30,10 @@ cat "$OUT/env.txt"
 
 # 2. PassKey sweep (background): prepare the data once, then the variants in parallel.
 sweep() {
-  local base=(-m famjax.main --mode=train_and_eval --config=configs/passkey_tiny.py --config.data.data_dir=/tmp/pkd
-              --config.checkpoint.enabled=False --config.train.log_every=250 --config.data.passkey.train_examples=${PK_EXAMPLES:-50000})
-  $PY "${base[@]}" --workdir=/tmp/pk/prep --config.train.steps=1 --config.eval.batches=1 > /tmp/pk_prep.log 2>&1
+  local base=(-m famjax.main --mode=train_and_eval --config=configs/passkey_tiny.py
+              --config.data.data_dir=/tmp/pkd --config.checkpoint.enabled=False --config.train.log_every=250
+              --config.data.passkey.train_examples=${PK_EXAMPLES:-50000})
+  $PY "${base[@]}" --workdir=/tmp/pk/prep --config.train.steps=1 --config.eval.batches=1 ${PREP_ARGS:-} > /tmp/pk_prep.log 2>&1
   declare -A V=(
     [base]=""
     [seed1]="--config.train.seed=1"
@@ -45,21 +46,25 @@ sweep() {
     [d256]="--config.model.d_model=256 --config.model.mlp_dim=1024"
     [layers4]="--config.model.num_layers=4"
   )
+  if [ -n "${VARIANTS:-}" ]; then  # "name=overrides;name=overrides" replaces the list above
+    V=()
+    IFS=';' read -ra items <<< "$VARIANTS"
+    for it in "${items[@]}"; do V[${it%%=*}]="${it#*=}"; done
+  fi
+  # Eval lines reach $OUT as they are printed, so a run cut off by the device's time limit keeps them.
   for name in "${!V[@]}"; do
+    echo "== $name: ${V[$name]}" >> "$OUT/passkey_sweep.txt"
     # shellcheck disable=SC2086
-    timeout 250 $PY "${base[@]}" --workdir=/tmp/pk/$name --config.train.steps=$PK_STEPS \
-      --config.eval.every_steps=250 ${V[$name]} > /tmp/pk_$name.log 2>&1 &
+    ( timeout ${SWEEP_S:-250} $PY "${base[@]}" --workdir=/tmp/pk/$name --config.train.steps=$PK_STEPS \
+        --config.eval.every_steps=250 ${V[$name]} 2>&1 | tee /tmp/pk_$name.log \
+        | grep --line-buffered -E "eval at step|Error" | sed -u "s/^/$name: /" >> "$OUT/passkey_sweep.txt" ) &
   done
   wait
-  for name in "${!V[@]}"; do
-    echo "== $name ${V[$name]}"
-    grep -E "eval at step|^step (250|1000|3000)/" /tmp/pk_$name.log | cut -c1-220
-    tail -2 /tmp/pk_$name.log | grep -iE "error|Traceback" || true
-  done > "$OUT/passkey_sweep.txt"
   tail -5 /tmp/pk_prep.log >> "$OUT/passkey_sweep.txt"
 }
 sweep &
 SWEEP=$!
+if [ -n "${SWEEP_ONLY:-}" ]; then wait $SWEEP; cat "$OUT/passkey_sweep.txt"; exit 0; fi
 
 # 1. Correctness on the GPU (the conftest keeps any JAX_PLATFORMS / XLA_FLAGS set here).
 JAX_PLATFORMS=$PLATFORM XLA_FLAGS="" timeout 200 $PY -m pytest -q -p no:cacheprovider -n 4 \
@@ -75,6 +80,6 @@ cat "$OUT/passkey_sweep.txt"
   timeout ${BENCH_S:-130} $PY benchmarks/step_time.py --sizes=${BENCH_SIZES:-small,base} --lengths=${BENCH_LENGTHS:-4096,16384} --dtype=bfloat16 \
     --block=1024 --fam=64 --batch=1 --peak_n=8192 --repeats=5
   timeout ${BENCH_S:-80} $PY benchmarks/step_time.py --sizes=${BENCH_BIG:-1b} --lengths=${BENCH_BIG_LENGTHS:-8192} --dtype=bfloat16 \
-    --block=1024 --fam=64 --batch=1 --peak_n=8192 --repeats=3
+    --block=1024 --fam=64 --batch=1 --peak_n=8192 --repeats=3 --full_max=4096
 } > "$OUT/step_time.txt" 2>&1
 grep -v "^W0\|^I0" "$OUT/step_time.txt" | tail -20
