@@ -42,6 +42,10 @@ def get_config() -> ml_collections.ConfigDict:
     f.rpo = True  # random position offset per training sequence (off at eval/inference); turning it off
     # did not speed up learning of the tiny model (500 steps, lr 2e-3: 1.4% exact, loss as with it on)
     f.rpo_zero_prob = 0.5  # probability a sequence's offset is 0 (spec: 0.5)
+    # Switches for the paper's ablations (experiments/passkey); keep the spec's defaults otherwise.
+    f.zero_residual = True  # the first FAM update (from the learned initial FAM) gets no residual
+    f.positions = "block"  # FAM RoPE positions: "block" (the block's last F positions) | "zero" (all 0)
+    f.stop_gradient = False  # True: no gradient through the FAM from one block to the next
 
     c.data = d = fd.default_config()  # see famjax/data/config.py for every field
     d.tokenizer.kind = "word"  # word-level PassKey vocabulary: ~5x shorter sequences than bytes

@@ -100,10 +100,14 @@ def _attend(q, k, v, lp, cfg):
     return np.einsum("nhk,hkd->nd", out, lp["o"])
 
 
-def _fam_positions(t, cfg, F):
-    """RoPE positions (without offset) of S_t, the FAM after 0-based block t; t = -1 is the initial FAM."""
+def _fam_positions(t, cfg, F, offset):
+    """RoPE positions of S_t, the FAM after 0-based block t; t = -1 is the initial FAM.
+
+    Ablation fam_positions="zero": every FAM row at position 0, whatever the block or the offset."""
+    if getattr(cfg, "fam_positions", "block") == "zero":
+        return np.zeros(F, np.float64)
     B = cfg.block_size
-    return np.arange(F, dtype=np.float64) + ((t + 1) * B - F)
+    return np.arange(F, dtype=np.float64) + ((t + 1) * B - F) + offset
 
 
 def _mode(cfg):
@@ -131,7 +135,7 @@ def _initial_fams(params, cfg, offset):
     if F == 0:
         return out
     s = np.asarray(params["fam_init"], np.float64).reshape(F, d)
-    positions = _fam_positions(-1, cfg, F) + offset
+    positions = _fam_positions(-1, cfg, F, offset)
     for l, lp in enumerate(params["layers"]):
         out[l] = s
         sn = _norm(s, lp["norm1"], cfg)
@@ -172,7 +176,7 @@ def _layer_row(x, s0, lp, cfg, offset):
         # K/V (and Q) of the FAM S_{t-1}, at S_{t-1}'s positions
         if F > 0:
             sn = _norm(s, lp["norm1"], cfg)
-            qf, kf, vf = _qkv(sn, _fam_positions(t - 1, cfg, F) + offset, lp, cfg)
+            qf, kf, vf = _qkv(sn, _fam_positions(t - 1, cfg, F, offset), lp, cfg)
         else:  # no FAM rows: nothing to attend to, no update
             qf = None
             kf = np.zeros((0, cfg.num_kv_heads, cfg.head_dim))
@@ -189,7 +193,7 @@ def _layer_row(x, s0, lp, cfg, offset):
             keys = np.concatenate([kf, k[start:end]], axis=0)
             vals = np.concatenate([vf, v[start:end]], axis=0)
             af = _attend(qf, keys, vals, lp, cfg)
-            if not s_is_initial:
+            if not s_is_initial or not getattr(cfg, "fam_zero_residual", True):  # ablation: always a residual
                 af = af + s
             s = _mlp(_norm(af, lp["norm2"], cfg), lp["mlp"], cfg) + af
             s_is_initial = False

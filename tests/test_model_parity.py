@@ -18,6 +18,9 @@ CASES = [
     ("bswa_m0", dict(attention="bswa", block_size=3, memory_blocks=0, norm="layer"), 10),
     ("full", dict(attention="full"), 13),
     ("fam_unrolled_remat", dict(scan_layers=False, remat="full", block_size=4, fam_len=3), 14),
+    # the paper's ablations (spec defaults switched off)
+    ("fam_no_zero_residual", dict(block_size=4, memory_blocks=0, fam_len=3, fam_zero_residual=False), 15),
+    ("fam_positions_zero", dict(block_size=4, memory_blocks=1, fam_len=3, fam_positions="zero"), 15),
 ]
 
 

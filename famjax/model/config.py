@@ -7,6 +7,7 @@ ATTENTION_MODES = ("full", "bswa", "fam")
 NORMS = ("rms", "layer")
 MLP_ACTIVATIONS = ("swiglu", "geglu", "gelu")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+FAM_POSITIONS = ("block", "zero")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -35,6 +36,10 @@ class ModelConfig:
     memory_blocks: int = 1            # m: previous blocks each token sees (bswa, fam)
     fam_len: int = 8                  # F: feedback rows per layer (fam; 0 = BSWA)
     max_len: int = 4096               # KV-cache capacity for streaming with attention="full"
+    # FAM switches for the paper's ablations; the defaults are the spec.
+    fam_zero_residual: bool = True    # the first update from the initial FAM gets no residual (spec 3.6)
+    fam_positions: str = "block"      # "block": the last F positions of the block read (spec 5) | "zero": all 0
+    fam_stop_gradient: bool = False   # True: no gradient through the FAM from one block to the next
 
     def __post_init__(self):
         errors = []
@@ -51,9 +56,12 @@ class ModelConfig:
             check(isinstance(value, int) and value >= 0, f"{name} must be an integer >= 0, got {value!r}")
         for name, allowed in (("attention", ATTENTION_MODES), ("norm", NORMS),
                               ("mlp_activation", MLP_ACTIVATIONS), ("remat", REMAT_POLICIES),
-                              ("dtype", DTYPES), ("param_dtype", DTYPES)):
+                              ("dtype", DTYPES), ("param_dtype", DTYPES), ("fam_positions", FAM_POSITIONS)):
             value = getattr(self, name)
             check(value in allowed, f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+        for name in ("fam_zero_residual", "fam_stop_gradient"):
+            value = getattr(self, name)
+            check(isinstance(value, bool), f"{name} must be True or False, got {value!r}")
         if errors:
             raise ValueError("; ".join(errors))
 

@@ -72,16 +72,23 @@ class DecoderLayer(nnx.Module):
         """a: [..., d] -> FFN(Norm2(a)) [..., d]."""
         return self.mlp(self.norm2(a, self.cfg.compute_dtype))
 
+    def fam_positions(self, block_index, offset):
+        """Positions int [b, F] of the FAM that compressed block block_index [b] (0 for the "zero" ablation)."""
+        cfg = self.cfg
+        if cfg.fam_positions == "zero":
+            return jnp.zeros(block_index.shape + (cfg.num_fam,), jnp.int32)
+        return ops.fam_positions(block_index, cfg.block_size, cfg.num_fam) + offset[:, None]
+
     def fam_key_value(self, fam, block_index, offset):
         """Keys/values [b, F, KV, hd] of a FAM [b, F, d] that compressed absolute block block_index [b]."""
-        positions = ops.fam_positions(block_index, self.cfg.block_size, self.cfg.num_fam) + offset[:, None]
+        positions = self.fam_positions(block_index, offset)
         return self.attn.key_value(self.norm1(fam, self.cfg.compute_dtype), positions)
 
     def initial_fam_step(self, fam):
         """Returns S_0 of the next layer from this layer's S_0 [F, d]: the F rows alone, like a block with
         no tokens (full attention among themselves at positions -F..-1, normal residual, FFN)."""
         f = fam.shape[0]
-        positions = jnp.arange(-f, 0)
+        positions = jnp.arange(-f, 0) if self.cfg.fam_positions == "block" else jnp.zeros((f,), jnp.int32)
         h = self.norm1(fam, self.cfg.compute_dtype)
         q = self.attn.query(h, positions)
         k, v = self.attn.key_value(h, positions)
@@ -173,12 +180,13 @@ class DecoderLayer(nnx.Module):
         dtype, offset = cfg.compute_dtype, chunk.offset
 
         def update_fn(fam, is_initial, fam_k, fam_v, k, v, index):
-            prev_positions = ops.fam_positions(index - 1, cfg.block_size, cfg.num_fam) + offset[:, None]
+            prev_positions = self.fam_positions(index - 1, offset)
 
             def query_fn(s):
                 return self.attn.query(self.norm1(s, dtype), prev_positions)
             return ops.fam_update(fam, is_initial, fam_k, fam_v, k, v, query_fn=query_fn, out_fn=self.attn.out,
-                                  ffn_fn=self.ffn, return_probs=chunk.collect)
+                                  ffn_fn=self.ffn, return_probs=chunk.collect,
+                                  zero_residual=cfg.fam_zero_residual)
 
         def kv_fn(fam, index):
             return self.fam_key_value(fam, index, offset)
@@ -191,6 +199,6 @@ class DecoderLayer(nnx.Module):
         carry = (cache.fam, chunk.is_initial, cache.fam_k, cache.fam_v)
         out = ops.fam_scan(carry, kb, vb, chunk.completes, chunk.block_index, update_fn=update_fn, kv_fn=kv_fn,
                            all_complete=chunk.all_complete, resets=chunk.resets, initial=initial,
-                           collect=chunk.collect)
+                           collect=chunk.collect, stop_gradient=cfg.fam_stop_gradient)
         (fam, _, fam_k, fam_v), read = out[:2]
         return (fam, fam_k, fam_v), read, (out[2] if chunk.collect else None)

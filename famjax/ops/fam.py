@@ -20,7 +20,7 @@ def fam_positions(block_index, block_size: int, fam_len: int):
 
 
 def fam_update(fam, is_initial, fam_k, fam_v, block_k, block_v, *, query_fn, out_fn, ffn_fn,
-               return_probs: bool = False):
+               return_probs: bool = False, zero_residual: bool = True):
     """Returns S_t, float32 [b, F, d]: the FAM after reading one complete block.
 
     fam: S_{t-1} [b, F, d]; is_initial: bool [b] (S_{t-1} is the learned initial FAM: zero residual);
@@ -28,19 +28,20 @@ def fam_update(fam, is_initial, fam_k, fam_v, block_k, block_v, *, query_fn, out
     query_fn: fam -> queries [b, F, H, hd] (Norm1, query projection, RoPE at S_{t-1}'s positions);
     out_fn: heads [b, F, H, hd] -> [b, F, d]; ffn_fn: a [b, F, d] -> FFN(Norm2(a)) [b, F, d].
     FAM queries see all of S_{t-1} and the whole block (no causal mask), never the memory blocks.
-    return_probs: also return the FAM queries' attention over [S_{t-1}, block], [b, H, F, F + B].
+    return_probs: also return the FAM queries' attention over [S_{t-1}, block], [b, H, F, F + B];
+    zero_residual: False gives the first update the normal residual too (an ablation of the spec's choice).
     """
     q = query_fn(fam)[:, None]
     heads, probs = segment_attention(q, [(fam_k[:, None], fam_v[:, None], None),
                                          (block_k[:, None], block_v[:, None], None)], return_probs=True)
-    residual = jnp.where(is_initial[:, None, None], 0.0, fam)
+    residual = jnp.where(is_initial[:, None, None], 0.0, fam) if zero_residual else fam
     a = out_fn(heads[:, 0]).astype(jnp.float32) + residual
     new = a + ffn_fn(a).astype(jnp.float32)
     return (new, probs[:, 0]) if return_probs else new
 
 
 def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv_fn, all_complete: bool,
-             resets=None, initial=None, collect: bool = False):
+             resets=None, initial=None, collect: bool = False, stop_gradient: bool = False):
     """Runs the FAM over the blocks of a chunk; returns (final carry, what each block's tokens read[, aux]).
 
     carry: (fam [b, F, d] f32, is_initial bool [b], fam_k, fam_v [b, F, KV, hd]) before grid block 0;
@@ -52,7 +53,9 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
     resets: None or bool [b, nb], a new segment starts at the block: the carry restarts from `initial`,
     (fam, fam_k, fam_v) of the initial FAM, before the block is read (packed rows);
     collect: return per-block diagnostics (requires all_complete): FAM attention [b, nb, H, F, F + B] and the
-    norm of every FAM row after the block [b, nb, F].
+    norm of every FAM row after the block [b, nb, F];
+    stop_gradient: the FAM passed on to the next block carries no gradient back (the paper's ablation: the
+    memory then learns nothing beyond one block).
     Returns carry after the chunk and (fam_k, fam_v) [b, nb, F, KV, hd]: what the tokens of block j read.
     """
     if collect and not all_complete:
@@ -62,6 +65,8 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
         fam, is_initial, fk, fv = state
         new = update_fn(fam, is_initial, fk, fv, k, v, index)
         new, probs = new if collect else (new, None)
+        if stop_gradient:
+            new = jax.lax.stop_gradient(new)
         nk, nv = kv_fn(new, index)
         sel = done[:, None, None]
         sel4 = done[:, None, None, None]

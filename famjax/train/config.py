@@ -22,8 +22,11 @@ MESH_AXES = ("data", "fsdp", "tensor")
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("cosine", "constant")
 STREAM_MODES = ("auto", "on", "off")
-# Model fields that live in the config's `model` section (fam_len lives in `fam`).
-_MODEL_FIELDS = tuple(f for f in ModelConfig.__dataclass_fields__ if f != "fam_len")
+# ModelConfig fields that live in the config's `fam` section (name there -> ModelConfig field); the others
+# live in `model`. Configs written before a switch existed get the ModelConfig default (the spec).
+_FAM_FIELDS = {"fam_len": "fam_len", "zero_residual": "fam_zero_residual", "positions": "fam_positions",
+               "stop_gradient": "fam_stop_gradient"}
+_MODEL_FIELDS = tuple(f for f in ModelConfig.__dataclass_fields__ if f not in _FAM_FIELDS.values())
 
 
 def sibling_config(file: str, name: str) -> ModuleType:
@@ -39,10 +42,11 @@ def sibling_config(file: str, name: str) -> ModuleType:
 
 
 def model_config(cfg: ml_collections.ConfigDict) -> ModelConfig:
-    """Returns the ModelConfig of a (resolved) config: cfg.model fields plus fam.fam_len as F."""
+    """Returns the ModelConfig of a (resolved) config: cfg.model fields plus the FAM fields of cfg.fam."""
     fields = {k: cfg.model[k] for k in _MODEL_FIELDS if k in cfg.model}
     fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in fields.items()}
-    return ModelConfig(fam_len=int(cfg.fam.fam_len), **fields)
+    fields.update({field: cfg.fam[name] for name, field in _FAM_FIELDS.items() if name in cfg.fam})
+    return ModelConfig(**fields)
 
 
 def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -86,7 +90,10 @@ def validate(cfg: ml_collections.ConfigDict, *, process_count: int = 1) -> None:
         mcfg = model_config(cfg if int(cfg.model.vocab_size) > 0 else _with_vocab(cfg, 1))
     except (ValueError, TypeError) as e:
         for part in str(e).split("; "):
-            err(f"model: {part}")
+            for name, field in _FAM_FIELDS.items():
+                if part.startswith(field + " ") and field != name:
+                    part = f"fam.{name}" + part[len(field):]
+            err(part if part.startswith("fam.") else f"model: {part}")
         mcfg = None
     if int(cfg.model.vocab_size) < 0:
         err(f"model.vocab_size must be >= 0 (0 = the tokenizer's), got {cfg.model.vocab_size}")
