@@ -51,7 +51,7 @@ def test_passkey_tiny_is_the_documented_tiny_model():
     cfg = load("passkey_tiny")
     m = model_config(_vocab(cfg))
     assert (m.num_layers, m.d_model, m.block_size, m.num_fam, m.memory_blocks) == (2, 128, 32, 8, 0)
-    assert cfg.data.batch_size == 16 and cfg.data.tokenizer.kind == "word"
+    assert cfg.data.batch_size == 32 and cfg.data.tokenizer.kind == "word"
 
 
 def _vocab(cfg):
@@ -71,6 +71,7 @@ def _vocab(cfg):
     ("model.attention", "linear", "model: attention must be one of"),
     ("data.seq_len", 100, "data.seq_len must be a multiple of block_size"),
     ("data.tokenizer.kind", "bpe", "data.tokenizer.kind must be one of"),
+    ("fam.positions", "none", "fam.positions must be one of block, zero"),
 ])
 def test_bad_field_is_named(field, value, message):
     cfg = _vocab(load("passkey_tiny"))
@@ -98,3 +99,37 @@ def test_sharding_the_block_axis_is_refused():
     cfg.mesh.rules = tuple(cfg.mesh.rules) + (("blocks", "data"),)
     with pytest.raises(ValueError, match="block axis is sequential"):
         validate(cfg)
+
+
+def _experiment_configs():
+    """(id, config) of every model x stage of every PassKey experiment preset, overrides applied as the
+    experiment script passes them to the trainer."""
+    import ast
+    import sys
+    sys.path.insert(0, os.path.join(REPO, "experiments", "passkey"))
+    from presets import COMMON
+    from presets import PRESETS as EXPERIMENTS
+    out = []
+    for preset, spec in EXPERIMENTS.items():
+        for model, (config, overrides, *_) in spec["models"].items():
+            for k, stage in enumerate(spec["stages"], 1):
+                cfg = load(os.path.basename(config)[:-3])
+                cfg.model.vocab_size = 66
+                for key, value in {**COMMON, **overrides, **stage}.items():
+                    if key == "steps":
+                        continue
+                    *parents, leaf = key.split(".")
+                    node = cfg
+                    for p in parents:
+                        node = node[p]
+                    if isinstance(node[leaf], tuple) and isinstance(value, str):
+                        value = ast.literal_eval(value)
+                    node[leaf] = value
+                out.append((f"{preset}/{model}/stage{k}", cfg))
+    return out
+
+
+@pytest.mark.parametrize("name,cfg", _experiment_configs(), ids=lambda x: x if isinstance(x, str) else "")
+def test_experiment_preset_validates(name, cfg):
+    validate(cfg)
+    model_config(cfg)

@@ -30,7 +30,8 @@ def run_steps(cfg, devices, batches, *, streaming=False):
             _STEPS[key] = jax.jit(make_train_step(cfg, graphdef, tx, streaming=streaming),
                                   in_shardings=(shardings, {k: v.sharding for k, v in gb.items()}),
                                   out_shardings=(shardings, meshlib.replicated(mesh)), donate_argnums=0)
-        ts, m = _STEPS[key](ts, gb)
+        with meshlib.activation_rules(mesh, cfg.mesh.rules):  # as the trainer runs it
+            ts, m = _STEPS[key](ts, gb)
         losses.append(float(m["loss"]))
     return ts, losses
 
@@ -100,3 +101,26 @@ def test_make_mesh_fill_and_errors():
     assert meshlib.make_mesh(ConfigDict({"shape": (2, -1, 1)})).shape == {"data": 2, "fsdp": 4, "tensor": 1}
     with pytest.raises(ValueError, match="needs 4 devices"):
         meshlib.make_mesh(ConfigDict({"shape": (2, 2, 1)}))
+
+
+def test_activation_constraints_follow_the_rules_and_vanish_without_a_mesh():
+    import jax.numpy as jnp
+    import ml_collections
+
+    from famjax.model.sharding import constrain
+    from famjax.train.config import sibling_config
+
+    rules = sibling_config(__file__.replace("tests", "configs"), "default").get_config().mesh.rules
+    mesh = meshlib.make_mesh(ml_collections.ConfigDict({"shape": (2, 2, 2)}), jax.devices()[:8])
+    f = jax.jit(lambda x: constrain(x * 2, "batch", None, "q_heads", "head_dim"))
+    x = jnp.ones((4, 6, 2, 3))
+    with meshlib.activation_rules(mesh, rules):
+        out = f(x)
+    # batch -> (data, fsdp); q_heads -> tensor; "embed" would be fsdp, already taken by batch
+    def spec(a):  # trailing unsharded dims may be left out of a spec
+        return tuple(a.sharding.spec) + (None,) * (a.ndim - len(a.sharding.spec))
+    assert spec(out) == (("data", "fsdp"), None, "tensor", None)
+    g = jax.jit(lambda x: constrain(x * 2, "batch", None, "embed"))
+    with meshlib.activation_rules(mesh, rules):
+        assert spec(g(jnp.ones((4, 6, 8)))) == (("data", "fsdp"), None, None)
+    assert len(f(x).sharding.device_set) == 1  # no mesh, no rules: unconstrained, one device

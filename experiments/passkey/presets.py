@@ -24,7 +24,7 @@ COMMON = {
 
 # The curriculum's second stage: filler up to N = 360 tokens, fine-tuned at a lower learning rate.
 STAGE2 = {"data.passkey.train_filler_min": 16, "data.passkey.train_filler_max": 360, "data.seq_len": 448,
-          "data.batch_size": 8, "train.learning_rate": 5e-4}
+          "data.batch_size": 8, "train.learning_rate": 5e-4, "train.schedule": "constant"}
 # Streaming evaluation at N x 1 .. 64 on fresh examples (seed apart from the training splits').
 EVAL = {"multipliers": (1, 2, 4, 8, 16, 32, 64), "examples": 16, "chunk_size": 1024, "batch_size": 16,
         "seed": 1234}
@@ -65,6 +65,19 @@ PRESETS = {
             {"steps": 100, **STAGE2, "fam.rsp_prob": 0.8},
         ],
         "eval": dict(EVAL),
+    },
+    # Ablations (issue 6, deliverable 2): the passkey_tiny recipe from scratch for 600 steps, once as the spec
+    # has it and once with each switch; N = 180 (the recipe's longest filler).
+    "ablations": {
+        "models": {
+            "fam": FAM,
+            "fam_rsp_0.8": (FAM[0], {"fam.rsp_prob": 0.8}),
+            "fam_no_zero_residual": (FAM[0], {"fam.zero_residual": False}),
+            "fam_positions_zero": (FAM[0], {"fam.positions": "zero"}),
+            "fam_stop_gradient": (FAM[0], {"fam.stop_gradient": True}),
+        },
+        "stages": [{"steps": 600}],
+        "eval": {**EVAL, "multipliers": (1, 2, 4, 8, 16), "examples": 32},
     },
     # Seconds-long smoke test of the whole pipeline (nothing is learned).
     "smoke": {

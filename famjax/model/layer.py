@@ -14,6 +14,7 @@ from flax import nnx
 from famjax import ops
 from famjax.model.config import ModelConfig
 from famjax.model.layers import MLP, AttentionProjections, Norm
+from famjax.model.sharding import constrain
 from famjax.model.state import LayerCache
 
 
@@ -103,15 +104,15 @@ class DecoderLayer(nnx.Module):
         """
         cfg = self.cfg
         h = self.norm1(x, cfg.compute_dtype)
-        q = self.attn.query(h, chunk.positions)
-        k, v = self.attn.key_value(h, chunk.positions)
+        q = constrain(self.attn.query(h, chunk.positions), "batch", None, "q_heads", "head_dim")
+        k, v = (constrain(a, "batch", None, "kv_heads", "head_dim") for a in self.attn.key_value(h, chunk.positions))
         diagnostics = None
         if cfg.attention == "full":
             heads, cache = self._full_attention(q, k, v, cache, chunk)
         else:
             heads, cache, diagnostics = self._block_attention(q, k, v, cache, chunk, initial_fam)
         a = x + self.attn.out(heads).astype(x.dtype)
-        return a + self.ffn(a).astype(x.dtype), (cache, diagnostics)
+        return constrain(a + self.ffn(a).astype(x.dtype), "batch", None, "embed"), (cache, diagnostics)
 
     def _full_attention(self, q, k, v, cache, chunk):
         """Causal attention over [KV cache, chunk]; writes the chunk's keys/values into the cache."""

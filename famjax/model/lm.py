@@ -9,6 +9,7 @@ from famjax import ops
 from famjax.model.config import ModelConfig
 from famjax.model.layer import Chunk, DecoderLayer
 from famjax.model.layers import Norm, normal, param
+from famjax.model.sharding import constrain
 from famjax.model.state import FamState, LayerCache, reset_rows
 
 _REMAT_POLICIES = {
@@ -180,6 +181,7 @@ class FamLM(nnx.Module):
             x = x * jnp.asarray(cfg.d_model ** 0.5, cfg.compute_dtype)
         if not chunk.compact:
             x = ops.to_grid(x, chunk.phase, chunk.num_blocks, cfg.block_size)
+        x = constrain(x, "batch", None, "embed")
 
         def body(layer, x, layer_cache, layer_initial_fam):
             return layer(x, layer_cache, chunk, layer_initial_fam)
@@ -190,6 +192,7 @@ class FamLM(nnx.Module):
         head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
         logits = jnp.dot(h.reshape(b * t, -1), head.astype(cfg.compute_dtype),
                          preferred_element_type=jnp.float32).reshape(b, t, -1)
+        logits = constrain(logits, "batch", None, "vocab")
         new_state = FamState(layers=cache, pos=new_pos, is_initial=is_initial, aligned=aligned_after,
                              fresh=False)
         return logits, new_state, diagnostics

@@ -116,7 +116,8 @@ def evaluate_params(cfg, params, mesh, *, batches: int | None = None) -> dict:
             batch = empty
         empty = {k: np.zeros_like(v) for k, v in batch.items()}
         gb = meshlib.global_batch({k: v for k, v in batch.items() if k in EVAL_KEYS}, cfg.mesh.rules, mesh)
-        sums, stream = step(params, gb, stream)
+        with meshlib.activation_rules(mesh, cfg.mesh.rules):
+            sums, stream = step(params, gb, stream)
         for k, v in jax.device_get(sums).items():
             totals[k] = totals.get(k, 0.0) + float(v)
     it.close()
@@ -195,7 +196,8 @@ def train(cfg, workdir: str, *, do_eval: bool = False) -> Result:
                 step_fn = jax.jit(make_train_step(cfg, graphdef, tx, streaming=streaming),
                                   in_shardings=(shardings, batch_sh),
                                   out_shardings=(shardings, meshlib.replicated(mesh)), donate_argnums=0)
-            ts, m = step_fn(ts, gb)
+            with meshlib.activation_rules(mesh, rules):  # the model's activation constraints apply
+                ts, m = step_fn(ts, gb)
             step += 1
             last_loss = m["loss"]
             throughput.add(int(np.prod(batch["tokens"].shape)) * jax.process_count())

@@ -7,12 +7,15 @@ depends on the previous one) and is never sharded; rows of the batch are the onl
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import jax
 import numpy as np
+from flax.core import spmd
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from famjax.model import sharding
 from famjax.train.config import MESH_AXES
 
 _LOG = logging.getLogger(__name__)
@@ -43,32 +46,17 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
     return Mesh(arr, MESH_AXES)
 
 
-def rules_dict(rules) -> dict:
-    return {name: (tuple(axis) if isinstance(axis, (list, tuple)) else axis) for name, axis in rules}
-
-
 def logical_to_spec(logical: PartitionSpec | tuple, rules, mesh: Mesh, shape=None) -> PartitionSpec:
-    """Returns the mesh PartitionSpec of a logical one.
+    """Returns the mesh PartitionSpec of a logical one (see famjax.model.sharding.logical_to_spec)."""
+    return sharding.logical_to_spec(logical, rules, mesh.shape, shape)
 
-    A dimension whose size the mesh axes do not divide is replicated (logged), and a mesh axis is used at
-    most once per array (the first dimension that asks for it gets it).
-    """
-    table = rules_dict(rules)
-    used: set[str] = set()
-    out = []
-    for i, name in enumerate(tuple(logical)):
-        axis = table.get(name) if name is not None else None
-        if name is not None and name not in table:
-            raise ValueError(f"mesh.rules has no entry for logical axis {name!r}")
-        axes = () if axis is None else (axis if isinstance(axis, tuple) else (axis,))
-        axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
-        size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-        if shape is not None and axes and shape[i] % size:
-            _LOG.warning("not sharding dim %d (%s, size %d) over %s: not divisible", i, name, shape[i], axes)
-            axes = ()
-        used.update(axes)
-        out.append(None if not axes else (axes[0] if len(axes) == 1 else axes))
-    return PartitionSpec(*out)
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh, rules):
+    """Context in which jitted model code sees the mesh and the logical rules: the model's activation
+    constraints (famjax.model.sharding.constrain) take effect inside it."""
+    with jax.set_mesh(mesh), spmd.logical_axis_rules(tuple(rules)):
+        yield
 
 
 def tree_shardings(logical_specs, abstract, rules, mesh: Mesh):
