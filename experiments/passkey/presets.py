@@ -67,16 +67,26 @@ PRESETS = {
         "eval": dict(EVAL),
     },
     # Ablations (issue 6, deliverable 2): the passkey_tiny recipe from scratch for 600 steps, once as the spec
-    # has it and once with each switch; N = 180 (the recipe's longest filler).
+    # has it (no RSP) and once with each switch; N = 180 (the recipe's longest filler). RSP is compared in
+    # `rsp_finetune` (from scratch it stops the tiny model from learning, see the spec).
     "ablations": {
         "models": {
             "fam": FAM,
-            "fam_rsp_0.8": (FAM[0], {"fam.rsp_prob": 0.8}),
             "fam_no_zero_residual": (FAM[0], {"fam.zero_residual": False}),
             "fam_positions_zero": (FAM[0], {"fam.positions": "zero"}),
             "fam_stop_gradient": (FAM[0], {"fam.stop_gradient": True}),
         },
         "stages": [{"steps": 600}],
+        "eval": {**EVAL, "multipliers": (1, 2, 4, 8, 16), "examples": 32},
+    },
+    # Random state passing as a fine-tune of the finished `make train` model (runs/passkey_tiny), with an
+    # equal fine-tune without RSP as the control; same data (N = 180), lr 1e-3 constant.
+    "rsp_finetune": {
+        "models": {
+            "fam_ft": FAM + ("runs/passkey_tiny",),
+            "fam_ft_rsp_0.5": (FAM[0], {"fam.rsp_prob": 0.5}, "runs/passkey_tiny"),
+        },
+        "stages": [{"steps": 500, "train.learning_rate": 1e-3, "train.schedule": "constant"}],
         "eval": {**EVAL, "multipliers": (1, 2, 4, 8, 16), "examples": 32},
     },
     # Seconds-long smoke test of the whole pipeline (nothing is learned).
