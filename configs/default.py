@@ -1,7 +1,7 @@
 """Every field of a famjax training config, with its meaning; presets import this and change what differs.
 
-The defaults are the `passkey_tiny` preset: a 2-layer FAM model that learns PassKey on a laptop CPU in a few
-minutes (word tokenizer, loss on the answer + 0.1 elsewhere). `python -m famjax.main` uses it when no
+The defaults are the `passkey_tiny` preset: a 2-layer FAM model that learns PassKey on a 2-core CPU in about
+15 minutes (word tokenizer, loss on the answer + 0.1 elsewhere). `python -m famjax.main` uses it when no
 --config is given.
 """
 import ml_collections
@@ -60,6 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train = t = ml_collections.ConfigDict()
     # optimizer steps. A 10-variant sweep on an H100 (benchmarks/RESULTS.md "## PassKey") found batch 32 with
     # lr 3e-3 the fastest learner per step: 54% exact at step 750, 64% at 1000 (lr 1e-3 / batch 16: 9% / 25%).
+    # With the cosine decay, 1200 steps reach 87.3% at the training length in 14.5 min on the 2-core CPU.
     t.steps = 1200
     t.seed = 0  # parameter init, RPO/RSP draws
     t.optimizer = "adamw"  # adamw | adafactor (the paper's)
