@@ -85,6 +85,8 @@ PRESETS = {
         "models": {
             "fam_ft": FAM + ("runs/passkey_tiny",),
             "fam_ft_rsp_0.5": (FAM[0], {"fam.rsp_prob": 0.5}, "runs/passkey_tiny"),
+            # long state chains: a step starts from the previous step's final FAM 95% of the time
+            "fam_ft_rsp_0.95": (FAM[0], {"fam.rsp_prob": 0.95}, "runs/passkey_tiny"),
         },
         "stages": [{"steps": 500, "train.learning_rate": 1e-3, "train.schedule": "constant"}],
         "eval": {**EVAL, "multipliers": (1, 2, 4, 8, 16), "examples": 32},
