@@ -104,13 +104,16 @@ def test_make_mesh_fill_and_errors():
 
 
 def test_activation_constraints_follow_the_rules_and_vanish_without_a_mesh():
+    import os
+
     import jax.numpy as jnp
     import ml_collections
 
     from famjax.model.sharding import constrain
     from famjax.train.config import sibling_config
 
-    rules = sibling_config(__file__.replace("tests", "configs"), "default").get_config().mesh.rules
+    configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    rules = sibling_config(os.path.join(configs, "x.py"), "default").get_config().mesh.rules
     mesh = meshlib.make_mesh(ml_collections.ConfigDict({"shape": (2, 2, 2)}), jax.devices()[:8])
     f = jax.jit(lambda x: constrain(x * 2, "batch", None, "q_heads", "head_dim"))
     x = jnp.ones((4, 6, 2, 3))
