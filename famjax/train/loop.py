@@ -7,6 +7,7 @@ and jitted with explicit in/out shardings. Resume is automatic: the newest reada
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -22,7 +23,7 @@ import famjax.data as fd
 from famjax.train import mesh as meshlib
 from famjax.train import metrics as mlib
 from famjax.train.checkpoint import CONFIG_FILE, Checkpointer
-from famjax.train.config import model_config, resolve, to_json, validate
+from famjax.train.config import from_json, model_config, resolve, to_json, validate
 from famjax.train.optim import make_optimizer
 from famjax.train.state import abstract_model, abstract_train_state, create_train_state, init_stream_state
 from famjax.train.step import make_eval_step, make_train_step
@@ -89,14 +90,22 @@ def _next_or_none(it):
         return None
 
 
+@functools.lru_cache(maxsize=4)
+def _eval_step(cfg_json: str, streaming: bool):
+    """Returns (graphdef, jitted eval step) of a config, built once: the evaluations during training reuse
+    the compiled step instead of tracing and compiling a fresh one every eval.every_steps."""
+    cfg = from_json(cfg_json)
+    graphdef, _, _ = abstract_model(cfg)
+    return graphdef, jax.jit(make_eval_step(cfg, graphdef, streaming=streaming))
+
+
 def evaluate_params(cfg, params, mesh, *, batches: int | None = None) -> dict:
     """Returns eval metrics (loss, accuracy, passkey_accuracy, passkey_examples) of `params` on
     data.eval_split: at most eval.batches global batches, every process reading its own rows."""
-    graphdef, _, _ = abstract_model(cfg)
     mcfg = model_config(cfg)
     it = fd.make_iterator(cfg.data, block_size=mcfg.block_size, split=cfg.data.eval_split, num_epochs=1)
     streaming = it.batching == "stream"
-    step = jax.jit(make_eval_step(cfg, graphdef, streaming=streaming))
+    graphdef, step = _eval_step(to_json(cfg), streaming)
     rows = int(cfg.data.batch_size) // jax.process_count()
     stream = None
     if streaming:
@@ -223,16 +232,12 @@ def train(cfg, workdir: str, *, do_eval: bool = False) -> Result:
                 mlib.log(f"SIGTERM: saved step {step}, stopping")
                 break
             if do_eval and ev_every and step % ev_every == 0 and step < steps:
-                eval_metrics = evaluate_params(cfg, ts.params, mesh)
-                writer.scalars(step, eval_metrics, "eval/")
-                mlib.log(f"eval at step {step}: " + _fmt(eval_metrics))
+                eval_metrics = _evaluate_and_report(cfg, ts.params, mesh, writer, step)
                 throughput.reset()
         if ckpt is not None and last_saved != step and not preempt.flag:
             save(ts, step)
         if do_eval and not preempt.flag:
-            eval_metrics = evaluate_params(cfg, ts.params, mesh)
-            writer.scalars(step, eval_metrics, "eval/")
-            mlib.log(f"eval at step {step}: " + _fmt(eval_metrics))
+            eval_metrics = _evaluate_and_report(cfg, ts.params, mesh, writer, step)
     finally:
         preempt.restore()
         if ckpt is not None:
@@ -269,11 +274,17 @@ def evaluate(cfg, workdir: str) -> Result:
         raise FileNotFoundError(f"no checkpoint to evaluate in {ckpt.directory}")
     ts, _, step = restored
     writer = mlib.Writer(workdir)
-    out = evaluate_params(cfg, ts.params, mesh)
-    writer.scalars(step, out, "eval/")
+    out = _evaluate_and_report(cfg, ts.params, mesh, writer, step)
     writer.close()
-    mlib.log(f"eval at step {step}: " + _fmt(out))
     return Result(step=step, train={}, eval=out, logdir=writer.logdir)
+
+
+def _evaluate_and_report(cfg, params, mesh, writer: mlib.Writer, step: int) -> dict:
+    """Evaluates params, writes the metrics as eval/ scalars and logs one line; returns the metrics."""
+    metrics = evaluate_params(cfg, params, mesh)
+    writer.scalars(step, metrics, "eval/")
+    mlib.log(f"eval at step {step}: " + _fmt(metrics))
+    return metrics
 
 
 def _fmt(m: dict) -> str:
