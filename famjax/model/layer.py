@@ -74,11 +74,12 @@ class DecoderLayer(nnx.Module):
         return self.mlp(self.norm2(a, self.cfg.compute_dtype))
 
     def fam_positions(self, block_index, offset):
-        """Positions int [b, F] of the FAM that compressed block block_index [b] (0 for the "zero" ablation)."""
+        """Positions int [..., F] of the FAM that compressed block block_index [...] (-1: the initial FAM), with
+        the rows' position offset [...]; all 0 for the "zero" ablation."""
         cfg = self.cfg
         if cfg.fam_positions == "zero":
-            return jnp.zeros(block_index.shape + (cfg.num_fam,), jnp.int32)
-        return ops.fam_positions(block_index, cfg.block_size, cfg.num_fam) + offset[:, None]
+            return jnp.zeros(jnp.shape(block_index) + (cfg.num_fam,), jnp.int32)
+        return ops.fam_positions(block_index, cfg.block_size, cfg.num_fam) + offset[..., None]
 
     def fam_key_value(self, fam, block_index, offset):
         """Keys/values [b, F, KV, hd] of a FAM [b, F, d] that compressed absolute block block_index [b]."""
@@ -88,8 +89,7 @@ class DecoderLayer(nnx.Module):
     def initial_fam_step(self, fam):
         """Returns S_0 of the next layer from this layer's S_0 [F, d]: the F rows alone, like a block with
         no tokens (full attention among themselves at positions -F..-1, normal residual, FFN)."""
-        f = fam.shape[0]
-        positions = jnp.arange(-f, 0) if self.cfg.fam_positions == "block" else jnp.zeros((f,), jnp.int32)
+        positions = self.fam_positions(jnp.asarray(-1), jnp.asarray(0))
         h = self.norm1(fam, self.cfg.compute_dtype)
         q = self.attn.query(h, positions)
         k, v = self.attn.key_value(h, positions)
