@@ -122,3 +122,41 @@ def test_byte_answer_has_no_space(tmp_path):
     p = next(iter(fd.passkey_pairs(cfg, "validation")))
     tok = ByteTokenizer()
     assert tok.decode(p.answer).isdigit() and tok.decode(p.prompt).endswith("The pass key is ")
+
+
+def test_prepare_survives_another_process_finishing_first(tmp_path):
+    """Two processes preparing one dataset: tfds's final rename fails for the later one with
+    FileExistsError; prepare then reads the files the first one wrote instead of crashing."""
+    from famjax.data import tfds_util
+
+    cfg = small_cfg(tmp_path)
+    tok = WordTokenizer(passkey_vocab())
+    made = []
+
+    def make():
+        b = passkey.FamjaxPasskey(config=passkey.passkey_config(cfg.passkey, tok), data_dir=str(tmp_path),
+                                  tokenizer=tok, file_format="array_record")
+        if not made:  # the first builder loses the race: the "other process" prepares, then the rename fails
+            def lose(**kwargs):
+                passkey.FamjaxPasskey(config=passkey.passkey_config(cfg.passkey, tok), data_dir=str(tmp_path),
+                                      tokenizer=tok, file_format="array_record").download_and_prepare(**kwargs)
+                raise FileExistsError("Destination 1.0.0 already exists.")
+            b.download_and_prepare = lose
+        made.append(b)
+        return b
+
+    builder = tfds_util.prepare(make)
+    assert len(made) == 2 and builder is made[1]
+    assert len(builder.as_data_source(split="train")) == 40
+    with pytest.raises(FileExistsError):  # a rename that fails with nothing prepared is still an error
+        tfds_util.prepare(lambda: _always_losing_builder(tmp_path / "none", cfg, tok))
+
+
+def _always_losing_builder(data_dir, cfg, tok):
+    b = passkey.FamjaxPasskey(config=passkey.passkey_config(cfg.passkey, tok), data_dir=str(data_dir),
+                              tokenizer=tok, file_format="array_record")
+
+    def lose(**kwargs):
+        raise FileExistsError("Destination already exists.")
+    b.download_and_prepare = lose
+    return b

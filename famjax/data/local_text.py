@@ -116,8 +116,8 @@ class FamjaxLocalText(tfds.core.GeneratorBasedBuilder):
 
 def data_source(lt_cfg, data_dir: str, split: str):
     """Returns the random-access source of a split ([i] -> {'text', 'path'}), preparing it if needed."""
-    builder = FamjaxLocalText(config=local_text_config(lt_cfg), data_dir=data_dir, file_format="array_record")
-    tfds_util.prepare(builder)
+    builder = tfds_util.prepare(lambda: FamjaxLocalText(config=local_text_config(lt_cfg), data_dir=data_dir,
+                                                        file_format="array_record"))
     if split not in builder.info.splits:
         raise ValueError(f"split {split!r} is not in dataset 'local_text'; "
                          f"available: {sorted(builder.info.splits)}")

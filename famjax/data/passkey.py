@@ -191,10 +191,8 @@ class FamjaxPasskey(tfds.core.GeneratorBasedBuilder):
 
 def prepare(pk_cfg, tok: Tokenizer, data_dir: str) -> FamjaxPasskey:
     """Returns the PassKey builder for this config, generating its files under data_dir the first time."""
-    builder = FamjaxPasskey(config=passkey_config(pk_cfg, tok), data_dir=data_dir, tokenizer=tok,
-                            file_format="array_record")
-    tfds_util.prepare(builder)
-    return builder
+    return tfds_util.prepare(lambda: FamjaxPasskey(config=passkey_config(pk_cfg, tok), data_dir=data_dir,
+                                                   tokenizer=tok, file_format="array_record"))
 
 
 def data_source(pk_cfg, tok: Tokenizer, data_dir: str, split: str):

@@ -1,18 +1,34 @@
 """Preparing a famjax tfds builder: no downloads, array_record, quiet."""
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.utils import tqdm_utils
 
+B = TypeVar("B", bound=tfds.core.DatasetBuilder)
 
-def prepare(builder: tfds.core.DatasetBuilder) -> None:
-    """Generates the builder's files unless they exist; tfds's progress bars stay off while it runs
-    (they flood trainer logs) and come back as they were."""
+
+def prepare(make_builder: Callable[[], B]) -> B:
+    """Returns `make_builder()` with its files generated unless they exist; tfds's progress bars stay off
+    while it runs (they flood trainer logs) and come back as they were.
+
+    Several processes may prepare the same dataset at once (hosts sharing a data_dir, parallel runs): tfds
+    writes into a private folder and renames it into place, so all but the first rename fail with
+    FileExistsError. The loser then opens a fresh builder on the files the winner wrote.
+    """
+    builder = make_builder()
     was_active = tqdm_utils._active  # pylint: disable=protected-access
     tfds.disable_progress_bar()
     try:
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
             download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+    except FileExistsError:
+        builder = make_builder()  # another process finished first: its files are complete
+        if not builder.is_prepared():
+            raise
     finally:
         if was_active:
             tfds.enable_progress_bar()
+    return builder
