@@ -46,6 +46,10 @@ def get_config() -> ml_collections.ConfigDict:
     f.zero_residual = True  # the first FAM update (from the learned initial FAM) gets no residual
     f.positions = "block"  # FAM RoPE positions: "block" (the block's last F positions) | "zero" (all 0)
     f.stop_gradient = False  # True: no gradient through the FAM from one block to the next
+    # Training-only regulariser (not in the paper): weight of mean(FAM^2) of every row's final FAM, added to
+    # the loss. The FAM residual grows with every update (experiments/passkey/fam_drift.py); this asks the
+    # model to keep it bounded. 0 = off.
+    f.norm_penalty = 0.0
 
     c.data = d = fd.default_config()  # see famjax/data/config.py for every field
     d.tokenizer.kind = "word"  # word-level PassKey vocabulary: ~5x shorter sequences than bytes

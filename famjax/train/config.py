@@ -104,6 +104,8 @@ def validate(cfg: ml_collections.ConfigDict, *, process_count: int = 1) -> None:
         err(f"fam.rpo_zero_prob must be in [0, 1], got {fam.rpo_zero_prob}")
     if not isinstance(fam.rpo, bool):
         err(f"fam.rpo must be True or False, got {fam.rpo!r}")
+    if float(fam.get("norm_penalty", 0.0)) < 0:
+        err(f"fam.norm_penalty must be >= 0, got {fam.norm_penalty}")
 
     # data
     try:

@@ -114,12 +114,16 @@ def make_train_step(cfg, graphdef, tx: optax.GradientTransformation, *, streamin
     z_loss = float(cfg.train.z_loss)
     rsp_p = float(cfg.fam.rsp_prob) if mcfg.num_fam else 0.0
     rpo = bool(cfg.fam.rpo)
+    norm_penalty = float(cfg.fam.get("norm_penalty", 0.0)) if mcfg.num_fam else 0.0
     lr_fn = schedule(cfg.train)
 
-    def micro_loss(params, batch, state0, offset, denom):
+    def micro_loss(params, batch, state0, offset, denom, rows):
         logits, state = _forward(graphdef, params, batch, state0, offset, streaming=streaming)
         ce, zl, _, correct, count = cross_entropy(logits, batch["targets"], batch["loss_mask"], z_loss)
-        return (ce + zl) / denom, (ce, zl, correct, count, state)
+        # fam.norm_penalty: mean(FAM^2) of each row's final FAM [L, b, F, d], averaged over the whole batch.
+        pen = (norm_penalty * jnp.sum(jnp.mean(jnp.square(state.layers.fam), axis=(0, 2, 3))) / rows
+               if norm_penalty else jnp.zeros(()))
+        return (ce + zl) / denom + pen, (ce, zl, pen, correct, count, state)
 
     grad_fn = jax.grad(micro_loss, has_aux=True)
 
@@ -150,18 +154,19 @@ def make_train_step(cfg, graphdef, tx: optax.GradientTransformation, *, streamin
             offset = jnp.zeros((rows,), jnp.int32)
 
         if k == 1:
-            grads, (ce, zl, correct, count, state) = grad_fn(ts.params, micro_batch, state0, offset, denom)
+            grads, (ce, zl, pen, correct, count, state) = grad_fn(ts.params, micro_batch, state0, offset, denom,
+                                                                   rows)
         else:
             xs = (_rows(micro_batch, k, lambda _: 0), _split_state(state0, k), _rows(offset, k, lambda _: 0))
 
             def body(acc, x):
                 mb, st, off = x
-                g, aux = grad_fn(ts.params, mb, st, off, denom)
+                g, aux = grad_fn(ts.params, mb, st, off, denom, rows)
                 return jax.tree.map(jnp.add, acc, g), aux
 
             zero = jax.tree.map(jnp.zeros_like, ts.params)
-            grads, (ce, zl, correct, count, states) = jax.lax.scan(body, zero, xs)
-            ce, zl, correct, count = ce.sum(), zl.sum(), correct.sum(), count.sum()
+            grads, (ce, zl, pen, correct, count, states) = jax.lax.scan(body, zero, xs)
+            ce, zl, pen, correct, count = ce.sum(), zl.sum(), pen.sum(), correct.sum(), count.sum()
             state = _merge_state(states)
 
         updates, opt_state = tx.update(grads, ts.opt_state, ts.params)
@@ -172,7 +177,7 @@ def make_train_step(cfg, graphdef, tx: optax.GradientTransformation, *, streamin
         if streaming:
             new = new.replace(stream=jax.lax.stop_gradient(state), stream_offset=offset)
         metrics = {
-            "loss": ce / denom, "z_loss": zl / denom, "accuracy": correct / jnp.maximum(count, 1),
+            "loss": ce / denom, "z_loss": zl / denom, "fam_penalty": pen, "accuracy": correct / jnp.maximum(count, 1),
             "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params),
             "lr": lr_fn(ts.step), "rsp_used": use_rsp.astype(jnp.float32),
             "fam_norm": (jnp.mean(jnp.linalg.norm(final_fam, axis=-1)) if mcfg.num_fam else jnp.zeros(())),
