@@ -79,6 +79,17 @@ PRESETS = {
         "stages": [{"steps": 600}],
         "eval": {**EVAL, "multipliers": (1, 2, 4, 8, 16), "examples": 32},
     },
+    # A bounded FAM (not in the paper): the ablations' 600-step recipe with fam.norm_penalty, the weight of
+    # mean(final FAM^2) in the loss. fam_drift.py found the FAM norm growing with every update; does keeping
+    # it small move the horizon? Compare with the `fam` row of `ablations`.
+    "norm_penalty": {
+        "models": {
+            "fam_norm_1e-3": (FAM[0], {"fam.norm_penalty": 1e-3}),
+            "fam_norm_1e-4": (FAM[0], {"fam.norm_penalty": 1e-4}),
+        },
+        "stages": [{"steps": 600}],
+        "eval": {**EVAL, "multipliers": (1, 2, 4, 8, 16), "examples": 32},
+    },
     # Random state passing as a fine-tune of the finished `make train` model (runs/passkey_tiny), with an
     # equal fine-tune without RSP as the control; same data (N = 180), lr 1e-3 constant.
     "rsp_finetune": {
