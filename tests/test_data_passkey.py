@@ -160,3 +160,17 @@ def _always_losing_builder(data_dir, cfg, tok):
         raise FileExistsError("Destination already exists.")
     b.download_and_prepare = lose
     return b
+
+
+def test_make_pairs_any_length_reproducible():
+    tok = WordTokenizer(passkey_vocab())
+    a = passkey.make_pairs(tok, np.random.default_rng(7), filler_len=300, count=3)
+    b = passkey.make_pairs(tok, np.random.default_rng(7), filler_len=300, count=3)
+    assert len(a) == 3 and all(np.array_equal(x.prompt, y.prompt) for x, y in zip(a, b))
+    short = passkey.make_pairs(tok, np.random.default_rng(7), filler_len=20, count=1)[0]
+    for pair in a:
+        assert len(pair.prompt) - len(short.prompt) == 280  # exactly the filler difference
+        key = tok.decode(pair.answer).strip()
+        assert len(key) == 5 and key.isdigit() and key in tok.decode(pair.prompt)
+    with pytest.raises(ValueError, match="key_position"):
+        passkey.make_pairs(tok, np.random.default_rng(0), filler_len=10, count=1, key_position="middle")

@@ -54,10 +54,11 @@ def _copy_checkpoint(src: str, dst: str) -> int:
 
 
 def train_model(name: str, config: str, overrides: dict, stages: list[dict], out: str, retrain: bool,
-                python: str, init_from: str | None = None) -> tuple[str, int, float]:
+                python: str, init_from: str | None = None, extra: dict | None = None) -> tuple[str, int, float]:
     """Runs every stage; returns (last workdir, longest training filler, seconds spent training).
 
     init_from: a workdir whose newest checkpoint stage 1 fine-tunes from (None: stage 1 starts from scratch).
+    extra: config overrides applied last, to every stage (the command line's --set).
     """
     prev, total, seconds, longest = init_from, 0, 0.0, 0
     if init_from is not None:
@@ -69,7 +70,7 @@ def train_model(name: str, config: str, overrides: dict, stages: list[dict], out
         if retrain and os.path.isdir(wd):
             shutil.rmtree(wd)
         total += steps
-        opts = {**COMMON, **overrides, **stage, "train.steps": total}
+        opts = {**COMMON, **overrides, **stage, **(extra or {}), "train.steps": total}
         for st in stages[:k]:  # a stage inherits the data settings of the earlier ones unless it sets them
             for key, v in st.items():
                 if key != "steps" and key not in stage:
@@ -99,17 +100,13 @@ def eval_examples(data_cfg, lengths, count: int, seed: int):
     from famjax.data import passkey as pk
     from famjax.data.tokenizers import make_tokenizer
 
-    pieces = pk._Pieces(make_tokenizer(data_cfg))
+    tok = make_tokenizer(data_cfg)
     out = {}
     for n in lengths:
-        rng = np.random.default_rng([seed, n])
-        exs = []
-        for _ in range(count):
-            ex = pk.make_example(pieces, rng, filler_len=n, key_digits=int(data_cfg.passkey.key_digits),
-                                 key_position=data_cfg.passkey.key_position)
-            s, a = ex["answer_start"], ex["answer_len"]
-            exs.append((ex["tokens"][:s], ex["tokens"][s:s + a], n))
-        out[n] = exs
+        pairs = pk.make_pairs(tok, np.random.default_rng([seed, n]), filler_len=n, count=count,
+                              key_digits=int(data_cfg.passkey.key_digits),
+                              key_position=data_cfg.passkey.key_position)
+        out[n] = [(prompt, answer, n) for prompt, answer in pairs]
     return out
 
 
@@ -139,7 +136,13 @@ def main() -> None:
     p.add_argument("--examples", type=int, default=0, help="examples per length (default: the preset's)")
     p.add_argument("--retrain", action="store_true")
     p.add_argument("--eval_only", action="store_true", help="evaluate the stages already trained")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="config override for every model and stage, e.g. --set data.data_dir=/tmp/pk")
     args = p.parse_args()
+    bad = [kv for kv in args.set if "=" not in kv]
+    if bad:
+        p.error(f"--set needs FIELD=VALUE, got {bad[0]!r}")
+    extra = dict(kv.split("=", 1) for kv in args.set)
     t_start = time.time()
     preset = PRESETS[args.preset]
     out = os.path.abspath(args.out)
@@ -168,7 +171,7 @@ def main() -> None:
             wd, secs = os.path.join(out, name, f"stage{len(preset['stages'])}"), 0.0
         else:
             wd, _, secs = train_model(name, config, overrides, preset["stages"], out, args.retrain,
-                                      sys.executable, init_from)
+                                      sys.executable, init_from, extra)
         train_s[name] = secs
         model, cfg = restore_model(wd)
         if examples is None:

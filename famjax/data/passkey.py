@@ -212,6 +212,21 @@ class PassKeyPair(NamedTuple):
     answer: np.ndarray
 
 
+def make_pairs(tok: Tokenizer, rng: np.random.Generator, *, filler_len: int, count: int, key_digits: int = 5,
+               key_position: str = "uniform") -> list[PassKeyPair]:
+    """Returns `count` fresh (prompt, answer) pairs with exactly `filler_len` filler tokens, drawn from `rng`
+    (for evaluations at lengths no prepared split has)."""
+    if key_position not in KEY_POSITIONS:
+        raise ValueError(f"key_position must be one of {KEY_POSITIONS}, got {key_position!r}")
+    pieces = _Pieces(tok)
+    out = []
+    for _ in range(count):
+        ex = make_example(pieces, rng, filler_len=filler_len, key_digits=key_digits, key_position=key_position)
+        s, a = ex["answer_start"], ex["answer_len"]
+        out.append(PassKeyPair(ex["tokens"][:s], ex["tokens"][s:s + a]))
+    return out
+
+
 def pairs_from_source(source, *, process_index: int = 0, process_count: int = 1,
                       limit: int | None = None) -> Iterator[PassKeyPair]:
     """Yields (prompt, answer) of every process_count-th example of `source` starting at process_index."""
