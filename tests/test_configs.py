@@ -107,17 +107,15 @@ def _experiment_configs():
     import ast
     import sys
     sys.path.insert(0, os.path.join(REPO, "experiments", "passkey"))
-    from presets import COMMON
     from presets import PRESETS as EXPERIMENTS
+    from presets import stage_options
     out = []
     for preset, spec in EXPERIMENTS.items():
         for model, (config, overrides, *_) in spec["models"].items():
-            for k, stage in enumerate(spec["stages"], 1):
+            for k in range(1, len(spec["stages"]) + 1):
                 cfg = load(os.path.basename(config)[:-3])
                 cfg.model.vocab_size = 66
-                for key, value in {**COMMON, **overrides, **stage}.items():
-                    if key == "steps":
-                        continue
+                for key, value in stage_options(overrides, spec["stages"], k).items():
                     *parents, leaf = key.split(".")
                     node = cfg
                     for p in parents:

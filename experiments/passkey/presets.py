@@ -13,7 +13,13 @@ BSWA = "configs/passkey_bswa_tiny.py"
 
 # Shared by every stage unless a stage changes it: no intermediate checkpoints or evals (the script
 # evaluates by streaming at the end), only the 1x eval split prepared.
+# The data of every stage-1 run here is pinned (filler 16-180, so N = 180, in 32 rows of 256 tokens): these
+# are the settings all results in benchmarks/RESULTS.md were measured with, whatever passkey_tiny uses now.
 COMMON = {
+    "data.passkey.train_filler_min": 16,
+    "data.passkey.train_filler_max": 180,
+    "data.seq_len": 256,
+    "data.batch_size": 32,
     "checkpoint.every_steps": 0,
     "eval.every_steps": 0,
     "eval.batches": 2,
@@ -113,3 +119,13 @@ PRESETS = {
         "eval": {"multipliers": (1, 2, 4), "examples": 2, "chunk_size": 512, "batch_size": 2, "seed": 1234},
     },
 }
+
+
+def stage_options(overrides: dict, stages: list[dict], k: int) -> dict:
+    """Returns the config overrides of stage k (1-based) of a model: COMMON, then the model's overrides, then
+    stages 1..k in order (a stage inherits what earlier stages set unless it sets it), without "steps"."""
+    opts = {**COMMON, **overrides}
+    for st in stages[:k]:
+        opts.update({key: v for key, v in st.items() if key != "steps"})
+    return opts
+

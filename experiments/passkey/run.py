@@ -30,7 +30,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
-from presets import COMMON, PRESETS  # noqa: E402
+from presets import COMMON, PRESETS, stage_options  # noqa: E402
 
 
 def _log(msg: str) -> None:
@@ -70,11 +70,7 @@ def train_model(name: str, config: str, overrides: dict, stages: list[dict], out
         if retrain and os.path.isdir(wd):
             shutil.rmtree(wd)
         total += steps
-        opts = {**COMMON, **overrides, **stage, **(extra or {}), "train.steps": total}
-        for st in stages[:k]:  # a stage inherits the data settings of the earlier ones unless it sets them
-            for key, v in st.items():
-                if key != "steps" and key not in stage:
-                    opts.setdefault(key, v)
+        opts = {**stage_options(overrides, stages, k), **(extra or {}), "train.steps": total}
         done = _ckpt_steps(wd)
         if done and done[-1] >= total:
             _log(f"{name} stage {k}: already at step {done[-1]}, skipped")
@@ -90,7 +86,7 @@ def train_model(name: str, config: str, overrides: dict, stages: list[dict], out
                 subprocess.run(cmd, cwd=ROOT, check=True, stdout=logf, stderr=subprocess.STDOUT)
             seconds += time.time() - t0
             _log(f"{name} stage {k}: {time.time() - t0:.0f} s")
-        longest = max(longest, int(opts.get("data.passkey.train_filler_max", 180)))
+        longest = max(longest, int(opts["data.passkey.train_filler_max"]))
         prev = wd
     return prev, longest, seconds
 
@@ -157,7 +153,8 @@ def main() -> None:
     ev = dict(preset["eval"])
     if args.examples:
         ev["examples"] = args.examples
-    n = max(int(st.get("data.passkey.train_filler_max", 180)) for st in preset["stages"])
+    n = max(int(st.get("data.passkey.train_filler_max", COMMON["data.passkey.train_filler_max"]))
+            for st in preset["stages"])
     lengths = [n * m for m in ev["multipliers"]]
     rows, train_s, eval_s, examples = [], {}, {}, None
     stem = os.path.join(out, "passkey" + (f"_{args.examples}ex" if args.examples else ""))
