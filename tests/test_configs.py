@@ -51,7 +51,8 @@ def test_passkey_tiny_is_the_documented_tiny_model():
     cfg = load("passkey_tiny")
     m = model_config(_vocab(cfg))
     assert (m.num_layers, m.d_model, m.block_size, m.num_fam, m.memory_blocks) == (2, 128, 32, 8, 0)
-    assert cfg.data.batch_size == 32 and cfg.data.tokenizer.kind == "word"
+    assert (cfg.data.batch_size, cfg.data.seq_len, cfg.data.passkey.train_filler_max) == (40, 192, 90)
+    assert cfg.data.tokenizer.kind == "word"
 
 
 def _vocab(cfg):

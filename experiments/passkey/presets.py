@@ -96,6 +96,18 @@ PRESETS = {
         "stages": [{"steps": 600}],
         "eval": {**EVAL, "multipliers": (1, 2, 4, 8, 16), "examples": 32},
     },
+    # The bounded FAM with random state passing: fine-tunes of `norm_penalty`'s fam_norm_1e-3 model (500 steps,
+    # lr 1e-3 constant, penalty kept on), with RSP p 0.9 (long state chains) and without (the control). The
+    # penalty alone kept the norm flat only over the 8 trained blocks; RSP shows the model older states.
+    "norm_rsp": {
+        "models": {
+            "fam_norm_ft": (FAM[0], {"fam.norm_penalty": 1e-3}, "runs/passkey_norm/fam_norm_1e-3/stage1"),
+            "fam_norm_ft_rsp_0.9": (FAM[0], {"fam.norm_penalty": 1e-3, "fam.rsp_prob": 0.9},
+                                    "runs/passkey_norm/fam_norm_1e-3/stage1"),
+        },
+        "stages": [{"steps": 500, "train.learning_rate": 1e-3, "train.schedule": "constant"}],
+        "eval": {**EVAL, "multipliers": (1, 2, 4, 8, 16), "examples": 32},
+    },
     # Random state passing as a fine-tune of the finished `make train` model (runs/passkey_tiny), with an
     # equal fine-tune without RSP as the control; same data (N = 180), lr 1e-3 constant.
     "rsp_finetune": {
