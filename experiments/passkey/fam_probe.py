@@ -1,0 +1,132 @@
+"""Is the key still in the FAM far past the training length? A linear probe of the FAM after the prompt.
+
+    .venv/bin/python experiments/passkey/fam_probe.py --workdir=runs/passkey_tiny --multipliers=1,4,16 \
+        --out=experiments/passkey/results
+
+For each length (multiples of N, the run's longest training filler) it makes `--examples` fresh prompts, runs
+the model over them and keeps the FAM after the prompt's last complete block (every layer, each row
+RMS-normalised as the layer's pre-norm sees it). A ridge regression from that FAM to the one-hot key digits is
+fitted on 80% of the prompts and scored on the rest:
+
+- probe here: digit accuracy of a probe fitted at this length (is the key linearly decodable at all?);
+- probe from 1x: the probe fitted at the first length, applied here (is the key written the same way?);
+- model: the model's own digit accuracy (teacher-forced argmax on the answer).
+
+Chance is ~10% per digit. If the probe still reads the key where the model no longer does, the memory kept
+it and the reading fails; if the probe fails too, the key was overwritten. Writes fam_probe.md under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from run import eval_examples  # noqa: E402
+
+LAMBDAS = (1e-2, 1e-1, 1.0, 10.0, 100.0)
+
+
+def fam_and_digits(model, exs, batch: int):
+    """Returns (features [n, L*F*d]: the normalised FAM after each prompt, model digit hits [n, A])."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    @nnx.jit
+    def run(m, prompt, full):
+        _, state = m(prompt, m.init_state(prompt.shape[0]))
+        logits, _ = m(full, m.init_state(full.shape[0]))
+        return state.layers.fam, jnp.argmax(logits, -1)
+
+    feats, hits = [], []
+    for i in range(0, len(exs), batch):
+        part = exs[i:i + batch]
+        prompt = np.stack([p for p, _, _ in part])
+        answer = np.stack([a for _, a, _ in part])
+        full = np.concatenate([prompt, answer], 1)
+        fam, pred = jax.device_get(run(model, jnp.asarray(prompt), jnp.asarray(full)))
+        fam = fam / np.sqrt(np.mean(np.square(fam), -1, keepdims=True) + 1e-6)  # [L, b, F, d]
+        feats.append(np.moveaxis(fam, 1, 0).reshape(len(part), -1))
+        s = prompt.shape[1]
+        hits.append(pred[:, s - 1:s - 1 + answer.shape[1]] == answer)
+    return np.concatenate(feats), np.concatenate(hits)
+
+
+def fit_ridge(x, y, lam):
+    """Returns (mean, weights) of a ridge regression y ~ (x - mean) w, in its dual form (n << dims)."""
+    mu = x.mean(0)
+    xc = x - mu
+    alpha = np.linalg.solve(xc @ xc.T + lam * np.eye(len(x)), y - y.mean(0))
+    return mu, xc.T @ alpha, y.mean(0)
+
+
+def predict(fit, x):
+    mu, w, y0 = fit
+    return (x - mu) @ w + y0
+
+
+def digit_accuracy(scores, labels, classes: int) -> float:
+    """scores [n, A*classes]; labels [n, A] class indices -> share of digits whose argmax is right."""
+    n, a = labels.shape
+    return float(np.mean(scores.reshape(n, a, classes).argmax(-1) == labels))
+
+
+def best_probe(x, y1h, labels, classes: int):
+    """Fits the ridge with the lambda that does best on a held-out fifth of (x, y)."""
+    cut = int(0.8 * len(x))
+    acc = {lam: digit_accuracy(predict(fit_ridge(x[:cut], y1h[:cut], lam), x[cut:]), labels[cut:], classes)
+           for lam in LAMBDAS}
+    lam = max(acc, key=acc.get)
+    return fit_ridge(x, y1h, lam)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True, help="a trained FAM run (its newest checkpoint is used)")
+    p.add_argument("--multipliers", default="1,4,16", help="lengths as multiples of N; the first one is the "
+                   "reference for the transferred probe")
+    p.add_argument("--examples", type=int, default=512)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--seed", type=int, default=99)
+    p.add_argument("--out", default="experiments/passkey/results")
+    args = p.parse_args()
+
+    from famjax.train import restore_model
+
+    model, cfg = restore_model(args.workdir)
+    n = int(cfg.data.passkey.train_filler_max)
+    mults = [int(m) for m in args.multipliers.split(",")]
+    rows, ref = [], None
+    for mult in mults:
+        exs = eval_examples(cfg.data, [n * mult], args.examples, args.seed)[n * mult]
+        if len({len(pr) for pr, _, _ in exs}) != 1:
+            raise ValueError("prompts of one length differ in tokens; the probe batches them as one array")
+        x, hits = fam_and_digits(model, exs, args.batch)
+        answers = np.stack([a for _, a, _ in exs])
+        ids = np.unique(answers)
+        labels = np.searchsorted(ids, answers)  # [n, A] class index of each digit
+        y1h = np.eye(len(ids))[labels].reshape(len(exs), -1)
+        cut = int(0.8 * len(exs))
+        probe = best_probe(x[:cut], y1h[:cut], labels[:cut], len(ids))
+        here = digit_accuracy(predict(probe, x[cut:]), labels[cut:], len(ids))
+        ref = ref or probe
+        transfer = digit_accuracy(predict(ref, x[cut:]), labels[cut:], len(ids))
+        rows.append((mult, n * mult, here, transfer, float(hits[cut:].mean())))
+        print(f"{mult}x ({n * mult}): probe here {100 * here:.0f}%, probe from {mults[0]}x "
+              f"{100 * transfer:.0f}%, model {100 * hits[cut:].mean():.0f}%", flush=True)
+    lines = ["| length | probe here | probe from %dx | model |" % mults[0], "|---|---|---|---|"]
+    lines += [f"| {m}x ({ln}) | {100 * h:.0f}% | {100 * t:.0f}% | {100 * md:.0f}% |" for m, ln, h, t, md in rows]
+    table = "\n".join(lines) + "\n"
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "fam_probe.md"), "w") as f:
+        f.write(f"Digit accuracy of a linear probe of the FAM after the prompt, model {args.workdir} (N = {n}), "
+                f"{args.examples} prompts per length (probe fitted on 80%, scored on 20%)\n\n" + table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
