@@ -94,6 +94,42 @@ def test_passkey_batches_for_the_trainer(tmp_path):
         assert all(tok.decode(ans[i:i + 5]).isdigit() for i in range(0, len(ans), 5))
 
 
+def test_passkey_chain_streams_joined_examples_train_split_only(tmp_path):
+    cfg = passkey_cfg(tmp_path, seq_len=40, batch_size=2)  # examples (79-99 tokens) span several steps
+    cfg.passkey.chain = 3
+    it = fd.make_iterator(cfg, block_size=BLOCK, process_index=0, process_count=1)
+    assert it.batching == "stream"
+    examples = list(fd.passkey_examples(cfg, "train"))
+    by_tokens = {tuple(ex["tokens"]) for ex in examples}
+    # Follow row 0 through its first document: segment_start only at its first step, tokens run on.
+    first = next(it)
+    assert first["segment_start"].tolist() == [True, True]
+    doc = [first["tokens"][0]]
+    answers = int(first["answer_mask"][0].sum())
+    while True:
+        b = next(it)
+        if b["segment_start"][0]:
+            break
+        doc.append(b["tokens"][0])
+        answers += int(b["answer_mask"][0].sum())
+    doc = np.concatenate(doc)
+    tok = fd.make_tokenizer(cfg)
+    starts = np.flatnonzero(doc == tok.bos_id)
+    assert len(starts) == 3 and answers == 3 * 5  # three whole examples, each with its 5 answer digits
+    pieces = np.split(doc, list(starts[1:]) + [int(np.max(np.flatnonzero(doc != tok.pad_id))) + 1])[:3]
+    assert all(tuple(p) in by_tokens for p in pieces)
+    # Evaluation splits stay single examples in packed rows.
+    cfg.seq_len = 104
+    assert fd.make_iterator(cfg, block_size=BLOCK, process_index=0, process_count=1,
+                            split="validation").batching == "packed"
+    cfg.batching = "packed"
+    with pytest.raises(ValueError, match="data.passkey.chain > 1"):
+        fd.validate(cfg)
+    cfg.batching, cfg.passkey.chain = "auto", 0
+    with pytest.raises(ValueError, match="data.passkey.chain must be"):
+        fd.validate(cfg)
+
+
 def test_same_seed_same_batches_other_seed_other(tmp_path):
     def first(seed):
         cfg = passkey_cfg(tmp_path, seed=seed)

@@ -44,6 +44,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.passkey.eval_examples = 100  # examples per eval_xM split
     c.passkey.seed = 0  # generation seed (independent of the shuffle seed)
     c.passkey.loss_weight_other = 0.0  # loss weight on non-answer tokens (the answer has weight 1)
+    # Training split only: K > 1 joins K consecutive (shuffled) examples into one document, read as a
+    # document stream, so the model state runs on across examples and train steps (each new key has to
+    # replace the old one in the FAM). Needs batching auto or stream; 1 = examples on their own.
+    c.passkey.chain = 1
 
     c.local_text = ml_collections.ConfigDict()
     c.local_text.path = ""  # folder of text files, one document per file
@@ -95,6 +99,12 @@ def validate(cfg: ml_collections.ConfigDict, *, process_count: int | None = None
                              f"got {tuple(pk.eval_multipliers)}")
         if pk.loss_weight_other < 0:
             raise ValueError(f"data.passkey.loss_weight_other must be >= 0, got {pk.loss_weight_other}")
+        chain = pk.get("chain", 1)
+        if not isinstance(chain, int) or chain < 1:
+            raise ValueError(f"data.passkey.chain must be an integer >= 1, got {chain!r}")
+        if chain > 1 and cfg.batching == "packed":
+            raise ValueError("data.passkey.chain > 1 joins examples into document streams: it needs "
+                             "data.batching 'auto' or 'stream', got 'packed'")
     if cfg.dataset == "local_text":
         if not cfg.local_text.path:
             raise ValueError("data.local_text.path is required for dataset 'local_text'")

@@ -132,21 +132,25 @@ def make_iterator(data_cfg, *, block_size: int, process_index: int | None = None
                          f"{process_count} processes reading it")
     seq_len = int(data_cfg.seq_len)
     to_example = opened.to_example
+    chain = int(data_cfg.passkey.get("chain", 1)) if data_cfg.dataset == "passkey" and is_train else 1
+    batching = resolve_batching(data_cfg, "stream" if chain > 1 else opened.batching)
     if data_cfg.dataset == "passkey":
         longest = passkey.max_tokens(data_cfg.passkey, tok, split)
-        if longest > seq_len and resolve_batching(data_cfg, opened.batching) == "packed":
+        if longest > seq_len and batching == "packed":
             raise ValueError(f"PassKey split {split!r} holds examples of up to {longest} tokens, more than "
                              f"data.seq_len {seq_len}; raise seq_len or lower passkey.train_filler_max")
-        check = functools.partial(_check_length, seq_len=seq_len, split=split)
-        to_example = _compose(opened.to_example, check)
+        if batching == "packed":
+            check = functools.partial(_check_length, seq_len=seq_len, split=split)
+            to_example = _compose(opened.to_example, check)
 
     ds = grain.MapDataset.source(opened.source)[process_index::process_count]
     if is_train and data_cfg.shuffle:
         ds = ds.shuffle(seed=int(data_cfg.seed))
     ds = ds.repeat(num_epochs).map(to_example)
+    if chain > 1:  # K examples -> one document (a partial group at the end of a finite split is dropped)
+        ds = ds.batch(chain, drop_remainder=True, batch_fn=_join_examples)
 
     rows = int(data_cfg.batch_size) // process_count
-    batching = resolve_batching(data_cfg, opened.batching)
     if batching == "packed":
         it_ds = PackedBatchDataset(ds, rows=rows, seq_len=seq_len, block_size=block_size, pad_id=tok.pad_id,
                                    read_ahead=int(data_cfg.read_threads))
@@ -163,6 +167,11 @@ def make_iterator(data_cfg, *, block_size: int, process_index: int | None = None
         [cfg_dict, split, block_size, process_index, process_count, num_epochs, tok.fingerprint],
         sort_keys=True, default=str).encode()).hexdigest()[:16]
     return DataIterator(iter(it_ds), fingerprint=fingerprint, batching=batching, tokenizer=tok)
+
+
+def _join_examples(examples) -> dict:
+    """Returns one document: the examples' tokens, weights and answer masks end to end."""
+    return {k: np.concatenate([ex[k] for ex in examples]) for k in ("tokens", "weights", "answer")}
 
 
 def _compose(f, g):
