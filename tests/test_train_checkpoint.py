@@ -158,3 +158,36 @@ def test_bswa_state_with_zero_size_leaves_checkpoints(passkey_dir, tmp_path):
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(ts)):
         assert a.shape == b.shape
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_packed_checkpoint_restores_for_document_streams(passkey_dir, tmp_path, caplog):
+    """A packed-rows run fine-tuned as document streams (data.passkey.chain): everything but the streams is
+    restored, and the streams start as a new run starts them."""
+    from famjax.train.state import fresh_streams
+
+    cfg = tiny_config(passkey_dir)
+    _, _, _, _, ts2, mesh, tx = two_steps(cfg)
+    c = ck.Checkpointer(str(tmp_path), cfg.checkpoint, cfg)
+    c.save(ts2, None)
+    c.wait()
+    abstract, shardings = abstract_train_state(cfg, tx, mesh, stream=True)
+    with caplog.at_level("WARNING"):
+        restored, _, step = c.restore(abstract)
+    c.close()
+    assert step == 2 and restored.stream is None and "holds no stream state" in caplog.text
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(ts2)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    filled = fresh_streams(cfg, restored, shardings)
+    new, _ = create_train_state(cfg, tx, mesh, stream=True)
+    assert jax.tree.structure(filled) == jax.tree.structure(new)
+    # The streams are what a new run starts with for the same parameters.
+    again = fresh_streams(cfg, new.replace(stream=None, stream_offset=None), shardings)
+    for a, b in zip(jax.tree.leaves((again.stream, again.stream_offset)),
+                    jax.tree.leaves((new.stream, new.stream_offset))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # A checkpoint that is unreadable for another reason still fails (here: every step corrupt).
+    corrupt(tmp_path / "checkpoints" / "2")
+    c = ck.Checkpointer(str(tmp_path), cfg.checkpoint, cfg)
+    with pytest.raises(RuntimeError, match="no readable checkpoint"):
+        c.restore(abstract)
+    c.close()

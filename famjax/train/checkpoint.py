@@ -202,8 +202,7 @@ class Checkpointer:
                 target = _DataTarget()
                 if has_data:
                     items["data"] = gcp.CheckpointRestore(target)
-                out = self._mngr.restore(s, args=ocp.args.Composite(**items))
-                ts = _from_train_tree(out["train"], abstract, out["params"])
+                ts = self._restore_step(s, items, abstract)
                 if int(jax.device_get(ts.step)) != s:
                     raise ValueError(f"step directory {s} holds a state of step {int(ts.step)}")
                 return ts, target.state, s
@@ -214,6 +213,25 @@ class Checkpointer:
         if errors:
             raise RuntimeError(f"no readable checkpoint in {self.directory}:\n" + "\n".join(errors))
         return None
+
+    def _restore_step(self, s: int, items: dict, abstract: TrainState) -> TrainState:
+        """Restores step s; a checkpoint of a packed-rows run restored for document streams comes back with
+        stream=None (its train item has no stream leaves; the caller starts the streams fresh)."""
+        try:
+            out = self._mngr.restore(s, args=ocp.args.Composite(**items))
+            return _from_train_tree(out["train"], abstract, out["params"])
+        except Exception as first:
+            if abstract.stream is None:
+                raise
+            bare = abstract.replace(stream=None, stream_offset=None)
+            try:
+                out = self._mngr.restore(s, args=ocp.args.Composite(
+                    **{**items, "train": ocp.args.StandardRestore(_train_tree(bare))}))
+            except Exception:
+                raise first from None
+            _LOG.warning("checkpoint step %d in %s holds no stream state (saved by a packed-rows run); the "
+                         "document streams start fresh", s, self.directory)
+            return _from_train_tree(out["train"], bare, out["params"])
 
     def close(self) -> None:
         self.wait()

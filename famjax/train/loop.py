@@ -25,7 +25,13 @@ from famjax.train import metrics as mlib
 from famjax.train.checkpoint import CONFIG_FILE, Checkpointer
 from famjax.train.config import from_json, model_config, resolve, to_json, validate
 from famjax.train.optim import make_optimizer
-from famjax.train.state import abstract_model, abstract_train_state, create_train_state, init_stream_state
+from famjax.train.state import (
+    abstract_model,
+    abstract_train_state,
+    create_train_state,
+    fresh_streams,
+    init_stream_state,
+)
 from famjax.train.step import make_eval_step, make_train_step
 
 TRAIN_KEYS = ("tokens", "targets", "loss_mask", "segment_start")
@@ -161,6 +167,8 @@ def train(cfg, workdir: str, *, do_eval: bool = False) -> Result:
         restored = ckpt.restore(abstract)
     if restored is not None:
         ts, data_state, start = restored
+        if streaming and ts.stream is None:  # a packed-rows checkpoint continued as document streams
+            ts = fresh_streams(cfg, ts, shardings)
         if data_state is not None:
             train_it.set_state(data_state)
         mlib.log(f"resumed from step {start} ({ckpt.directory})")

@@ -108,6 +108,19 @@ def create_train_state(cfg, tx, mesh, *, stream: bool) -> tuple[TrainState, Trai
     return jax.jit(init, out_shardings=shardings)(), shardings
 
 
+def fresh_streams(cfg, ts: TrainState, shardings: TrainState) -> TrainState:
+    """Returns ts with every row's document stream (state and position offset) as a new run starts it: for a
+    checkpoint of a packed-rows run that continues as document streams (e.g. data.passkey.chain > 1)."""
+    graphdef, _, _ = abstract_model(cfg)
+    rows = int(cfg.data.batch_size)
+
+    def make(params):
+        return init_stream_state(nnx.merge(graphdef, params), rows), jnp.zeros((rows,), jnp.int32)
+
+    stream, offset = jax.jit(make, out_shardings=(shardings.stream, shardings.stream_offset))(ts.params)
+    return ts.replace(stream=stream, stream_offset=offset)
+
+
 def abstract_train_state(cfg, tx, mesh, *, stream: bool) -> tuple[TrainState, TrainState]:
     """Returns (abstract state with shardings attached, shardings): the restore target of a checkpoint."""
     abstract = jax.eval_shape(make_init_fn(cfg, tx, stream=stream))
