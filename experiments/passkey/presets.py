@@ -108,6 +108,19 @@ PRESETS = {
         "stages": [{"steps": 500, "train.learning_rate": 1e-3, "train.schedule": "constant"}],
         "eval": {**EVAL, "multipliers": (1, 2, 4, 8, 16), "examples": 32},
     },
+    # Document-stream training (data.passkey.chain): fine-tunes of the current `make train` model (N = 90)
+    # where each row is a stream of 64 examples and the model state runs on across examples and steps, so
+    # the FAM is trained after hundreds of updates (each new key must replace the old); the control is the
+    # same fine-tune on single examples. 1500 steps, lr 1e-3 on the continued cosine.
+    "chain": {
+        "models": {
+            "fam_ft": (FAM[0], {}, "runs/passkey_tiny"),
+            "fam_ft_chain64": (FAM[0], {"data.passkey.chain": 64}, "runs/passkey_tiny"),
+        },
+        "stages": [{"steps": 1500, "train.learning_rate": 1e-3, "data.passkey.train_filler_max": 90,
+                    "data.seq_len": 192, "data.batch_size": 40}],
+        "eval": {**EVAL, "multipliers": (1, 2, 4, 8, 16, 32, 64), "examples": 32},
+    },
     # Random state passing as a fine-tune of the finished `make train` model (runs/passkey_tiny), with an
     # equal fine-tune without RSP as the control; same data (N = 180), lr 1e-3 constant.
     "rsp_finetune": {
