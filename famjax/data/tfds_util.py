@@ -7,10 +7,10 @@ from typing import TypeVar
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.utils import tqdm_utils
 
-B = TypeVar("B", bound=tfds.core.DatasetBuilder)
+BuilderT = TypeVar("BuilderT", bound=tfds.core.DatasetBuilder)
 
 
-def prepare(make_builder: Callable[[], B]) -> B:
+def prepare(make_builder: Callable[[], BuilderT]) -> BuilderT:
     """Returns `make_builder()` with its files generated unless they exist; tfds's progress bars stay off
     while it runs (they flood trainer logs) and come back as they were.
 
