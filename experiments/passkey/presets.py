@@ -9,6 +9,11 @@ A preset is a dict:
 """
 
 FAM = ("configs/passkey_tiny.py", {})
+# `tiny` and `rsp_finetune` fine-tune the `make train` model of 2026-11-26 (filler 16-180, 32 x 256, 1200
+# steps); `make train` now trains on filler 16-90. To rerun them as recorded, first train that model with
+#   make train TRAIN_ARGS="--config.data.passkey.train_filler_max=180 --config.data.seq_len=256
+#                          --config.data.batch_size=32 --config.train.steps=1200"
+# (`chain` fine-tunes the current `make train` model).
 BSWA = "configs/passkey_bswa_tiny.py"
 
 # Shared by every stage unless a stage changes it: no intermediate checkpoints or evals (the script
