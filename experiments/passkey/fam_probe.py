@@ -37,27 +37,28 @@ def fam_and_digits(model, exs, batch: int):
     from flax import nnx
 
     @nnx.jit
-    def run(m, prompt, full):
-        _, state = m(prompt, m.init_state(prompt.shape[0]))
-        logits, _ = m(full, m.init_state(full.shape[0]))
-        return state.layers.fam, jnp.argmax(logits, -1)
+    def run(m, prompt, answer):
+        # One pass: the prompt, then the answer from the prompt's state (chunked == one call, spec 7).
+        logits_p, state = m(prompt, m.init_state(prompt.shape[0]))
+        logits_a, _ = m(answer[:, :-1], state)
+        pred = jnp.argmax(jnp.concatenate([logits_p[:, -1:], logits_a], 1), -1)  # [b, A]: digit predictions
+        return state.layers.fam, pred
 
     feats, hits = [], []
     for i in range(0, len(exs), batch):
         part = exs[i:i + batch]
         prompt = np.stack([p for p, _, _ in part])
         answer = np.stack([a for _, a, _ in part])
-        full = np.concatenate([prompt, answer], 1)
-        fam, pred = jax.device_get(run(model, jnp.asarray(prompt), jnp.asarray(full)))
+        fam, pred = jax.device_get(run(model, jnp.asarray(prompt), jnp.asarray(answer)))
         fam = fam / np.sqrt(np.mean(np.square(fam), -1, keepdims=True) + 1e-6)  # [L, b, F, d]
         feats.append(np.moveaxis(fam, 1, 0).reshape(len(part), -1))
-        s = prompt.shape[1]
-        hits.append(pred[:, s - 1:s - 1 + answer.shape[1]] == answer)
+        hits.append(pred == answer)
     return np.concatenate(feats), np.concatenate(hits)
 
 
 def fit_ridge(x, y, lam):
-    """Returns (mean, weights) of a ridge regression y ~ (x - mean) w, in its dual form (n << dims)."""
+    """Returns (x mean, weights, y mean) of a ridge regression y ~ (x - x mean) w + y mean, solved in its dual
+    form (n << dims)."""
     mu = x.mean(0)
     xc = x - mu
     alpha = np.linalg.solve(xc @ xc.T + lam * np.eye(len(x)), y - y.mean(0))
