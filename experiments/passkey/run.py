@@ -30,7 +30,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
-from presets import COMMON, PRESETS, stage_options  # noqa: E402
+from presets import PRESETS, stage_options  # noqa: E402
 
 
 def _log(msg: str) -> None:
@@ -153,8 +153,8 @@ def main() -> None:
     ev = dict(preset["eval"])
     if args.examples:
         ev["examples"] = args.examples
-    n = max(int(st.get("data.passkey.train_filler_max", COMMON["data.passkey.train_filler_max"]))
-            for st in preset["stages"])
+    n = max(int(stage_options({}, preset["stages"], k)["data.passkey.train_filler_max"])
+            for k in range(1, len(preset["stages"]) + 1))
     lengths = [n * m for m in ev["multipliers"]]
     rows, train_s, eval_s, examples = [], {}, {}, None
     stem = os.path.join(out, "passkey" + (f"_{args.examples}ex" if args.examples else ""))
