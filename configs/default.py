@@ -1,8 +1,8 @@
 """Every field of a famjax training config, with its meaning; presets import this and change what differs.
 
 The defaults are the `passkey_tiny` preset: a 2-layer FAM model that learns PassKey (filler up to 90 words, 3-5
-blocks of 32 tokens) on a 2-core CPU in a few minutes (word tokenizer, loss on the answer + 0.1 elsewhere). `python -m famjax.main` uses it when no
---config is given.
+blocks of 32 tokens) on a 2-core CPU in a few minutes (word tokenizer, loss on the answer + 0.1 elsewhere).
+`python -m famjax.main` uses it when no --config is given.
 """
 import ml_collections
 from ml_collections import config_dict
@@ -46,6 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
     f.zero_residual = True  # the first FAM update (from the learned initial FAM) gets no residual
     f.positions = "block"  # FAM RoPE positions: "block" (the block's last F positions) | "zero" (all 0)
     f.stop_gradient = False  # True: no gradient through the FAM from one block to the next
+    f.keep_norm = False  # True: each update rescales every FAM row to its previous norm (not in the paper)
     # Training-only regulariser (not in the paper): weight of mean(FAM^2) of every row's final FAM, added to
     # the loss. The FAM residual grows with every update (experiments/passkey/fam_drift.py); this asks the
     # model to keep it bounded. 0 = off.

@@ -195,7 +195,10 @@ def _layer_row(x, s0, lp, cfg, offset):
             af = _attend(qf, keys, vals, lp, cfg)
             if not s_is_initial or not getattr(cfg, "fam_zero_residual", True):  # ablation: always a residual
                 af = af + s
-            s = _mlp(_norm(af, lp["norm2"], cfg), lp["mlp"], cfg) + af
+            new = _mlp(_norm(af, lp["norm2"], cfg), lp["mlp"], cfg) + af
+            if getattr(cfg, "fam_keep_norm", False):  # variant: every row keeps its previous norm
+                new = new * (np.linalg.norm(s, axis=-1, keepdims=True) / np.linalg.norm(new, axis=-1, keepdims=True))
+            s = new
             s_is_initial = False
 
     return _finish(x, attn_out, lp, cfg), s

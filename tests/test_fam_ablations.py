@@ -12,7 +12,8 @@ from flax import nnx
 from model_utils import jit_apply, make_model, random_tokens, stream
 
 BASE = dict(attention="fam", block_size=4, memory_blocks=0, fam_len=3)
-SWITCHES = [dict(fam_zero_residual=False), dict(fam_positions="zero"), dict(fam_stop_gradient=True)]
+SWITCHES = [dict(fam_zero_residual=False), dict(fam_positions="zero"), dict(fam_keep_norm=True),
+            dict(fam_stop_gradient=True)]
 
 
 @pytest.mark.parametrize("switch", SWITCHES, ids=lambda s: next(iter(s)))
@@ -29,7 +30,7 @@ def test_switch_streams_like_one_call(switch):
         assert np.abs(np.asarray(whole)[1] - np.asarray(model_no_offset)[1]).max() > 1e-4
 
 
-@pytest.mark.parametrize("switch", SWITCHES[:2], ids=lambda s: next(iter(s)))
+@pytest.mark.parametrize("switch", SWITCHES[:3], ids=lambda s: next(iter(s)))
 def test_switch_changes_the_forward(switch):
     tokens = random_tokens(2, 16, 37, seed=3)
     default = np.asarray(jit_apply(make_model(seed=4, **BASE)[0], tokens)[0])
@@ -37,6 +38,16 @@ def test_switch_changes_the_forward(switch):
     if "fam_zero_residual" in switch:  # block 0 reads the initial FAM, which the first update's residual
         np.testing.assert_array_equal(switched[:, :4], default[:, :4])  # does not touch
     assert np.abs(switched[:, 4:] - default[:, 4:]).max() > 1e-3
+
+
+def test_keep_norm_holds_every_fam_row_at_its_initial_norm():
+    model, cfg, _ = make_model(seed=4, **BASE, fam_keep_norm=True)
+    tokens = random_tokens(2, 17, cfg.vocab_size, seed=5)
+    _, state = jit_apply(model, tokens)  # 4 complete blocks: 4 updates of every layer's FAM
+    fresh = model.init_state(2)  # the initial FAM of every layer
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(state.layers.fam), axis=-1),
+                               np.linalg.norm(np.asarray(fresh.layers.fam), axis=-1), rtol=1e-5)
+    assert np.abs(np.asarray(state.layers.fam) - np.asarray(fresh.layers.fam)).max() > 1e-3  # it still moves
 
 
 def _last_block_loss(model, tokens):

@@ -21,6 +21,8 @@ CASES = [
     # the paper's ablations (spec defaults switched off)
     ("fam_no_zero_residual", dict(block_size=4, memory_blocks=0, fam_len=3, fam_zero_residual=False), 15),
     ("fam_positions_zero", dict(block_size=4, memory_blocks=1, fam_len=3, fam_positions="zero"), 15),
+    # not in the paper: the norm-keeping FAM (issue 6 experiment)
+    ("fam_keep_norm", dict(block_size=4, memory_blocks=1, fam_len=3, fam_keep_norm=True), 15),
 ]
 
 

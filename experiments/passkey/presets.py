@@ -33,6 +33,9 @@ COMMON = {
     "data.passkey.eval_examples": 10,
 }
 
+# The data of the current `make train` recipe (configs/passkey_tiny.py): filler 16-90 (N = 90) in 40 x 192.
+MAKE_TRAIN = {"data.passkey.train_filler_min": 16, "data.passkey.train_filler_max": 90, "data.seq_len": 192,
+              "data.batch_size": 40}
 # The curriculum's second stage: filler up to N = 360 tokens, fine-tuned at a lower learning rate.
 STAGE2 = {"data.passkey.train_filler_min": 16, "data.passkey.train_filler_max": 360, "data.seq_len": 448,
           "data.batch_size": 8, "train.learning_rate": 5e-4, "train.schedule": "constant"}
@@ -122,8 +125,19 @@ PRESETS = {
             "fam_ft": (FAM[0], {}, "runs/passkey_tiny"),
             "fam_ft_chain64": (FAM[0], {"data.passkey.chain": 64}, "runs/passkey_tiny"),
         },
-        "stages": [{"steps": 1500, "train.learning_rate": 1e-3, "data.passkey.train_filler_max": 90,
-                    "data.seq_len": 192, "data.batch_size": 40}],
+        "stages": [{"steps": 1500, "train.learning_rate": 1e-3, **MAKE_TRAIN}],
+        "eval": {**EVAL, "multipliers": (1, 2, 4, 8, 16, 32, 64), "examples": 32},
+    },
+    # A norm-keeping FAM (fam.keep_norm, not in the paper): every update rescales each FAM row to its previous
+    # norm, so the recurrence lives on a sphere and cannot drift outward as fam_drift.py found. Both models
+    # are the current `make train` recipe from scratch (900 steps, filler 16-90, N = 90), the first as the
+    # spec has it (the control).
+    "keep_norm": {
+        "models": {
+            "fam": FAM,
+            "fam_keep_norm": (FAM[0], {"fam.keep_norm": True}),
+        },
+        "stages": [{"steps": 900, **MAKE_TRAIN}],
         "eval": {**EVAL, "multipliers": (1, 2, 4, 8, 16, 32, 64), "examples": 32},
     },
     # Random state passing as a fine-tune of the finished `make train` model (runs/passkey_tiny), with an

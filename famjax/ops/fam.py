@@ -20,7 +20,7 @@ def fam_positions(block_index, block_size: int, fam_len: int):
 
 
 def fam_update(fam, is_initial, fam_k, fam_v, block_k, block_v, *, query_fn, out_fn, ffn_fn,
-               return_probs: bool = False, zero_residual: bool = True):
+               return_probs: bool = False, zero_residual: bool = True, keep_norm: bool = False):
     """Returns S_t, float32 [b, F, d]: the FAM after reading one complete block.
 
     fam: S_{t-1} [b, F, d]; is_initial: bool [b] (S_{t-1} is the learned initial FAM: zero residual);
@@ -29,7 +29,9 @@ def fam_update(fam, is_initial, fam_k, fam_v, block_k, block_v, *, query_fn, out
     out_fn: heads [b, F, H, hd] -> [b, F, d]; ffn_fn: a [b, F, d] -> FFN(Norm2(a)) [b, F, d].
     FAM queries see all of S_{t-1} and the whole block (no causal mask), never the memory blocks.
     return_probs: also return the FAM queries' attention over [S_{t-1}, block], [b, H, F, F + B];
-    zero_residual: False gives the first update the normal residual too (an ablation of the spec's choice).
+    zero_residual: False gives the first update the normal residual too (an ablation of the spec's choice);
+    keep_norm: rescale every row of S_t to the L2 norm of the same row of S_{t-1}, so the FAM keeps the norm of
+    the initial FAM forever (not in the paper: a parameter-free bound on the recurrence, see docs/design.md).
     """
     q = query_fn(fam)[:, None]
     heads, probs = segment_attention(q, [(fam_k[:, None], fam_v[:, None], None),
@@ -37,6 +39,9 @@ def fam_update(fam, is_initial, fam_k, fam_v, block_k, block_v, *, query_fn, out
     residual = jnp.where(is_initial[:, None, None], 0.0, fam) if zero_residual else fam
     a = out_fn(heads[:, 0]).astype(jnp.float32) + residual
     new = a + ffn_fn(a).astype(jnp.float32)
+    if keep_norm:
+        new = new * (jnp.linalg.norm(fam, axis=-1, keepdims=True) /
+                     jnp.maximum(jnp.linalg.norm(new, axis=-1, keepdims=True), 1e-6))
     return (new, probs[:, 0]) if return_probs else new
 
 
