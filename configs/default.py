@@ -47,6 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
     f.positions = "block"  # FAM RoPE positions: "block" (the block's last F positions) | "zero" (all 0)
     f.stop_gradient = False  # True: no gradient through the FAM from one block to the next
     f.keep_norm = False  # True: each update rescales every FAM row to its previous norm (not in the paper)
+    f.null_slot = False  # True: FAM queries also see a zero key/value, a way to read nothing (not in the paper)
     # Training-only regulariser (not in the paper): weight of mean(FAM^2) of every row's final FAM, added to
     # the loss. The FAM residual grows with every update (experiments/passkey/fam_drift.py); this asks the
     # model to keep it bounded. 0 = off.

@@ -13,7 +13,7 @@ from model_utils import jit_apply, make_model, random_tokens, stream
 
 BASE = dict(attention="fam", block_size=4, memory_blocks=0, fam_len=3)
 SWITCHES = [dict(fam_zero_residual=False), dict(fam_positions="zero"), dict(fam_keep_norm=True),
-            dict(fam_stop_gradient=True)]
+            dict(fam_null_slot=True), dict(fam_stop_gradient=True)]
 
 
 @pytest.mark.parametrize("switch", SWITCHES, ids=lambda s: next(iter(s)))
@@ -30,7 +30,7 @@ def test_switch_streams_like_one_call(switch):
         assert np.abs(np.asarray(whole)[1] - np.asarray(model_no_offset)[1]).max() > 1e-4
 
 
-@pytest.mark.parametrize("switch", SWITCHES[:3], ids=lambda s: next(iter(s)))
+@pytest.mark.parametrize("switch", SWITCHES[:4], ids=lambda s: next(iter(s)))
 def test_switch_changes_the_forward(switch):
     tokens = random_tokens(2, 16, 37, seed=3)
     default = np.asarray(jit_apply(make_model(seed=4, **BASE)[0], tokens)[0])

@@ -128,14 +128,18 @@ PRESETS = {
         "stages": [{"steps": 1500, "train.learning_rate": 1e-3, **MAKE_TRAIN}],
         "eval": {**EVAL, "multipliers": (1, 2, 4, 8, 16, 32, 64), "examples": 32},
     },
-    # A norm-keeping FAM (fam.keep_norm, not in the paper): every update rescales each FAM row to its previous
-    # norm, so the recurrence lives on a sphere and cannot drift outward as fam_drift.py found. Both models
-    # are the current `make train` recipe from scratch (900 steps, filler 16-90, N = 90), the first as the
-    # spec has it (the control).
-    "keep_norm": {
+    # Variants of the FAM update that might hold the key longer, each the current `make train` recipe from
+    # scratch (900 steps, filler 16-90, N = 90); `fam` is the spec (the control; the `make train` run itself
+    # can stand in for it). fam.keep_norm (not in the paper): every update rescales each FAM row to its
+    # previous norm, so the recurrence cannot drift outward as fam_drift.py found. fam.null_slot (not in the
+    # paper): FAM queries also see a zero key/value, so a block of filler can leave the FAM nearly unchanged.
+    # fam_f32: the spec with F = 32 rows instead of 8 (the paper uses 64).
+    "variants": {
         "models": {
             "fam": FAM,
             "fam_keep_norm": (FAM[0], {"fam.keep_norm": True}),
+            "fam_null_slot": (FAM[0], {"fam.null_slot": True}),
+            "fam_f32": (FAM[0], {"fam.fam_len": 32}),
         },
         "stages": [{"steps": 900, **MAKE_TRAIN}],
         "eval": {**EVAL, "multipliers": (1, 2, 4, 8, 16, 32, 64), "examples": 32},

@@ -187,7 +187,8 @@ class DecoderLayer(nnx.Module):
                 return self.attn.query(self.norm1(s, dtype), prev_positions)
             return ops.fam_update(fam, is_initial, fam_k, fam_v, k, v, query_fn=query_fn, out_fn=self.attn.out,
                                   ffn_fn=self.ffn, return_probs=chunk.collect,
-                                  zero_residual=cfg.fam_zero_residual, keep_norm=cfg.fam_keep_norm)
+                                  zero_residual=cfg.fam_zero_residual, keep_norm=cfg.fam_keep_norm,
+                                  null_slot=cfg.fam_null_slot)
 
         def kv_fn(fam, index):
             return self.fam_key_value(fam, index, offset)

@@ -20,7 +20,8 @@ def fam_positions(block_index, block_size: int, fam_len: int):
 
 
 def fam_update(fam, is_initial, fam_k, fam_v, block_k, block_v, *, query_fn, out_fn, ffn_fn,
-               return_probs: bool = False, zero_residual: bool = True, keep_norm: bool = False):
+               return_probs: bool = False, zero_residual: bool = True, keep_norm: bool = False,
+               null_slot: bool = False):
     """Returns S_t, float32 [b, F, d]: the FAM after reading one complete block.
 
     fam: S_{t-1} [b, F, d]; is_initial: bool [b] (S_{t-1} is the learned initial FAM: zero residual);
@@ -31,11 +32,16 @@ def fam_update(fam, is_initial, fam_k, fam_v, block_k, block_v, *, query_fn, out
     return_probs: also return the FAM queries' attention over [S_{t-1}, block], [b, H, F, F + B];
     zero_residual: False gives the first update the normal residual too (an ablation of the spec's choice);
     keep_norm: rescale every row of S_t to the L2 norm of the same row of S_{t-1}, so the FAM keeps the norm of
-    the initial FAM forever (not in the paper: a parameter-free bound on the recurrence, see docs/design.md).
+    the initial FAM forever (not in the paper: a parameter-free bound on the recurrence, see docs/design.md);
+    null_slot: one more key/value, both zero (logit 0, reads nothing), after the block, so a FAM query can leave
+    its row almost unchanged by a block (not in the paper; probs then have F + B + 1 columns).
     """
     q = query_fn(fam)[:, None]
-    heads, probs = segment_attention(q, [(fam_k[:, None], fam_v[:, None], None),
-                                         (block_k[:, None], block_v[:, None], None)], return_probs=True)
+    segments = [(fam_k[:, None], fam_v[:, None], None), (block_k[:, None], block_v[:, None], None)]
+    if null_slot:
+        zero = jnp.zeros(fam_k.shape[:1] + (1, 1) + fam_k.shape[2:], fam_k.dtype)
+        segments.append((zero, zero, None))
+    heads, probs = segment_attention(q, segments, return_probs=True)
     residual = jnp.where(is_initial[:, None, None], 0.0, fam) if zero_residual else fam
     a = out_fn(heads[:, 0]).astype(jnp.float32) + residual
     new = a + ffn_fn(a).astype(jnp.float32)

@@ -25,7 +25,8 @@ STREAM_MODES = ("auto", "on", "off")
 # ModelConfig fields that live in the config's `fam` section (name there -> ModelConfig field); the others
 # live in `model`. Configs written before a switch existed get the ModelConfig default (the spec).
 _FAM_FIELDS = {"fam_len": "fam_len", "zero_residual": "fam_zero_residual", "positions": "fam_positions",
-               "stop_gradient": "fam_stop_gradient", "keep_norm": "fam_keep_norm"}
+               "stop_gradient": "fam_stop_gradient", "keep_norm": "fam_keep_norm",
+               "null_slot": "fam_null_slot"}
 _MODEL_FIELDS = tuple(f for f in ModelConfig.__dataclass_fields__ if f not in _FAM_FIELDS.values())
 
 
