@@ -52,6 +52,9 @@ def get_config() -> ml_collections.ConfigDict:
     # the loss. The FAM residual grows with every update (experiments/passkey/fam_drift.py); this asks the
     # model to keep it bounded. 0 = off.
     f.norm_penalty = 0.0
+    # Training-only (not in the paper): std of the Gaussian noise added to every FAM row after every block
+    # update, relative to the row's RMS; asks the memory to store what it keeps robustly. 0 = off.
+    f.noise = 0.0
 
     c.data = d = fd.default_config()  # see famjax/data/config.py for every field
     d.tokenizer.kind = "word"  # word-level PassKey vocabulary: ~5x shorter sequences than bytes

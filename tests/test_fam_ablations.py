@@ -70,3 +70,29 @@ def test_stop_gradient_cuts_the_fam_path_only():
     assert np.abs(grads[False][1][1]).max() > 1e-6  # without: block 0 is trained by the last block's loss
     np.testing.assert_array_equal(grads[True][1][1], 0.0)  # with: no gradient crosses a block boundary
     assert np.abs(grads[True][1][2:]).max() > 0  # other tokens still get gradients
+
+
+def test_fam_noise_is_added_after_each_update_relative_to_the_row():
+    model, cfg, _ = make_model(seed=4, **BASE)
+    tokens = random_tokens(2, 16, cfg.vocab_size, seed=6)  # 4 whole blocks
+    shape = (cfg.num_layers, 2, 4, cfg.num_fam, cfg.d_model)
+    clean, state = model(tokens)
+    zero, state0 = model(tokens, fam_noise=jnp.zeros(shape))
+    np.testing.assert_array_equal(np.asarray(zero), np.asarray(clean))
+    # Noise on the last block's update only: no token of this chunk reads that FAM (layer 1's block-3 input
+    # read layer 0's FAM of block 2), so the logits stay and every final FAM moves by exactly noise x its RMS.
+    eps = np.zeros(shape, np.float32)
+    eps[:, :, 3] = np.random.default_rng(0).normal(size=eps[:, :, 3].shape)
+    last, state1 = model(tokens, fam_noise=jnp.asarray(0.1 * eps))
+    np.testing.assert_allclose(np.asarray(last), np.asarray(clean), atol=1e-6)
+    fam = np.asarray(state.layers.fam)
+    rms = np.sqrt(np.mean(fam ** 2, axis=-1, keepdims=True))
+    np.testing.assert_allclose(np.asarray(state1.layers.fam), fam + 0.1 * eps[:, :, 3] * rms, rtol=1e-5, atol=1e-5)
+    # Noise on block 1's update reaches the tokens of blocks 2 and 3 only.
+    eps = np.zeros(shape, np.float32)
+    eps[:, :, 1] = 0.1
+    mid, _ = model(tokens, fam_noise=jnp.asarray(eps))
+    np.testing.assert_allclose(np.asarray(mid)[:, :8], np.asarray(clean)[:, :8], atol=1e-6)
+    assert np.abs(np.asarray(mid)[:, 8:] - np.asarray(clean)[:, 8:]).max() > 1e-4
+    with pytest.raises(ValueError, match="fam_noise"):
+        model(tokens[:, :15], fam_noise=jnp.zeros(shape))

@@ -133,13 +133,17 @@ PRESETS = {
     # can stand in for it). fam.keep_norm (not in the paper): every update rescales each FAM row to its
     # previous norm, so the recurrence cannot drift outward as fam_drift.py found. fam.null_slot (not in the
     # paper): FAM queries also see a zero key/value, so a block of filler can leave the FAM nearly unchanged.
-    # fam_f32: the spec with F = 32 rows instead of 8 (the paper uses 64).
+    # fam_f32: the spec with F = 32 rows instead of 8 (the paper uses 64). fam.noise (training only, not in
+    # the paper): Gaussian noise of that std relative to each FAM row's RMS after every update, so the memory
+    # must store the key robustly and learn to correct small errors rather than merely hold them.
     "variants": {
         "models": {
             "fam": FAM,
             "fam_keep_norm": (FAM[0], {"fam.keep_norm": True}),
             "fam_null_slot": (FAM[0], {"fam.null_slot": True}),
             "fam_f32": (FAM[0], {"fam.fam_len": 32}),
+            "fam_noise_0.1": (FAM[0], {"fam.noise": 0.1}),
+            "fam_noise_0.3": (FAM[0], {"fam.noise": 0.3}),
         },
         "stages": [{"steps": 900, **MAKE_TRAIN}],
         "eval": {**EVAL, "multipliers": (1, 2, 4, 8, 16, 32, 64), "examples": 32},

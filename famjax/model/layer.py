@@ -97,10 +97,11 @@ class DecoderLayer(nnx.Module):
         a = fam + self.attn.out(heads).astype(jnp.float32)
         return a + self.ffn(a).astype(jnp.float32)
 
-    def __call__(self, x, cache: LayerCache, chunk: Chunk, initial_fam=None):
+    def __call__(self, x, cache: LayerCache, chunk: Chunk, initial_fam=None, fam_noise=None):
         """Returns (layer output [b, G, d], (cache after the chunk, diagnostics or None)).
 
-        x: grid input [b, G, d]; initial_fam: this layer's initial FAM [F, d], needed for chunk.resets.
+        x: grid input [b, G, d]; initial_fam: this layer's initial FAM [F, d], needed for chunk.resets;
+        fam_noise: None or [b, nb, F, d], relative noise added to the FAM after each block (training only).
         """
         cfg = self.cfg
         h = self.norm1(x, cfg.compute_dtype)
@@ -110,7 +111,7 @@ class DecoderLayer(nnx.Module):
         if cfg.attention == "full":
             heads, cache = self._full_attention(q, k, v, cache, chunk)
         else:
-            heads, cache, diagnostics = self._block_attention(q, k, v, cache, chunk, initial_fam)
+            heads, cache, diagnostics = self._block_attention(q, k, v, cache, chunk, initial_fam, fam_noise)
         a = x + self.attn.out(heads).astype(x.dtype)
         return constrain(a + self.ffn(a).astype(x.dtype), "batch", None, "embed"), (cache, diagnostics)
 
@@ -130,7 +131,7 @@ class DecoderLayer(nnx.Module):
                 buffer, new[:, None].astype(buffer.dtype), chunk.start)
         return heads, cache.replace(mem_k=write(cache.mem_k, k), mem_v=write(cache.mem_v, v))
 
-    def _block_attention(self, q, k, v, cache, chunk, initial_fam):
+    def _block_attention(self, q, k, v, cache, chunk, initial_fam, fam_noise=None):
         """BSWA (+ FAM) attention of every grid block in parallel; returns (heads [b, G, H, hd], cache,
         diagnostics or None)."""
         cfg = self.cfg
@@ -151,7 +152,7 @@ class DecoderLayer(nnx.Module):
                                                      ops.memory_windows(ext_v, m, nb)))]
         fam_state, diagnostics = (cache.fam, cache.fam_k, cache.fam_v), None
         if cfg.num_fam:
-            fam_state, fam_read, fam_aux = self._fam_scan(cache, kb, vb, chunk, initial_fam)
+            fam_state, fam_read, fam_aux = self._fam_scan(cache, kb, vb, chunk, initial_fam, fam_noise)
             segments.append((*fam_read, None))
         segments.append((kb, vb, chunk.own_mask))
         heads = ops.segment_attention(qb, segments, return_probs=chunk.collect)
@@ -174,7 +175,7 @@ class DecoderLayer(nnx.Module):
         return heads, cache.replace(mem_k=mem_k, mem_v=mem_v, cur_k=cur_k, cur_v=cur_v,
                                     fam=fam, fam_k=fam_k, fam_v=fam_v), diagnostics
 
-    def _fam_scan(self, cache, kb, vb, chunk, initial_fam):
+    def _fam_scan(self, cache, kb, vb, chunk, initial_fam, noise=None):
         """FAM recurrence over the grid blocks; returns ((fam, fam_k, fam_v) after, FAM K/V each block read,
         diagnostics or None)."""
         cfg = self.cfg
@@ -201,6 +202,6 @@ class DecoderLayer(nnx.Module):
         carry = (cache.fam, chunk.is_initial, cache.fam_k, cache.fam_v)
         out = ops.fam_scan(carry, kb, vb, chunk.completes, chunk.block_index, update_fn=update_fn, kv_fn=kv_fn,
                            all_complete=chunk.all_complete, resets=chunk.resets, initial=initial,
-                           collect=chunk.collect, stop_gradient=cfg.fam_stop_gradient)
+                           collect=chunk.collect, stop_gradient=cfg.fam_stop_gradient, noise=noise)
         (fam, _, fam_k, fam_v), read = out[:2]
         return (fam, fam_k, fam_v), read, (out[2] if chunk.collect else None)

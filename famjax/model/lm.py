@@ -108,7 +108,8 @@ class FamLM(nnx.Module):
         return self._scan_layers(body, None, fam)[1]
 
     # ---------------------------------------------------------------- forward
-    def __call__(self, tokens, state: FamState | None = None, *, segment_start=None, position_offset=None):
+    def __call__(self, tokens, state: FamState | None = None, *, segment_start=None, position_offset=None,
+                 fam_noise=None):
         """Returns (logits float32 [b, T, vocab], state after the chunk).
 
         tokens: int [b, T], any T >= 1 (a whole sequence, a block, one token: one code path);
@@ -118,9 +119,13 @@ class FamLM(nnx.Module):
             state; attention "bswa"/"fam"): its tokens see nothing of the previous example, its FAM restarts
             from the initial FAM and its positions from 0;
         position_offset: int [b] added to every RoPE position of the row (training's random offset; pass the
-            same value on every call of a stream).
+            same value on every call of a stream);
+        fam_noise: None, or float [L, b, T / B, F, d] for a chunk of whole blocks from an aligned state (training):
+            after each block's update, FAM row r of layer l gets fam_noise[l, :, block, r] x its own RMS
+            (stop-gradient) added (training-time state noise, fam.noise; not in the paper).
         """
-        logits, state, _ = self._forward(tokens, state, segment_start, position_offset, collect=False)
+        logits, state, _ = self._forward(tokens, state, segment_start, position_offset, collect=False,
+                                         fam_noise=fam_noise)
         return logits, state
 
     def inspect(self, tokens, state: FamState | None = None, *, position_offset=None):
@@ -139,7 +144,7 @@ class FamLM(nnx.Module):
         logits, state, diagnostics = self._forward(tokens, state, None, position_offset, collect=True)
         return dict(diagnostics, logits=logits, state=state)
 
-    def _forward(self, tokens, state, segment_start, position_offset, collect):
+    def _forward(self, tokens, state, segment_start, position_offset, collect, fam_noise=None):
         cfg = self.cfg
         tokens = jnp.asarray(tokens)
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer) or tokens.shape[1] < 1:
@@ -176,6 +181,11 @@ class FamLM(nnx.Module):
                                   fam_v=jnp.where(sel, fam_v, cache.fam_v))
 
         chunk, new_pos, is_initial, aligned_after = self._chunk(state, t, offset, fresh, inner_resets, collect)
+        if fam_noise is not None:
+            want = (cfg.num_layers, b, chunk.num_blocks, cfg.num_fam, cfg.d_model)
+            if not chunk.all_complete or tuple(jnp.shape(fam_noise)) != want:
+                raise ValueError(f"fam_noise needs a chunk of whole blocks from an aligned state and shape {want}, "
+                                 f"got {tuple(jnp.shape(fam_noise))}")
         x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype)
         if cfg.embed_scale:
             x = x * jnp.asarray(cfg.d_model ** 0.5, cfg.compute_dtype)
@@ -183,10 +193,10 @@ class FamLM(nnx.Module):
             x = ops.to_grid(x, chunk.phase, chunk.num_blocks, cfg.block_size)
         x = constrain(x, "batch", None, "embed")
 
-        def body(layer, x, layer_cache, layer_initial_fam):
-            return layer(x, layer_cache, chunk, layer_initial_fam)
+        def body(layer, x, layer_cache, layer_initial_fam, layer_noise):
+            return layer(x, layer_cache, chunk, layer_initial_fam, layer_noise)
         per_layer_fam = initial_fam if inner_resets is not None else None
-        x, (cache, diagnostics) = self._scan_layers(body, x, cache, per_layer_fam, remat=True)
+        x, (cache, diagnostics) = self._scan_layers(body, x, cache, per_layer_fam, fam_noise, remat=True)
 
         h = self.final_norm(x if chunk.compact else ops.from_grid(x, chunk.phase, t), cfg.compute_dtype)
         head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]

@@ -52,7 +52,7 @@ def fam_update(fam, is_initial, fam_k, fam_v, block_k, block_v, *, query_fn, out
 
 
 def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv_fn, all_complete: bool,
-             resets=None, initial=None, collect: bool = False, stop_gradient: bool = False):
+             resets=None, initial=None, collect: bool = False, stop_gradient: bool = False, noise=None):
     """Runs the FAM over the blocks of a chunk; returns (final carry, what each block's tokens read[, aux]).
 
     carry: (fam [b, F, d] f32, is_initial bool [b], fam_k, fam_v [b, F, KV, hd]) before grid block 0;
@@ -66,16 +66,21 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
     collect: return per-block diagnostics (requires all_complete): FAM attention [b, nb, H, F, F + B] and the
     norm of every FAM row after the block [b, nb, F];
     stop_gradient: the FAM passed on to the next block carries no gradient back (the paper's ablation: the
-    memory then learns nothing beyond one block).
+    memory then learns nothing beyond one block);
+    noise: None or float [b, nb, F, d] (requires all_complete): after block j's update every FAM row gets
+    noise[:, j] x its RMS (stop-gradient) added, before it is passed on (training-time state noise).
     Returns carry after the chunk and (fam_k, fam_v) [b, nb, F, KV, hd]: what the tokens of block j read.
     """
-    if collect and not all_complete:
-        raise ValueError("FAM diagnostics need a chunk of whole blocks from an aligned state")
+    if (collect or noise is not None) and not all_complete:
+        raise ValueError("FAM diagnostics and FAM noise need a chunk of whole blocks from an aligned state")
 
-    def update(state, k, v, done, index):
+    def update(state, k, v, done, index, eps=None):
         fam, is_initial, fk, fv = state
         new = update_fn(fam, is_initial, fk, fv, k, v, index)
         new, probs = new if collect else (new, None)
+        if eps is not None:
+            rms = jax.lax.stop_gradient(jnp.sqrt(jnp.mean(jnp.square(new), axis=-1, keepdims=True)))
+            new = new + eps.astype(new.dtype) * rms
         if stop_gradient:
             new = jax.lax.stop_gradient(new)
         nk, nv = kv_fn(new, index)
@@ -85,7 +90,7 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
         return state, probs
 
     def step(state, xs):
-        k, v, done, index, reset = xs
+        k, v, done, index, reset, eps = xs
         if reset is not None:
             fam0, k0, v0 = initial
             r3, r4 = reset[:, None, None], reset[:, None, None, None]
@@ -93,7 +98,7 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
                      jnp.where(r4, k0, state[2]), jnp.where(r4, v0, state[3]))
         read = state[2:]
         if all_complete:
-            state, probs = update(state, k, v, done, index)
+            state, probs = update(state, k, v, done, index, eps)
         else:
             # Decode and small chunks rarely complete a block: skip the F-row layer unless one does.
             state = jax.lax.cond(jnp.any(done), lambda *a: update(*a)[0], lambda s, *_: s,
@@ -103,7 +108,7 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
         return state, (read, aux)
 
     xs = tuple(None if a is None else jnp.moveaxis(a, 1, 0)
-               for a in (blocks_k, blocks_v, completes, block_index, resets))
+               for a in (blocks_k, blocks_v, completes, block_index, resets, noise))
     carry, ((fk, fv), aux) = jax.lax.scan(step, carry, xs)
     read = (jnp.moveaxis(fk, 0, 1), jnp.moveaxis(fv, 0, 1))
     if collect:

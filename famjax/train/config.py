@@ -107,6 +107,8 @@ def validate(cfg: ml_collections.ConfigDict, *, process_count: int = 1) -> None:
         err(f"fam.rpo must be True or False, got {fam.rpo!r}")
     if float(fam.get("norm_penalty", 0.0)) < 0:
         err(f"fam.norm_penalty must be >= 0, got {fam.norm_penalty}")
+    if float(fam.get("noise", 0.0)) < 0:
+        err(f"fam.noise must be >= 0, got {fam.noise}")
 
     # data
     try:

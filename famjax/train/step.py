@@ -17,7 +17,7 @@ from famjax.train.optim import schedule
 from famjax.train.state import TrainState
 
 # Random streams per step: fold_in(fold_in(rng, step), purpose).
-_RPO, _RSP = 1, 2
+_RPO, _RSP, _NOISE = 1, 2, 3
 
 
 def cross_entropy(logits, targets, mask, z_loss: float = 0.0):
@@ -60,14 +60,14 @@ def passkey_exact(pred, targets, answer_mask, segment_start, block_size: int):
     return jnp.sum(any_answer & ~any_wrong), jnp.sum(any_answer)
 
 
-def _forward(graphdef, params, batch, state: FamState, offset, *, streaming: bool):
-    """Returns (logits, state after) of one chunk of rows."""
+def _forward(graphdef, params, batch, state: FamState, offset, noise, *, streaming: bool):
+    """Returns (logits, state after) of one chunk of rows; noise: fam_noise of the model call (or None)."""
     model = nnx.merge(graphdef, params)
     ss = batch["segment_start"]
     if not streaming:
         # The row's first example starts from `state` (fresh, or the RSP FAM); later ones restart there.
         ss = ss.at[:, 0].set(False) if ss.ndim == 2 else None
-    return model(batch["tokens"], state, segment_start=ss, position_offset=offset)
+    return model(batch["tokens"], state, segment_start=ss, position_offset=offset, fam_noise=noise)
 
 
 def _rows(tree, k: int, axis_of):
@@ -115,10 +115,11 @@ def make_train_step(cfg, graphdef, tx: optax.GradientTransformation, *, streamin
     rsp_p = float(cfg.fam.rsp_prob) if mcfg.num_fam else 0.0
     rpo = bool(cfg.fam.rpo)
     norm_penalty = float(cfg.fam.get("norm_penalty", 0.0)) if mcfg.num_fam else 0.0
+    fam_noise = float(cfg.fam.get("noise", 0.0)) if mcfg.num_fam and mcfg.attention == "fam" else 0.0
     lr_fn = schedule(cfg.train)
 
-    def micro_loss(params, batch, state0, offset, denom, rows):
-        logits, state = _forward(graphdef, params, batch, state0, offset, streaming=streaming)
+    def micro_loss(params, batch, state0, offset, noise, denom, rows):
+        logits, state = _forward(graphdef, params, batch, state0, offset, noise, streaming=streaming)
         ce, zl, _, correct, count = cross_entropy(logits, batch["targets"], batch["loss_mask"], z_loss)
         # fam.norm_penalty: mean(FAM^2) of each row's final FAM [L, b, F, d], averaged over the whole batch.
         pen = (norm_penalty * jnp.sum(jnp.mean(jnp.square(state.layers.fam), axis=(0, 2, 3))) / rows
@@ -152,16 +153,21 @@ def make_train_step(cfg, graphdef, tx: optax.GradientTransformation, *, streamin
                        ("tokens", "targets", "loss_mask", "segment_start")}
         if offset is None:
             offset = jnp.zeros((rows,), jnp.int32)
+        noise = None
+        if fam_noise:  # fam.noise: [L, rows, blocks, F, d], relative to each FAM row's RMS
+            shape = (mcfg.num_layers, rows, batch["tokens"].shape[1] // mcfg.block_size, mcfg.num_fam, mcfg.d_model)
+            noise = fam_noise * jax.random.normal(jax.random.fold_in(key, _NOISE), shape, jnp.float32)
 
         if k == 1:
-            grads, (ce, zl, pen, correct, count, state) = grad_fn(ts.params, micro_batch, state0, offset, denom,
-                                                                   rows)
+            grads, (ce, zl, pen, correct, count, state) = grad_fn(ts.params, micro_batch, state0, offset, noise,
+                                                                   denom, rows)
         else:
-            xs = (_rows(micro_batch, k, lambda _: 0), _split_state(state0, k), _rows(offset, k, lambda _: 0))
+            xs = (_rows(micro_batch, k, lambda _: 0), _split_state(state0, k), _rows(offset, k, lambda _: 0),
+                  _rows(noise, k, lambda _: 1))
 
             def body(acc, x):
-                mb, st, off = x
-                g, aux = grad_fn(ts.params, mb, st, off, denom, rows)
+                mb, st, off, nz = x
+                g, aux = grad_fn(ts.params, mb, st, off, nz, denom, rows)
                 return jax.tree.map(jnp.add, acc, g), aux
 
             zero = jax.tree.map(jnp.zeros_like, ts.params)
@@ -200,7 +206,7 @@ def make_eval_step(cfg, graphdef, *, streaming: bool):
         rows = batch["tokens"].shape[0]
         model = nnx.merge(graphdef, params)
         state0 = stream if streaming else model.init_state(rows)
-        logits, state = _forward(graphdef, params, batch, state0, None, streaming=streaming)
+        logits, state = _forward(graphdef, params, batch, state0, None, None, streaming=streaming)
         ce, _, w, correct, count = cross_entropy(logits, batch["targets"], batch["loss_mask"])
         sums = {"loss_sum": ce, "weight": w, "correct": correct, "count": count.astype(jnp.float32)}
         if "answer_mask" in batch and not streaming:
