@@ -135,7 +135,9 @@ PRESETS = {
     # paper): FAM queries also see a zero key/value, so a block of filler can leave the FAM nearly unchanged.
     # fam_f32: the spec with F = 32 rows instead of 8 (the paper uses 64). fam.noise (training only, not in
     # the paper): Gaussian noise of that std relative to each FAM row's RMS after every update, so the memory
-    # must store the key robustly and learn to correct small errors rather than merely hold them.
+    # must store the key robustly and learn to correct small errors rather than merely hold them. fam_b16: the
+    # spec with blocks of 16 tokens, so the same filler is twice as many FAM updates in training and in eval;
+    # fam_b8: blocks of 8.
     "variants": {
         "models": {
             "fam": FAM,
@@ -144,9 +146,27 @@ PRESETS = {
             "fam_f32": (FAM[0], {"fam.fam_len": 32}),
             "fam_noise_0.1": (FAM[0], {"fam.noise": 0.1}),
             "fam_noise_0.3": (FAM[0], {"fam.noise": 0.3}),
+            "fam_b16": (FAM[0], {"model.block_size": 16}),
+            "fam_b8": (FAM[0], {"model.block_size": 8}),
         },
         "stages": [{"steps": 900, **MAKE_TRAIN}],
         "eval": {**EVAL, "multipliers": (1, 2, 4, 8, 16, 32, 64), "examples": 32},
+    },
+    # A longer curriculum (the prototype's direction): the `make train` model (N = 90) fine-tuned in four
+    # stages up to N = 4096 filler tokens (~128 FAM updates between key and question at most, against ~3 at
+    # N = 90), ~8k tokens per step throughout (8000 training examples per long stage: enough for 200 steps,
+    # and quick to prepare). Does the extrapolation ratio grow with the trained horizon?
+    "long": {
+        "models": {"fam_long": (FAM[0], {}, "runs/passkey_tiny")},
+        "stages": [
+            {"steps": 200, "data.passkey.train_filler_max": 360, "data.seq_len": 448, "data.batch_size": 16,
+             "train.learning_rate": 1e-3, "train.schedule": "constant"},
+            {"steps": 200, "data.passkey.train_filler_max": 1024, "data.seq_len": 1120, "data.batch_size": 8,
+             "train.learning_rate": 5e-4, "data.passkey.train_examples": 8000},
+            {"steps": 200, "data.passkey.train_filler_max": 2048, "data.seq_len": 2144, "data.batch_size": 4},
+            {"steps": 200, "data.passkey.train_filler_max": 4096, "data.seq_len": 4192, "data.batch_size": 2},
+        ],
+        "eval": {**EVAL, "multipliers": (1, 2, 4, 8, 16), "examples": 32},
     },
     # Random state passing as a fine-tune of the finished `make train` model (runs/passkey_tiny), with an
     # equal fine-tune without RSP as the control; same data (N = 180), lr 1e-3 constant.

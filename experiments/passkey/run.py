@@ -13,7 +13,7 @@ through famjax.evals.evaluate_passkey, where N is the longest filler of the last
 <out>/passkey.{json,csv,md,png}. Re-running skips stages whose workdir already holds the final step
 (use --retrain to redo them). Each model is evaluated right after its training and the table is
 rewritten, so an interrupted run keeps the models done so far. --eval_only --examples=K re-evaluates
-trained stages into passkey_Kex.*.
+trained stages into passkey_Kex.*; --stages=K stops after (or evaluates) stage K, into passkey_stageK*.
 """
 from __future__ import annotations
 
@@ -130,6 +130,8 @@ def main() -> None:
                    help="workdir of a trained FAM run (e.g. `make train`'s runs/passkey_tiny) that the fam* "
                         "models fine-tune from; default: the preset's choice")
     p.add_argument("--examples", type=int, default=0, help="examples per length (default: the preset's)")
+    p.add_argument("--stages", type=int, default=0,
+                   help="use only the preset's first K stages (train and evaluate after stage K; N from them)")
     p.add_argument("--retrain", action="store_true")
     p.add_argument("--eval_only", action="store_true", help="evaluate the stages already trained")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -141,6 +143,10 @@ def main() -> None:
     extra = dict(kv.split("=", 1) for kv in args.set)
     t_start = time.time()
     preset = PRESETS[args.preset]
+    if args.stages:
+        if not 1 <= args.stages <= len(preset["stages"]):
+            p.error(f"--stages must be in 1..{len(preset['stages'])} for preset {args.preset}, got {args.stages}")
+        preset = {**preset, "stages": preset["stages"][:args.stages]}
     out = os.path.abspath(args.out)
     models = preset["models"]
     if args.models:
@@ -157,7 +163,8 @@ def main() -> None:
             for k in range(1, len(preset["stages"]) + 1))
     lengths = [n * m for m in ev["multipliers"]]
     rows, train_s, eval_s, examples = [], {}, {}, None
-    stem = os.path.join(out, "passkey" + (f"_{args.examples}ex" if args.examples else ""))
+    stem = os.path.join(out, "passkey" + (f"_stage{args.stages}" if args.stages else "")
+                        + (f"_{args.examples}ex" if args.examples else ""))
     for name, spec in models.items():  # train, evaluate and write the table after every model
         config, overrides = spec[0], spec[1]
         init_from = spec[2] if len(spec) > 2 else None
