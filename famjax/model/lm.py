@@ -131,7 +131,8 @@ class FamLM(nnx.Module):
     def inspect(self, tokens, state: FamState | None = None, *, position_offset=None):
         """Returns per-block FAM diagnostics of one call (whole blocks, aligned state), each stacked over layers:
 
-        fam_probs: float32 [L, b, nb, H, F, F + B] attention of FAM queries over [previous FAM, whole block];
+        fam_probs: float32 [L, b, nb, H, F, F + B] attention of FAM queries over [previous FAM, whole block]
+            (F + B + 1 with fam_null_slot: the zero slot last);
         token_fam_mass: float32 [L, b, nb, B, H] attention mass each block token puts on the previous FAM;
         fam_norm: float32 [L, b, nb, F] L2 norm of every FAM row after each block; plus logits and state.
         """

@@ -63,8 +63,8 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
     all_complete: static promise that every block completes (training), which skips the per-block branch;
     resets: None or bool [b, nb], a new segment starts at the block: the carry restarts from `initial`,
     (fam, fam_k, fam_v) of the initial FAM, before the block is read (packed rows);
-    collect: return per-block diagnostics (requires all_complete): FAM attention [b, nb, H, F, F + B] and the
-    norm of every FAM row after the block [b, nb, F];
+    collect: return per-block diagnostics (requires all_complete): FAM attention [b, nb, H, F, F + B] (one
+    more column with a null slot) and the norm of every FAM row after the block [b, nb, F];
     stop_gradient: the FAM passed on to the next block carries no gradient back (the paper's ablation: the
     memory then learns nothing beyond one block);
     noise: None or float [b, nb, F, d] (requires all_complete): after block j's update every FAM row gets
