@@ -137,7 +137,9 @@ PRESETS = {
     # the paper): Gaussian noise of that std relative to each FAM row's RMS after every update, so the memory
     # must store the key robustly and learn to correct small errors rather than merely hold them. fam_b16: the
     # spec with blocks of 16 tokens, so the same filler is twice as many FAM updates in training and in eval;
-    # fam_b8: blocks of 8.
+    # fam_b8: blocks of 8. *_key_start: trained with the key always at the start of the filler, so every
+    # training example spans the whole distance from key to question (with the key anywhere, most distances are
+    # short); evaluated like the others, with the key anywhere.
     "variants": {
         "models": {
             "fam": FAM,
@@ -148,9 +150,12 @@ PRESETS = {
             "fam_noise_0.3": (FAM[0], {"fam.noise": 0.3}),
             "fam_b16": (FAM[0], {"model.block_size": 16}),
             "fam_b8": (FAM[0], {"model.block_size": 8}),
+            "fam_key_start": (FAM[0], {"data.passkey.key_position": "start"}),
+            "fam_b16_key_start": (FAM[0], {"model.block_size": 16, "data.passkey.key_position": "start"}),
         },
         "stages": [{"steps": 900, **MAKE_TRAIN}],
-        "eval": {**EVAL, "multipliers": (1, 2, 4, 8, 16, 32, 64), "examples": 32},
+        # the key anywhere in the filler, whatever the model was trained with
+        "eval": {**EVAL, "multipliers": (1, 2, 4, 8, 16, 32, 64), "examples": 32, "key_position": "uniform"},
     },
     # A longer curriculum (the prototype's direction): the `make train` model (N = 90) fine-tuned in four
     # stages up to N = 4096 filler tokens (~128 FAM updates between key and question at most, against ~3 at

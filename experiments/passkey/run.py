@@ -91,8 +91,9 @@ def train_model(name: str, config: str, overrides: dict, stages: list[dict], out
     return prev, longest, seconds
 
 
-def eval_examples(data_cfg, lengths, count: int, seed: int):
-    """{length: [(prompt, answer, length)]}: fresh PassKey examples made here (not the training splits)."""
+def eval_examples(data_cfg, lengths, count: int, seed: int, key_position: str | None = None):
+    """{length: [(prompt, answer, length)]}: fresh PassKey examples made here (not the training splits), with the
+    key placed as `key_position` says (default: as the model's training data placed it)."""
     from famjax.data import passkey as pk
     from famjax.data.tokenizers import make_tokenizer
 
@@ -101,7 +102,7 @@ def eval_examples(data_cfg, lengths, count: int, seed: int):
     for n in lengths:
         pairs = pk.make_pairs(tok, np.random.default_rng([seed, n]), filler_len=n, count=count,
                               key_digits=int(data_cfg.passkey.key_digits),
-                              key_position=data_cfg.passkey.key_position)
+                              key_position=key_position or data_cfg.passkey.key_position)
         out[n] = [(prompt, answer, n) for prompt, answer in pairs]
     return out
 
@@ -179,7 +180,7 @@ def main() -> None:
         train_s[name] = secs
         model, cfg = restore_model(wd)
         if examples is None:
-            examples = eval_examples(cfg.data, lengths, int(ev["examples"]), int(ev["seed"]))
+            examples = eval_examples(cfg.data, lengths, int(ev["examples"]), int(ev["seed"]), ev.get("key_position"))
         t0 = time.time()
         for ln in lengths:
             t1 = time.time()
