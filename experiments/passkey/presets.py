@@ -157,6 +157,22 @@ PRESETS = {
         # the key anywhere in the filler, whatever the model was trained with
         "eval": {**EVAL, "multipliers": (1, 2, 4, 8, 16, 32, 64), "examples": 32, "key_position": "uniform"},
     },
+    # The same trained models (run `variants` first, same --out) evaluated with the key always at the start of
+    # the filler: every prompt then spans the full distance from key to question.
+    "variants_start": {
+        "models": {},  # filled below from `variants`
+        "stages": [{"steps": 900, **MAKE_TRAIN}],
+        "eval": {**EVAL, "multipliers": (1, 2, 4, 8, 16, 32, 64), "examples": 32, "key_position": "start"},
+    },
+    # The key-at-start model of `variants` (N = 90) fine-tuned on filler up to N = 180, key still at the start,
+    # 400 steps; evaluated with the key at the start at multiples of 180.
+    "key_start_180": {
+        "models": {"fam_key_start_180": (FAM[0], {"data.passkey.key_position": "start"},
+                                         "runs/passkey_variants/fam_key_start/stage1")},
+        "stages": [{"steps": 400, "data.passkey.train_filler_min": 16, "data.passkey.train_filler_max": 180,
+                    "data.seq_len": 288, "data.batch_size": 32, "train.learning_rate": 1e-3}],
+        "eval": {**EVAL, "multipliers": (1, 2, 4, 8, 16), "examples": 64, "key_position": "start"},
+    },
     # A longer curriculum (the prototype's direction): the `make train` model (N = 90) fine-tuned in four
     # stages up to N = 4096 filler tokens (~128 FAM updates between key and question at most, against ~3 at
     # N = 90), ~8k tokens per step throughout (8000 training examples per long stage: enough for 200 steps,
@@ -196,6 +212,8 @@ PRESETS = {
         "eval": {"multipliers": (1, 2, 4), "examples": 2, "chunk_size": 512, "batch_size": 2, "seed": 1234},
     },
 }
+
+PRESETS["variants_start"]["models"] = dict(PRESETS["variants"]["models"])
 
 
 def stage_options(overrides: dict, stages: list[dict], k: int) -> dict:
