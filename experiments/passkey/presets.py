@@ -1,11 +1,13 @@
 """Presets of the PassKey extrapolation experiment (issue 6): which models, which curriculum, which eval.
 
 A preset is a dict:
-  models:  name -> (config file, {config override: value}) ; every model gets the same curriculum
+  models:  name -> (config file, {config override: value}[, init workdir]); every model gets the same
+           curriculum; with an init workdir stage 1 fine-tunes from that run's newest checkpoint
   stages:  list of {config override: value} applied in order; stage k fine-tunes from stage k-1's checkpoint
            ("steps" is the number of optimizer steps of that stage, not the cumulative count)
   eval:    multipliers of N (N = the longest training filler of the last stage), examples per length,
-           chunk_size / batch_size of the streaming evaluator, seed of the eval examples
+           chunk_size / batch_size of the streaming evaluator, seed of the eval examples, and optionally
+           key_position ("uniform" | "start" | "end"; default: as the model's training data placed the key)
 """
 
 FAM = ("configs/passkey_tiny.py", {})
