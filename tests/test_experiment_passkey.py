@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,3 +29,22 @@ def test_run_smoke_preset_writes_table_and_plot(tmp_path):
     assert (tmp_path / "data" / "famjax_passkey").is_dir()
     with pytest.raises(subprocess.CalledProcessError):
         subprocess.run(cmd[:2] + ["--set=nonsense"], cwd=REPO, env=env, capture_output=True, check=True)
+
+
+def test_eval_examples_place_the_key_as_asked():
+    sys.path.insert(0, os.path.join(REPO, "experiments", "passkey"))
+    from run import eval_examples
+
+    from famjax.train.config import sibling_config
+
+    data_cfg = sibling_config(os.path.join(REPO, "configs", "x.py"), "default").get_config().data
+    assert data_cfg.passkey.key_position == "uniform"
+    lengths = (90, 180)
+    start = eval_examples(data_cfg, lengths, 16, 7, "start")
+    anywhere = eval_examples(data_cfg, lengths, 16, 7)
+    for n in lengths:
+        # With the key at the start, the key's first token sits at the same offset in every prompt.
+        first = {int(np.flatnonzero(prompt == answer[0])[0]) for prompt, answer, _ in start[n]}
+        assert len(first) == 1
+        where = {int(np.flatnonzero(prompt == answer[0])[0]) for prompt, answer, _ in anywhere[n]}
+        assert len(where) > 1 and min(where) >= min(first)
