@@ -159,13 +159,6 @@ PRESETS = {
         # the key anywhere in the filler, whatever the model was trained with
         "eval": {**EVAL, "multipliers": (1, 2, 4, 8, 16, 32, 64), "examples": 32, "key_position": "uniform"},
     },
-    # The same trained models (run `variants` first, same --out) evaluated with the key always at the start of
-    # the filler: every prompt then spans the full distance from key to question.
-    "variants_start": {
-        "models": {},  # filled below from `variants`
-        "stages": [{"steps": 900, **MAKE_TRAIN}],
-        "eval": {**EVAL, "multipliers": (1, 2, 4, 8, 16, 32, 64), "examples": 32, "key_position": "start"},
-    },
     # The key-at-start model of `variants` (N = 90) fine-tuned on filler up to N = 180, key still at the start,
     # 400 steps; evaluated with the key at the start at multiples of 180.
     "key_start_180": {
@@ -215,7 +208,10 @@ PRESETS = {
     },
 }
 
-PRESETS["variants_start"]["models"] = dict(PRESETS["variants"]["models"])
+# The models of `variants` (train them first, same --out) evaluated with the key always at the start of the
+# filler: every prompt then spans the full distance from key to question.
+PRESETS["variants_start"] = {**PRESETS["variants"],
+                             "eval": {**PRESETS["variants"]["eval"], "key_position": "start"}}
 
 
 def stage_options(overrides: dict, stages: list[dict], k: int) -> dict:
