@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# launch/local_processes.sh: N famjax processes on this one machine, joined by jax.distributed on localhost,
+# to exercise the multi-host code paths (data sharding, collectives, checkpoints) without a cluster.
+#
+# Usage: launch/local_processes.sh N CONFIG WORKDIR [famjax.main flags...]
+#   e.g. launch/local_processes.sh 2 configs/passkey_tiny.py runs/mp --config.train.steps=20
+# Process I logs to WORKDIR/process_I.log. Exits 0 when all N succeed; when one fails, stops the others
+# (SIGTERM, then SIGKILL after KILL_AFTER seconds, default 20) and exits with its status.
+# Environment: JAX_PLATFORMS (cpu unless set: each process gets 1 CPU device unless XLA_FLAGS says otherwise),
+# PYTHON (this repo's .venv/bin/python, else python3), PORT (coordinator port, default a free one),
+# MODE (train | eval | train_and_eval), DRY_RUN=1 prints the N commands instead of running them.
+set -euo pipefail
+
+prog=launch/local_processes.sh
+usage="usage: $prog N CONFIG WORKDIR [famjax.main flags...]"
+die() { echo "$prog: $*" >&2; exit 2; }
+
+case ${1:-} in -h|--help|help) sed -n '2,/^$/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
+[[ $# -ge 3 ]] || die "missing arguments; $usage"
+n=$1 config=$2 workdir=$3
+shift 3
+[[ $n =~ ^[1-9][0-9]*$ ]] || die "N must be a positive integer, got '$n'; $usage"
+[[ $workdir != gs://* ]] || die "WORKDIR $workdir: gs:// URLs are not supported; mount the bucket with gcsfuse and pass the mount path"
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+if [[ -z ${PYTHON:-} ]]; then
+  if [[ -x $repo/.venv/bin/python ]]; then PYTHON=$repo/.venv/bin/python; else PYTHON=python3; fi
+fi
+export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
+export PYTHONPATH=$repo${PYTHONPATH:+:$PYTHONPATH}
+port=${PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("localhost", 0)); print(s.getsockname()[1])')}
+
+command_for() {  # sets cmd to the famjax.main command of process $1 (extra flags after it)
+  local id=$1
+  shift
+  cmd=("$PYTHON" -m famjax.main --distributed --coordinator_address="localhost:$port" --num_processes="$n"
+       --process_id="$id" --config="$config" --workdir="$workdir" --mode="${MODE:-train}" "$@")
+}
+
+if [[ -n ${DRY_RUN:-} && ${DRY_RUN} != 0 ]]; then
+  for ((i = 0; i < n; i++)); do
+    command_for "$i" "$@"
+    printf '+ JAX_PLATFORMS=%q' "$JAX_PLATFORMS"; printf ' %q' "${cmd[@]}"
+    printf ' > %q 2>&1 &\n' "$workdir/process_$i.log"
+  done
+  exit 0
+fi
+
+mkdir -p "$workdir"
+pids=()
+any_alive() {
+  local pid
+  for pid in "$@"; do kill -0 "$pid" 2>/dev/null && return 0; done
+  return 1
+}
+stop_all() {  # SIGTERM to the processes still running, SIGKILL to those left after KILL_AFTER seconds
+  local pid t alive=()
+  for pid in "${pids[@]}"; do
+    if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then kill -TERM "$pid" 2>/dev/null || true; alive+=("$pid"); fi
+  done
+  [[ ${#alive[@]} -gt 0 ]] || return 0
+  for ((t = 0; t < ${KILL_AFTER:-20}; t++)); do
+    any_alive "${alive[@]}" || break
+    sleep 1
+  done
+  kill -KILL "${alive[@]}" 2>/dev/null || true
+  wait 2>/dev/null || true
+}
+trap stop_all EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+for ((i = 0; i < n; i++)); do
+  command_for "$i" "$@"
+  "${cmd[@]}" >"$workdir/process_$i.log" 2>&1 &
+  pids+=("$!")
+done
+echo "$prog: $n processes (coordinator localhost:$port); follow with: tail -f $workdir/process_0.log"
+
+left=$n
+while ((left > 0)); do
+  for i in "${!pids[@]}"; do
+    pid=${pids[$i]}
+    if [[ -z $pid ]] || kill -0 "$pid" 2>/dev/null; then continue; fi
+    rc=0
+    wait "$pid" || rc=$?
+    pids[i]=""
+    left=$((left - 1))
+    if ((rc != 0)); then
+      echo "$prog: process $i exited with status $rc; stopping the others. Last lines of $workdir/process_$i.log:" >&2
+      tail -n 20 "$workdir/process_$i.log" >&2 || true
+      exit "$rc"
+    fi
+  done
+  ((left == 0)) || sleep 1
+done
+echo "$prog: all $n processes finished; logs in $workdir/process_*.log"
