@@ -184,6 +184,58 @@ PRESETS = {
         ],
         "eval": {**EVAL, "multipliers": (1, 2, 4, 8, 16), "examples": 32},
     },
+    # A bounded state trained in its stationary regime: the keep_norm model of `variants` (N = 90) fine-tuned
+    # with document streams (chain 64) or with random state passing (p 0.8). Without keep_norm, streams and
+    # RSP showed the model states whose norm grows with every update (a moving target); with it the state
+    # stays on a sphere, so a long chain's state is what a long eval meets. 600 steps, lr 1e-3 continued.
+    "bounded_stream": {
+        "models": {
+            "fam_keep_norm_chain64": (FAM[0], {"fam.keep_norm": True, "data.passkey.chain": 64},
+                                      "runs/passkey_variants/fam_keep_norm/stage1"),
+            "fam_keep_norm_rsp_0.8": (FAM[0], {"fam.keep_norm": True, "fam.rsp_prob": 0.8},
+                                      "runs/passkey_variants/fam_keep_norm/stage1"),
+            # the control: the same fine-tune on single examples
+            "fam_keep_norm_ft": (FAM[0], {"fam.keep_norm": True}, "runs/passkey_variants/fam_keep_norm/stage1"),
+            # streams with the null slot switched on (it adds no weights): FAM queries may ignore a filler block
+            "fam_keep_norm_null_chain64": (FAM[0], {"fam.keep_norm": True, "fam.null_slot": True,
+                                                    "data.passkey.chain": 64},
+                                           "runs/passkey_variants/fam_keep_norm/stage1"),
+        },
+        "stages": [{"steps": 600, "train.learning_rate": 1e-3, **MAKE_TRAIN}],
+        "eval": {**EVAL, "multipliers": (1, 2, 4, 8, 16, 32, 64), "examples": 64, "key_position": "uniform"},
+    },
+    # bounded_stream's chain64 model trained 1500 steps more on streams (same data, lr 1e-3 on a new cosine):
+    # does more training lift every length, or only the short ones?
+    "bounded_stream_more": {
+        "models": {"fam_keep_norm_chain64_more": (FAM[0], {"fam.keep_norm": True, "data.passkey.chain": 64},
+                                                  "runs/passkey_bounded/fam_keep_norm_chain64/stage1"),
+                   # the control: bounded_stream's single-example fine-tune, 1500 steps more
+                   "fam_keep_norm_ft_more": (FAM[0], {"fam.keep_norm": True},
+                                             "runs/passkey_bounded/fam_keep_norm_ft/stage1")},
+        "stages": [{"steps": 1500, "train.learning_rate": 1e-3, **MAKE_TRAIN}],
+        "eval": {**EVAL, "multipliers": (1, 2, 4, 8, 16, 32, 64), "examples": 64, "key_position": "uniform"},
+    },
+    # bounded_stream_more's model, 3000 steps more on streams (continued cosine): does the curve keep rising?
+    "bounded_stream_more2": {
+        "models": {"fam_keep_norm_chain64_more2": (FAM[0], {"fam.keep_norm": True, "data.passkey.chain": 64},
+                                                   "runs/passkey_bounded_more/fam_keep_norm_chain64_more/stage1")},
+        "stages": [{"steps": 3000, "train.learning_rate": 1e-3, **MAKE_TRAIN}],
+        "eval": {**EVAL, "multipliers": (1, 2, 4, 8, 16, 32, 64), "examples": 64, "key_position": "uniform"},
+    },
+    # The whole bounded-stream recipe in one command, from scratch (what bounded_stream -> _more -> _more2 ran
+    # in pieces): the `make train` recipe with fam.keep_norm (900 steps), then document streams of 64 examples
+    # at lr 1e-3 for 600, 1500 and 3000 steps (each stage a new cosine to 1e-4 over the cumulative steps).
+    # About 45 min of training on the 2-core CPU.
+    "stream_recipe": {
+        "models": {"fam_keep_norm_stream": (FAM[0], {"fam.keep_norm": True})},
+        "stages": [
+            {"steps": 900, **MAKE_TRAIN},
+            {"steps": 600, "data.passkey.chain": 64, "train.learning_rate": 1e-3},
+            {"steps": 1500},
+            {"steps": 3000},
+        ],
+        "eval": {**EVAL, "multipliers": (1, 2, 4, 8, 16, 32, 64), "examples": 64, "key_position": "uniform"},
+    },
     # Random state passing as a fine-tune of the finished `make train` model (runs/passkey_tiny), with an
     # equal fine-tune without RSP as the control; same data (N = 180), lr 1e-3 constant.
     "rsp_finetune": {
