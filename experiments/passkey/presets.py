@@ -274,3 +274,7 @@ def stage_options(overrides: dict, stages: list[dict], k: int) -> dict:
         opts.update({key: v for key, v in st.items() if key != "steps"})
     return opts
 
+# bounded_stream_more2's model evaluated with the key always at the start of the filler (holding only).
+PRESETS["bounded_stream_more2_start"] = {**PRESETS["bounded_stream_more2"],
+                                         "eval": {**PRESETS["bounded_stream_more2"]["eval"], "key_position": "start"}}
+
