@@ -96,3 +96,17 @@ def test_fam_noise_is_added_after_each_update_relative_to_the_row():
     assert np.abs(np.asarray(mid)[:, 8:] - np.asarray(clean)[:, 8:]).max() > 1e-4
     with pytest.raises(ValueError, match="fam_noise"):
         model(tokens[:, :15], fam_noise=jnp.zeros(shape))
+
+
+def test_fam_noise_keeps_row_norms_under_keep_norm():
+    """With fam.keep_norm a noised row is rescaled to its pre-noise norm: noise turns rows, never grows them."""
+    model, cfg, _ = make_model(seed=4, **BASE, fam_keep_norm=True)
+    tokens = random_tokens(2, 16, cfg.vocab_size, seed=6)  # 4 whole blocks
+    shape = (cfg.num_layers, 2, 4, cfg.num_fam, cfg.d_model)
+    clean, state = model(tokens)
+    eps = 0.5 * np.random.default_rng(1).normal(size=shape).astype(np.float32)
+    noisy, state1 = model(tokens, fam_noise=jnp.asarray(eps))
+    norms = np.linalg.norm(np.asarray(state.layers.fam), axis=-1)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(state1.layers.fam), axis=-1), norms, rtol=1e-5)
+    assert np.abs(np.asarray(state1.layers.fam) - np.asarray(state.layers.fam)).max() > 1e-2  # yet it moved
+    assert np.abs(np.asarray(noisy) - np.asarray(clean)).max() > 1e-4

@@ -278,3 +278,16 @@ def stage_options(overrides: dict, stages: list[dict], k: int) -> dict:
 PRESETS["bounded_stream_more2_start"] = {**PRESETS["bounded_stream_more2"],
                                          "eval": {**PRESETS["bounded_stream_more2"]["eval"], "key_position": "start"}}
 
+# bounded_stream_more2's model (it writes keys into aged FAMs) fine-tuned 1500 steps more on streams with state
+# noise 0.3 (the variant that held a key at the start longest): can it also hold longer? And the same model
+# evaluated with the key at the start.
+PRESETS["bounded_stream_noise"] = {
+    "models": {"fam_keep_norm_chain64_noise_0.3": (
+        FAM[0], {"fam.keep_norm": True, "data.passkey.chain": 64, "fam.noise": 0.3},
+        "runs/passkey_bounded_more2/fam_keep_norm_chain64_more2/stage1")},
+    "stages": [{"steps": 1500, "train.learning_rate": 1e-3, **MAKE_TRAIN}],
+    "eval": dict(PRESETS["bounded_stream_more2"]["eval"]),
+}
+PRESETS["bounded_stream_noise_start"] = {**PRESETS["bounded_stream_noise"],
+                                         "eval": {**PRESETS["bounded_stream_noise"]["eval"], "key_position": "start"}}
+

@@ -202,6 +202,7 @@ class DecoderLayer(nnx.Module):
         carry = (cache.fam, chunk.is_initial, cache.fam_k, cache.fam_v)
         out = ops.fam_scan(carry, kb, vb, chunk.completes, chunk.block_index, update_fn=update_fn, kv_fn=kv_fn,
                            all_complete=chunk.all_complete, resets=chunk.resets, initial=initial,
-                           collect=chunk.collect, stop_gradient=cfg.fam_stop_gradient, noise=noise)
+                           collect=chunk.collect, stop_gradient=cfg.fam_stop_gradient, noise=noise,
+                           keep_norm=cfg.fam_keep_norm)
         (fam, _, fam_k, fam_v), read = out[:2]
         return (fam, fam_k, fam_v), read, (out[2] if chunk.collect else None)

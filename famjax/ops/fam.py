@@ -52,7 +52,8 @@ def fam_update(fam, is_initial, fam_k, fam_v, block_k, block_v, *, query_fn, out
 
 
 def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv_fn, all_complete: bool,
-             resets=None, initial=None, collect: bool = False, stop_gradient: bool = False, noise=None):
+             resets=None, initial=None, collect: bool = False, stop_gradient: bool = False, noise=None,
+             keep_norm: bool = False):
     """Runs the FAM over the blocks of a chunk; returns (final carry, what each block's tokens read[, aux]).
 
     carry: (fam [b, F, d] f32, is_initial bool [b], fam_k, fam_v [b, F, KV, hd]) before grid block 0;
@@ -68,7 +69,9 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
     stop_gradient: the FAM passed on to the next block carries no gradient back (the paper's ablation: the
     memory then learns nothing beyond one block);
     noise: None or float [b, nb, F, d] (requires all_complete): after block j's update every FAM row gets
-    noise[:, j] x its RMS (stop-gradient) added, before it is passed on (training-time state noise).
+    noise[:, j] x its RMS (stop-gradient) added, before it is passed on (training-time state noise);
+    keep_norm: the FAM update keeps row norms (fam_update's keep_norm): a noised row is rescaled to the norm it
+    had before the noise, so noise turns rows and never grows them.
     Returns carry after the chunk and (fam_k, fam_v) [b, nb, F, KV, hd]: what the tokens of block j read.
     """
     if (collect or noise is not None) and not all_complete:
@@ -80,7 +83,12 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
         new, probs = new if collect else (new, None)
         if eps is not None:
             rms = jax.lax.stop_gradient(jnp.sqrt(jnp.mean(jnp.square(new), axis=-1, keepdims=True)))
-            new = new + eps.astype(new.dtype) * rms
+            noised = new + eps.astype(new.dtype) * rms
+            if keep_norm:
+                noised = noised * jax.lax.stop_gradient(
+                    jnp.linalg.norm(new, axis=-1, keepdims=True) /
+                    jnp.maximum(jnp.linalg.norm(noised, axis=-1, keepdims=True), 1e-6))
+            new = noised
         if stop_gradient:
             new = jax.lax.stop_gradient(new)
         nk, nv = kv_fn(new, index)
