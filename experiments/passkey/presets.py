@@ -204,7 +204,8 @@ PRESETS = {
         "stages": [{"steps": 600, "train.learning_rate": 1e-3, **MAKE_TRAIN}],
         "eval": {**EVAL, "multipliers": (1, 2, 4, 8, 16, 32, 64), "examples": 64, "key_position": "uniform"},
     },
-    # bounded_stream's chain64 model trained 1500 steps more on streams (same data, lr 1e-3 on a new cosine):
+    # bounded_stream's chain64 model trained 1500 steps more on streams (same data, lr 1e-3
+    # peak on the continued cosine):
     # does more training lift every length, or only the short ones?
     "bounded_stream_more": {
         "models": {"fam_keep_norm_chain64_more": (FAM[0], {"fam.keep_norm": True, "data.passkey.chain": 64},
@@ -224,7 +225,8 @@ PRESETS = {
     },
     # The whole bounded-stream recipe in one command, from scratch (what bounded_stream -> _more -> _more2 ran
     # in pieces): the `make train` recipe with fam.keep_norm (900 steps), then document streams of 64 examples
-    # at lr 1e-3 for 600, 1500 and 3000 steps (each stage a new cosine to 1e-4 over the cumulative steps).
+    # at peak lr 1e-3 for 600, 1500 and 3000 steps (each stage follows its part of one cosine over the
+    # cumulative step count, ending at 1e-4).
     # About 45 min of training on the 2-core CPU.
     "stream_recipe": {
         "models": {"fam_keep_norm_stream": (FAM[0], {"fam.keep_norm": True})},
