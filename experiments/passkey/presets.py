@@ -44,6 +44,8 @@ STAGE2 = {"data.passkey.train_filler_min": 16, "data.passkey.train_filler_max": 
 # Streaming evaluation at N x 1 .. 64 on fresh examples (seed apart from the training splits').
 EVAL = {"multipliers": (1, 2, 4, 8, 16, 32, 64), "examples": 16, "chunk_size": 1024, "batch_size": 16,
         "seed": 1234}
+# The eval of the 2026-11-27 N = 90 presets: up to 64x, 64 examples per length, the key anywhere in the filler.
+EVAL_64X = {**EVAL, "examples": 64, "key_position": "uniform"}
 
 PRESETS = {
     # What fits about 30 minutes on the shared 2-core CPU: stage 1 continues the passkey_tiny recipe
@@ -202,7 +204,7 @@ PRESETS = {
                                            "runs/passkey_variants/fam_keep_norm/stage1"),
         },
         "stages": [{"steps": 600, "train.learning_rate": 1e-3, **MAKE_TRAIN}],
-        "eval": {**EVAL, "multipliers": (1, 2, 4, 8, 16, 32, 64), "examples": 64, "key_position": "uniform"},
+        "eval": dict(EVAL_64X),
     },
     # bounded_stream's chain64 model trained 1500 steps more on streams (same data, lr 1e-3
     # peak on the continued cosine):
@@ -214,14 +216,23 @@ PRESETS = {
                    "fam_keep_norm_ft_more": (FAM[0], {"fam.keep_norm": True},
                                              "runs/passkey_bounded/fam_keep_norm_ft/stage1")},
         "stages": [{"steps": 1500, "train.learning_rate": 1e-3, **MAKE_TRAIN}],
-        "eval": {**EVAL, "multipliers": (1, 2, 4, 8, 16, 32, 64), "examples": 64, "key_position": "uniform"},
+        "eval": dict(EVAL_64X),
     },
     # bounded_stream_more's model, 3000 steps more on streams (continued cosine): does the curve keep rising?
     "bounded_stream_more2": {
         "models": {"fam_keep_norm_chain64_more2": (FAM[0], {"fam.keep_norm": True, "data.passkey.chain": 64},
                                                    "runs/passkey_bounded_more/fam_keep_norm_chain64_more/stage1")},
         "stages": [{"steps": 3000, "train.learning_rate": 1e-3, **MAKE_TRAIN}],
-        "eval": {**EVAL, "multipliers": (1, 2, 4, 8, 16, 32, 64), "examples": 64, "key_position": "uniform"},
+        "eval": dict(EVAL_64X),
+    },
+    # bounded_stream_more2's model (it writes keys into aged FAMs) fine-tuned 1500 steps more on streams with
+    # state noise 0.3 (the variant that held a key at the start longest): can it also hold longer?
+    "bounded_stream_noise": {
+        "models": {"fam_keep_norm_chain64_noise_0.3": (
+            FAM[0], {"fam.keep_norm": True, "data.passkey.chain": 64, "fam.noise": 0.3},
+            "runs/passkey_bounded_more2/fam_keep_norm_chain64_more2/stage1")},
+        "stages": [{"steps": 1500, "train.learning_rate": 1e-3, **MAKE_TRAIN}],
+        "eval": dict(EVAL_64X),
     },
     # The whole bounded-stream recipe in one command, from scratch (what bounded_stream -> _more -> _more2 ran
     # in pieces): the `make train` recipe with fam.keep_norm (900 steps), then document streams of 64 examples
@@ -236,7 +247,7 @@ PRESETS = {
             {"steps": 1500},
             {"steps": 3000},
         ],
-        "eval": {**EVAL, "multipliers": (1, 2, 4, 8, 16, 32, 64), "examples": 64, "key_position": "uniform"},
+        "eval": dict(EVAL_64X),
     },
     # Random state passing as a fine-tune of the finished `make train` model (runs/passkey_tiny), with an
     # equal fine-tune without RSP as the control; same data (N = 180), lr 1e-3 constant.
@@ -262,11 +273,6 @@ PRESETS = {
     },
 }
 
-# The models of `variants` (train them first, same --out) evaluated with the key always at the start of the
-# filler: every prompt then spans the full distance from key to question.
-PRESETS["variants_start"] = {**PRESETS["variants"],
-                             "eval": {**PRESETS["variants"]["eval"], "key_position": "start"}}
-
 
 def stage_options(overrides: dict, stages: list[dict], k: int) -> dict:
     """Returns the config overrides of stage k (1-based) of a model: COMMON, then the model's overrides, then
@@ -276,20 +282,13 @@ def stage_options(overrides: dict, stages: list[dict], k: int) -> dict:
         opts.update({key: v for key, v in st.items() if key != "steps"})
     return opts
 
-# bounded_stream_more2's model evaluated with the key always at the start of the filler (holding only).
-PRESETS["bounded_stream_more2_start"] = {**PRESETS["bounded_stream_more2"],
-                                         "eval": {**PRESETS["bounded_stream_more2"]["eval"], "key_position": "start"}}
 
-# bounded_stream_more2's model (it writes keys into aged FAMs) fine-tuned 1500 steps more on streams with state
-# noise 0.3 (the variant that held a key at the start longest): can it also hold longer? And the same model
-# evaluated with the key at the start.
-PRESETS["bounded_stream_noise"] = {
-    "models": {"fam_keep_norm_chain64_noise_0.3": (
-        FAM[0], {"fam.keep_norm": True, "data.passkey.chain": 64, "fam.noise": 0.3},
-        "runs/passkey_bounded_more2/fam_keep_norm_chain64_more2/stage1")},
-    "stages": [{"steps": 1500, "train.learning_rate": 1e-3, **MAKE_TRAIN}],
-    "eval": dict(PRESETS["bounded_stream_more2"]["eval"]),
-}
-PRESETS["bounded_stream_noise_start"] = {**PRESETS["bounded_stream_noise"],
-                                         "eval": {**PRESETS["bounded_stream_noise"]["eval"], "key_position": "start"}}
+def key_at_start(preset: dict) -> dict:
+    """The same preset (models, stages) evaluated with the key always at the start of the filler: every prompt
+    then spans the whole distance from key to question (holding only, no writing into an aged FAM)."""
+    return {**preset, "eval": {**preset["eval"], "key_position": "start"}}
 
+
+# Trained models evaluated with the key at the start (train them first with the base preset, same --out).
+for _name in ("variants", "bounded_stream_more2", "bounded_stream_noise"):
+    PRESETS[_name + "_start"] = key_at_start(PRESETS[_name])
