@@ -46,9 +46,14 @@ def fam_update(fam, is_initial, fam_k, fam_v, block_k, block_v, *, query_fn, out
     a = out_fn(heads[:, 0]).astype(jnp.float32) + residual
     new = a + ffn_fn(a).astype(jnp.float32)
     if keep_norm:
-        new = new * (jnp.linalg.norm(fam, axis=-1, keepdims=True) /
-                     jnp.maximum(jnp.linalg.norm(new, axis=-1, keepdims=True), 1e-6))
+        new = new * _norm_ratio(fam, new)
     return (new, probs[:, 0]) if return_probs else new
+
+
+def _norm_ratio(target, x):
+    """[..., 1]: the factor that gives every row of x (rows on the last axis) the L2 norm of target's row."""
+    return (jnp.linalg.norm(target, axis=-1, keepdims=True) /
+            jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6))
 
 
 def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv_fn, all_complete: bool,
@@ -85,9 +90,7 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
             rms = jax.lax.stop_gradient(jnp.sqrt(jnp.mean(jnp.square(new), axis=-1, keepdims=True)))
             noised = new + eps.astype(new.dtype) * rms
             if keep_norm:
-                noised = noised * jax.lax.stop_gradient(
-                    jnp.linalg.norm(new, axis=-1, keepdims=True) /
-                    jnp.maximum(jnp.linalg.norm(noised, axis=-1, keepdims=True), 1e-6))
+                noised = noised * jax.lax.stop_gradient(_norm_ratio(new, noised))
             new = noised
         if stop_gradient:
             new = jax.lax.stop_gradient(new)
