@@ -13,14 +13,15 @@ set -euo pipefail
 
 prog=launch/local_processes.sh
 usage="usage: $prog N CONFIG WORKDIR [famjax.main flags...]"
-die() { echo "$prog: $*" >&2; exit 2; }
+# shellcheck source=launch/lib.sh
+source "$(dirname "$0")/lib.sh"
 
 case ${1:-} in -h|--help|help) sed -n '2,/^$/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
 [[ $# -ge 3 ]] || die "missing arguments; $usage"
 n=$1 config=$2 workdir=$3
 shift 3
 [[ $n =~ ^[1-9][0-9]*$ ]] || die "N must be a positive integer, got '$n'; $usage"
-[[ $workdir != gs://* ]] || die "WORKDIR $workdir: gs:// URLs are not supported; mount the bucket with gcsfuse and pass the mount path"
+check_workdir "$workdir"
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
 if [[ -z ${PYTHON:-} ]]; then
@@ -37,7 +38,7 @@ command_for() {  # sets cmd to the famjax.main command of process $1 (extra flag
        --process_id="$id" --config="$config" --workdir="$workdir" --mode="${MODE:-train}" "$@")
 }
 
-if [[ -n ${DRY_RUN:-} && ${DRY_RUN} != 0 ]]; then
+if dry_run; then
   for ((i = 0; i < n; i++)); do
     command_for "$i" "$@"
     printf '+ JAX_PLATFORMS=%q' "$JAX_PLATFORMS"; printf ' %q' "${cmd[@]}"

@@ -23,32 +23,10 @@ set -euo pipefail
 prog=launch/tpu_vm.sh
 usage_line="usage: TPU_NAME=NAME ZONE=ZONE $prog create|setup|train CONFIG WORKDIR [FLAGS...]|ssh|delete|help"
 
-die() { echo "$prog: $*" >&2; exit 2; }
+# shellcheck source=launch/lib.sh
+source "$(dirname "$0")/lib.sh"
 
 show_help() { sed -n '2,/^$/s/^# \{0,1\}//p' "$0"; }
-
-# One shell word, readable: bare when safe, else single-quoted (the printed line can be pasted back).
-quote() {
-  if [[ $1 =~ ^[A-Za-z0-9_./:=@,+%^-]+$ ]]; then printf '%s' "$1"
-  else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
-}
-
-# Runs a command, or with DRY_RUN=1 prints it as "+ cmd args...".
-run() {
-  if [[ -n ${DRY_RUN:-} && ${DRY_RUN} != 0 ]]; then
-    local line="+" a
-    for a in "$@"; do line+=" $(quote "$a")"; done
-    printf '%s\n' "$line"
-  else
-    "$@"
-  fi
-}
-
-check_workdir() {
-  if [[ $1 == gs://* ]]; then
-    die "WORKDIR $1: gs:// URLs are not supported; mount the bucket with gcsfuse on every worker and pass the mount path"
-  fi
-}
 
 # REPO_DIR for the remote shell: a leading ~/ becomes "$HOME"/ (expanded there), the rest is quoted.
 remote_path() {
