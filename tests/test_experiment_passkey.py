@@ -48,3 +48,12 @@ def test_eval_examples_place_the_key_as_asked():
         assert len(first) == 1
         where = {int(np.flatnonzero(prompt == answer[0])[0]) for prompt, answer, _ in anywhere[n]}
         assert len(where) > 1 and min(where) >= min(first)
+
+
+def test_output_stem_keeps_key_start_tables_apart():
+    sys.path.insert(0, os.path.join(REPO, "experiments", "passkey"))
+    from run import output_stem
+
+    assert output_stem("o", 0, 0, None) == os.path.join("o", "passkey")
+    assert output_stem("o", 0, 0, "uniform") == os.path.join("o", "passkey")
+    assert output_stem("o", 2, 64, "start") == os.path.join("o", "passkey_stage2_64ex_key_start")

@@ -185,6 +185,21 @@ def test_packed_checkpoint_restores_for_document_streams(passkey_dir, tmp_path, 
     for a, b in zip(jax.tree.leaves((again.stream, again.stream_offset)),
                     jax.tree.leaves((new.stream, new.stream_offset))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # A stream run's checkpoint fine-tuned with another batch size: everything but the streams is restored.
+    caplog.clear()
+    c = ck.Checkpointer(str(tmp_path / "streams"), cfg.checkpoint, cfg)
+    c.save(new, None)
+    c.wait()
+    half = tiny_config(passkey_dir)
+    half.data.batch_size = cfg.data.batch_size // 2
+    abstract_half, _ = abstract_train_state(half, tx, mesh, stream=True)
+    assert abstract_half.stream_offset.shape != new.stream_offset.shape
+    with caplog.at_level("WARNING"):
+        restored, _, step = c.restore(abstract_half)
+    c.close()
+    assert step == 0 and restored.stream is None and "another batch size" in caplog.text
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(new.replace(stream=None, stream_offset=None))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # A checkpoint that is unreadable for another reason still fails (here: every step corrupt).
     corrupt(tmp_path / "checkpoints" / "2")
     c = ck.Checkpointer(str(tmp_path), cfg.checkpoint, cfg)

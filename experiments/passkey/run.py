@@ -13,7 +13,8 @@ through famjax.evals.evaluate_passkey, where N is the longest filler of the last
 <out>/passkey.{json,csv,md,png}. Re-running skips stages whose workdir already holds the final step
 (use --retrain to redo them). Each model is evaluated right after its training and the table is
 rewritten, so an interrupted run keeps the models done so far. --eval_only --examples=K re-evaluates
-trained stages into passkey_Kex.*; --stages=K stops after (or evaluates) stage K, into passkey_stageK*.
+trained stages into passkey_Kex.*; --stages=K stops after (or evaluates) stage K, into passkey_stageK*; an
+eval with the key always at the start (the *_start presets) writes passkey*_key_start.*.
 """
 from __future__ import annotations
 
@@ -107,6 +108,14 @@ def eval_examples(data_cfg, lengths, count: int, seed: int, key_position: str | 
     return out
 
 
+def output_stem(out: str, stages: int, examples: int, key_position: str | None) -> str:
+    """Returns <out>/passkey[_stageK][_Kex][_key_start|_key_end]: a `*_start` preset evaluated into the same --out
+    as its base preset writes next to the base's table, not over it."""
+    tags = [f"_stage{stages}" if stages else "", f"_{examples}ex" if examples else "",
+            f"_key_{key_position}" if key_position in ("start", "end") else ""]
+    return os.path.join(out, "passkey" + "".join(tags))
+
+
 def markdown(rows: list[dict], lengths: list[int], n: int) -> str:
     models = list(dict.fromkeys(r["model"] for r in rows))
     acc = {(r["model"], r["length"]): r for r in rows}
@@ -164,8 +173,7 @@ def main() -> None:
             for k in range(1, len(preset["stages"]) + 1))
     lengths = [n * m for m in ev["multipliers"]]
     rows, train_s, eval_s, examples = [], {}, {}, None
-    stem = os.path.join(out, "passkey" + (f"_stage{args.stages}" if args.stages else "")
-                        + (f"_{args.examples}ex" if args.examples else ""))
+    stem = output_stem(out, args.stages, args.examples, ev.get("key_position"))
     for name, spec in models.items():  # train, evaluate and write the table after every model
         config, overrides = spec[0], spec[1]
         init_from = spec[2] if len(spec) > 2 else None

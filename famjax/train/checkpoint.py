@@ -215,8 +215,9 @@ class Checkpointer:
         return None
 
     def _restore_step(self, s: int, items: dict, abstract: TrainState) -> TrainState:
-        """Restores step s; a checkpoint of a packed-rows run restored for document streams comes back with
-        stream=None (its train item has no stream leaves; the caller starts the streams fresh)."""
+        """Restores step s. For document streams, a checkpoint without streams of this run's shape (saved by a
+        packed-rows run, or by a stream run with another batch size, e.g. a fine-tune with a new batch) comes
+        back with stream=None: everything else is restored and the caller starts the streams fresh."""
         try:
             out = self._mngr.restore(s, args=ocp.args.Composite(**items))
             return _from_train_tree(out["train"], abstract, out["params"])
@@ -224,14 +225,21 @@ class Checkpointer:
             if abstract.stream is None:
                 raise
             bare = abstract.replace(stream=None, stream_offset=None)
+            train = _train_tree(bare)
             try:
+                # The stream leaves come last (TrainState's field order): whatever the checkpoint holds beyond
+                # the bare keys is its streams, read as stored and dropped.
+                stored = self._mngr.item_metadata(s)["train"]
+                extra = {k: jax.ShapeDtypeStruct(m.shape, m.dtype) for k, m in stored.items() if k not in train}
                 out = self._mngr.restore(s, args=ocp.args.Composite(
-                    **{**items, "train": ocp.args.StandardRestore(_train_tree(bare))}))
+                    **{**items, "train": ocp.args.StandardRestore({**train, **extra})}))
             except Exception:
                 raise first from None
-            _LOG.warning("checkpoint step %d in %s holds no stream state (saved by a packed-rows run); the "
-                         "document streams start fresh", s, self.directory)
-            return _from_train_tree(out["train"], bare, out["params"])
+            _LOG.warning("checkpoint step %d in %s holds no stream state of this run's shape (saved by a "
+                         "packed-rows run or with another batch size); the document streams start fresh",
+                         s, self.directory)
+            flat = {k: v for k, v in out["train"].items() if k in train}
+            return _from_train_tree(flat, bare, out["params"])
 
     def close(self) -> None:
         self.wait()
