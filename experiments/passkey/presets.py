@@ -234,6 +234,37 @@ PRESETS = {
         "stages": [{"steps": 1500, "train.learning_rate": 1e-3, **MAKE_TRAIN}],
         "eval": dict(EVAL_64X),
     },
+    # Truncated BPTT beyond the gradient window: bounded_stream_more2's model (N = 90) fine-tuned on streams of
+    # examples with filler up to 180, then 360 tokens, still in 192-token steps, so a key asked up to 2 steps
+    # after it was written gets its loss with no gradient to the write (lr 5e-4 constant, as STAGE2). Does the
+    # hold then grow past 2x N?
+    "stream_n180": {
+        "models": {"fam_keep_norm_chain64_n180": (FAM[0], {"fam.keep_norm": True, "data.passkey.chain": 64},
+                                                  "runs/passkey_bounded_more2/fam_keep_norm_chain64_more2/stage1")},
+        "stages": [{"steps": 900, **MAKE_TRAIN, "data.passkey.train_filler_max": 180,
+                    "train.learning_rate": 5e-4, "train.schedule": "constant"}],
+        "eval": dict(EVAL_64X),
+    },
+    # stream_n180 with 4x the gradient window: 768-token steps (batch 10, the same tokens per step), so the
+    # gradient reaches a key written up to 24 blocks back. Is the hold set by the window or by N?
+    "stream_n180_w768": {
+        "models": {"fam_keep_norm_chain64_n180_w768": (
+            FAM[0], {"fam.keep_norm": True, "data.passkey.chain": 64},
+            "runs/passkey_bounded_more2/fam_keep_norm_chain64_more2/stage1")},
+        "stages": [{"steps": 900, **MAKE_TRAIN, "data.passkey.train_filler_max": 180, "data.seq_len": 768,
+                    "data.batch_size": 10, "train.learning_rate": 5e-4, "train.schedule": "constant"}],
+        "eval": dict(EVAL_64X),
+    },
+    # bounded_stream_more2's model fine-tuned on streams whose examples all put the key at the start of their
+    # filler: every answer then needs the key held over its whole filler (what made the single-example models
+    # the best holders), and each key is still written into a FAM aged by the stream. Evaluated key anywhere.
+    "stream_key_first": {
+        "models": {"fam_keep_norm_chain64_key_first": (
+            FAM[0], {"fam.keep_norm": True, "data.passkey.chain": 64, "data.passkey.key_position": "start"},
+            "runs/passkey_bounded_more2/fam_keep_norm_chain64_more2/stage1")},
+        "stages": [{"steps": 1500, **MAKE_TRAIN, "train.learning_rate": 5e-4, "train.schedule": "constant"}],
+        "eval": dict(EVAL_64X),
+    },
     # The whole bounded-stream recipe in one command, from scratch (what bounded_stream -> _more -> _more2 ran
     # in pieces): the `make train` recipe with fam.keep_norm (900 steps), then document streams of 64 examples
     # at peak lr 1e-3 for 600, 1500 and 3000 steps (each stage follows its part of one cosine over the
@@ -290,5 +321,6 @@ def key_at_start(preset: dict) -> dict:
 
 
 # Trained models evaluated with the key at the start (train them first with the base preset, same --out).
-for _name in ("variants", "bounded_stream_more2", "bounded_stream_noise"):
+for _name in ("variants", "bounded_stream_more2", "bounded_stream_noise", "stream_n180",
+              "stream_n180_w768", "stream_key_first"):
     PRESETS[_name + "_start"] = key_at_start(PRESETS[_name])
