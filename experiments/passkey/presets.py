@@ -265,6 +265,19 @@ PRESETS = {
         "stages": [{"steps": 1500, **MAKE_TRAIN, "train.learning_rate": 5e-4, "train.schedule": "constant"}],
         "eval": dict(EVAL_64X),
     },
+    # The best holder (the `variants` model trained with the key at the start: 100 / 100 / 62 / 5% at 1x-8x)
+    # trained again with state noise 0.3, the best holder among the key-anywhere variants, alone and with
+    # keep_norm: does a readout made robust to perturbed FAMs hold past 4x? Same 900 steps from scratch;
+    # evaluated with the key at the start.
+    "key_start_noise": {
+        "models": {
+            "fam_key_start_noise_0.3": (FAM[0], {"data.passkey.key_position": "start", "fam.noise": 0.3}),
+            "fam_key_start_noise_0.3_keep_norm": (FAM[0], {"data.passkey.key_position": "start", "fam.noise": 0.3,
+                                                           "fam.keep_norm": True}),
+        },
+        "stages": [{"steps": 900, **MAKE_TRAIN}],
+        "eval": {**EVAL_64X, "key_position": "start"},
+    },
     # The whole bounded-stream recipe in one command, from scratch (what bounded_stream -> _more -> _more2 ran
     # in pieces): the `make train` recipe with fam.keep_norm (900 steps), then document streams of 64 examples
     # at peak lr 1e-3 for 600, 1500 and 3000 steps (each stage follows its part of one cosine over the
