@@ -274,6 +274,10 @@ PRESETS = {
             "fam_key_start_noise_0.3": (FAM[0], {"data.passkey.key_position": "start", "fam.noise": 0.3}),
             "fam_key_start_noise_0.3_keep_norm": (FAM[0], {"data.passkey.key_position": "start", "fam.noise": 0.3,
                                                            "fam.keep_norm": True}),
+            # the noise 0.3 model again with another init seed (and shuffle seed): is its hold a property of the
+            # recipe or of one run?
+            "fam_key_start_noise_0.3_seed1": (FAM[0], {"data.passkey.key_position": "start", "fam.noise": 0.3,
+                                                       "train.seed": 1, "data.seed": 1}),
         },
         "stages": [{"steps": 900, **MAKE_TRAIN}],
         "eval": dict(EVAL_64X),
