@@ -235,9 +235,9 @@ PRESETS = {
         "eval": dict(EVAL_64X),
     },
     # Truncated BPTT beyond the gradient window: bounded_stream_more2's model (N = 90) fine-tuned on streams of
-    # examples with filler up to 180, then 360 tokens, still in 192-token steps, so a key asked up to 2 steps
-    # after it was written gets its loss with no gradient to the write (lr 5e-4 constant, as STAGE2). Does the
-    # hold then grow past 2x N?
+    # examples with filler up to 180 tokens, still in 192-token steps, so a key asked a step after it was
+    # written gets its loss with no gradient to the write (lr 5e-4 constant, as STAGE2). Does the hold then
+    # grow past 2x N?
     "stream_n180": {
         "models": {"fam_keep_norm_chain64_n180": (FAM[0], {"fam.keep_norm": True, "data.passkey.chain": 64},
                                                   "runs/passkey_bounded_more2/fam_keep_norm_chain64_more2/stage1")},
@@ -257,7 +257,7 @@ PRESETS = {
     },
     # bounded_stream_more2's model fine-tuned on streams whose examples all put the key at the start of their
     # filler: every answer then needs the key held over its whole filler (what made the single-example models
-    # the best holders), and each key is still written into a FAM aged by the stream. Evaluated key anywhere.
+    # the best holders), and each key is still written into a FAM aged by the stream.
     "stream_key_first": {
         "models": {"fam_keep_norm_chain64_key_first": (
             FAM[0], {"fam.keep_norm": True, "data.passkey.chain": 64, "data.passkey.key_position": "start"},
@@ -355,7 +355,8 @@ def key_at_start(preset: dict) -> dict:
     return {**preset, "eval": {**preset["eval"], "key_position": "start"}}
 
 
-# Trained models evaluated with the key at the start (train them first with the base preset, same --out).
+# The same models evaluated with the key at the start (the spec's task): with the base preset's --out, a
+# *_start preset reuses its trained stages (or trains them) and writes passkey*_key_start.* beside its table.
 for _name in ("variants", "bounded_stream_more2", "bounded_stream_noise", "stream_n180",
               "stream_n180_w768", "stream_key_first", "key_start_noise", "key_start_noise_more",
               "key_start_noise_longer"):
