@@ -238,8 +238,7 @@ class Checkpointer:
             _LOG.warning("checkpoint step %d in %s holds no stream state of this run's shape (saved by a "
                          "packed-rows run or with another batch size); the document streams start fresh",
                          s, self.directory)
-            flat = {k: v for k, v in out["train"].items() if k in train}
-            return _from_train_tree(flat, bare, out["params"])
+            return _from_train_tree(out["train"], bare, out["params"])  # reads only the bare keys
 
     def close(self) -> None:
         self.wait()
