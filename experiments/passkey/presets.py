@@ -46,6 +46,13 @@ EVAL = {"multipliers": (1, 2, 4, 8, 16, 32, 64), "examples": 16, "chunk_size": 1
         "seed": 1234}
 # The eval of the 2026-11-27 N = 90 presets: up to 64x, 64 examples per length, the key anywhere in the filler.
 EVAL_64X = {**EVAL, "examples": 64, "key_position": "uniform"}
+# The bounded-stream models' overrides (keep_norm FAM, streams of 64 examples), the +5100-step streams model
+# that the later stream presets fine-tune, and their constant fine-tuning rate.
+STREAMS = {"fam.keep_norm": True, "data.passkey.chain": 64}
+STREAMS_5100 = "runs/passkey_bounded_more2/fam_keep_norm_chain64_more2/stage1"
+CONSTANT_5E4 = {"train.learning_rate": 5e-4, "train.schedule": "constant"}
+# The spec's task (key before the filler) trained with state noise 0.3: the best holder (key_start_noise).
+KEY_START_NOISE = {"data.passkey.key_position": "start", "fam.noise": 0.3}
 
 PRESETS = {
     # What fits about 30 minutes on the shared 2-core CPU: stage 1 continues the passkey_tiny recipe
@@ -192,7 +199,7 @@ PRESETS = {
     # stays on a sphere, so a long chain's state is what a long eval meets. 600 steps, lr 1e-3 continued.
     "bounded_stream": {
         "models": {
-            "fam_keep_norm_chain64": (FAM[0], {"fam.keep_norm": True, "data.passkey.chain": 64},
+            "fam_keep_norm_chain64": (FAM[0], STREAMS,
                                       "runs/passkey_variants/fam_keep_norm/stage1"),
             "fam_keep_norm_rsp_0.8": (FAM[0], {"fam.keep_norm": True, "fam.rsp_prob": 0.8},
                                       "runs/passkey_variants/fam_keep_norm/stage1"),
@@ -210,7 +217,7 @@ PRESETS = {
     # peak on the continued cosine):
     # does more training lift every length, or only the short ones?
     "bounded_stream_more": {
-        "models": {"fam_keep_norm_chain64_more": (FAM[0], {"fam.keep_norm": True, "data.passkey.chain": 64},
+        "models": {"fam_keep_norm_chain64_more": (FAM[0], STREAMS,
                                                   "runs/passkey_bounded/fam_keep_norm_chain64/stage1"),
                    # the control: bounded_stream's single-example fine-tune, 1500 steps more
                    "fam_keep_norm_ft_more": (FAM[0], {"fam.keep_norm": True},
@@ -220,7 +227,7 @@ PRESETS = {
     },
     # bounded_stream_more's model, 3000 steps more on streams (continued cosine): does the curve keep rising?
     "bounded_stream_more2": {
-        "models": {"fam_keep_norm_chain64_more2": (FAM[0], {"fam.keep_norm": True, "data.passkey.chain": 64},
+        "models": {"fam_keep_norm_chain64_more2": (FAM[0], STREAMS,
                                                    "runs/passkey_bounded_more/fam_keep_norm_chain64_more/stage1")},
         "stages": [{"steps": 3000, "train.learning_rate": 1e-3, **MAKE_TRAIN}],
         "eval": dict(EVAL_64X),
@@ -228,9 +235,7 @@ PRESETS = {
     # bounded_stream_more2's model (it writes keys into aged FAMs) fine-tuned 1500 steps more on streams with
     # state noise 0.3 (the variant that held a key at the start longest): can it also hold longer?
     "bounded_stream_noise": {
-        "models": {"fam_keep_norm_chain64_noise_0.3": (
-            FAM[0], {"fam.keep_norm": True, "data.passkey.chain": 64, "fam.noise": 0.3},
-            "runs/passkey_bounded_more2/fam_keep_norm_chain64_more2/stage1")},
+        "models": {"fam_keep_norm_chain64_noise_0.3": (FAM[0], {**STREAMS, "fam.noise": 0.3}, STREAMS_5100)},
         "stages": [{"steps": 1500, "train.learning_rate": 1e-3, **MAKE_TRAIN}],
         "eval": dict(EVAL_64X),
     },
@@ -239,30 +244,25 @@ PRESETS = {
     # written gets its loss with no gradient to the write (lr 5e-4 constant, as STAGE2). Does the hold then
     # grow past 2x N?
     "stream_n180": {
-        "models": {"fam_keep_norm_chain64_n180": (FAM[0], {"fam.keep_norm": True, "data.passkey.chain": 64},
-                                                  "runs/passkey_bounded_more2/fam_keep_norm_chain64_more2/stage1")},
-        "stages": [{"steps": 900, **MAKE_TRAIN, "data.passkey.train_filler_max": 180,
-                    "train.learning_rate": 5e-4, "train.schedule": "constant"}],
+        "models": {"fam_keep_norm_chain64_n180": (FAM[0], STREAMS, STREAMS_5100)},
+        "stages": [{"steps": 900, **MAKE_TRAIN, "data.passkey.train_filler_max": 180, **CONSTANT_5E4}],
         "eval": dict(EVAL_64X),
     },
     # stream_n180 with 4x the gradient window: 768-token steps (batch 10, the same tokens per step), so the
     # gradient reaches a key written up to 24 blocks back. Is the hold set by the window or by N?
     "stream_n180_w768": {
-        "models": {"fam_keep_norm_chain64_n180_w768": (
-            FAM[0], {"fam.keep_norm": True, "data.passkey.chain": 64},
-            "runs/passkey_bounded_more2/fam_keep_norm_chain64_more2/stage1")},
+        "models": {"fam_keep_norm_chain64_n180_w768": (FAM[0], STREAMS, STREAMS_5100)},
         "stages": [{"steps": 900, **MAKE_TRAIN, "data.passkey.train_filler_max": 180, "data.seq_len": 768,
-                    "data.batch_size": 10, "train.learning_rate": 5e-4, "train.schedule": "constant"}],
+                    "data.batch_size": 10, **CONSTANT_5E4}],
         "eval": dict(EVAL_64X),
     },
     # bounded_stream_more2's model fine-tuned on streams whose examples all put the key at the start of their
     # filler: every answer then needs the key held over its whole filler (what made the single-example models
     # the best holders), and each key is still written into a FAM aged by the stream.
     "stream_key_first": {
-        "models": {"fam_keep_norm_chain64_key_first": (
-            FAM[0], {"fam.keep_norm": True, "data.passkey.chain": 64, "data.passkey.key_position": "start"},
-            "runs/passkey_bounded_more2/fam_keep_norm_chain64_more2/stage1")},
-        "stages": [{"steps": 1500, **MAKE_TRAIN, "train.learning_rate": 5e-4, "train.schedule": "constant"}],
+        "models": {"fam_keep_norm_chain64_key_first": (FAM[0], {**STREAMS, "data.passkey.key_position": "start"},
+                                                       STREAMS_5100)},
+        "stages": [{"steps": 1500, **MAKE_TRAIN, **CONSTANT_5E4}],
         "eval": dict(EVAL_64X),
     },
     # The best holder (the `variants` model trained with the key at the start: 100 / 100 / 62 / 5% at 1x-8x)
@@ -271,13 +271,11 @@ PRESETS = {
     # key_start_noise_start evaluates with the key at the start (holding), this one with the key anywhere.
     "key_start_noise": {
         "models": {
-            "fam_key_start_noise_0.3": (FAM[0], {"data.passkey.key_position": "start", "fam.noise": 0.3}),
-            "fam_key_start_noise_0.3_keep_norm": (FAM[0], {"data.passkey.key_position": "start", "fam.noise": 0.3,
-                                                           "fam.keep_norm": True}),
+            "fam_key_start_noise_0.3": (FAM[0], KEY_START_NOISE),
+            "fam_key_start_noise_0.3_keep_norm": (FAM[0], {**KEY_START_NOISE, "fam.keep_norm": True}),
             # the noise 0.3 model again with another init seed (and shuffle seed): is its hold a property of the
             # recipe or of one run?
-            "fam_key_start_noise_0.3_seed1": (FAM[0], {"data.passkey.key_position": "start", "fam.noise": 0.3,
-                                                       "train.seed": 1, "data.seed": 1}),
+            "fam_key_start_noise_0.3_seed1": (FAM[0], {**KEY_START_NOISE, "train.seed": 1, "data.seed": 1}),
         },
         "stages": [{"steps": 900, **MAKE_TRAIN}],
         "eval": dict(EVAL_64X),
@@ -295,8 +293,7 @@ PRESETS = {
     # keep growing with training?
     "key_start_noise_longer": {
         "models": {"fam_key_start_noise_0.3_longer": (
-            FAM[0], {"data.passkey.key_position": "start", "fam.noise": 0.3},
-            "runs/passkey_key_start_noise/fam_key_start_noise_0.3/stage1")},
+            FAM[0], KEY_START_NOISE, "runs/passkey_key_start_noise/fam_key_start_noise_0.3/stage1")},
         "stages": [{"steps": 900, **MAKE_TRAIN, "train.learning_rate": 1e-3, "train.schedule": "constant"}],
         "eval": dict(EVAL_64X),
     },
