@@ -132,3 +132,16 @@ def _experiment_configs():
 def test_experiment_preset_validates(name, cfg):
     validate(cfg)
     model_config(cfg)
+
+
+def test_experiment_stages_keep_model_overrides():
+    """A stage's overrides win over a model's (stage_options), so a model override that a stage sets to another
+    value would silently not apply: the model would train as its preset's control (found on 2026-11-27)."""
+    import sys
+    sys.path.insert(0, os.path.join(REPO, "experiments", "passkey"))
+    from presets import PRESETS as EXPERIMENTS
+    clashes = [(preset, model, key) for preset, spec in EXPERIMENTS.items()
+               for model, (_, overrides, *_) in spec["models"].items()
+               for stage in spec["stages"] for key, value in stage.items()
+               if key in overrides and overrides[key] != value]
+    assert not clashes, f"a stage overrides these models' own settings: {clashes}"

@@ -12,6 +12,10 @@ fitted on 80% of the prompts and scored on the rest:
 - probe from 1x: the probe fitted at the first length, applied here (is the key written the same way?);
 - model: the model's own digit accuracy (teacher-forced argmax on the answer).
 
+- probe from 1x, recentred: the same, after shifting this length's FAMs by (mean FAM at 1x - mean FAM here), the
+  means over the prompts: does only the example-independent part of the FAM move with age?
+- cos(mean): cosine between this length's mean FAM and the first length's.
+
 Chance is ~10% per digit. If the probe still reads the key where the model no longer does, the memory kept
 it and the reading fails; if the probe fails too, the key was overwritten. Writes fam_probe.md under --out.
 """
@@ -101,7 +105,7 @@ def main() -> None:
     model, cfg = restore_model(args.workdir)
     n = int(cfg.data.passkey.train_filler_max)
     mults = [int(m) for m in args.multipliers.split(",")]
-    rows, ref = [], None
+    rows, ref, ref_mean = [], None, None
     for mult in mults:
         exs = eval_examples(cfg.data, [n * mult], args.examples, args.seed)[n * mult]
         if len({len(pr) for pr, _, _ in exs}) != 1:
@@ -114,13 +118,19 @@ def main() -> None:
         cut = int(0.8 * len(exs))
         probe = best_probe(x[:cut], y1h[:cut], labels[:cut], len(ids))
         here = digit_accuracy(predict(probe, x[cut:]), labels[cut:], len(ids))
-        ref = ref or probe
+        mean = x[:cut].mean(0)
+        ref, ref_mean = ref or probe, mean if ref_mean is None else ref_mean
         transfer = digit_accuracy(predict(ref, x[cut:]), labels[cut:], len(ids))
-        rows.append((mult, n * mult, here, transfer, float(hits[cut:].mean())))
+        recentred = digit_accuracy(predict(ref, x[cut:] - mean + ref_mean), labels[cut:], len(ids))
+        cos = float(mean @ ref_mean / (np.linalg.norm(mean) * np.linalg.norm(ref_mean)))
+        rows.append((mult, n * mult, here, transfer, recentred, cos, float(hits[cut:].mean())))
         print(f"{mult}x ({n * mult}): probe here {100 * here:.0f}%, probe from {mults[0]}x "
-              f"{100 * transfer:.0f}%, model {100 * hits[cut:].mean():.0f}%", flush=True)
-    lines = ["| length | probe here | probe from %dx | model |" % mults[0], "|---|---|---|---|"]
-    lines += [f"| {m}x ({ln}) | {100 * h:.0f}% | {100 * t:.0f}% | {100 * md:.0f}% |" for m, ln, h, t, md in rows]
+              f"{100 * transfer:.0f}% ({100 * recentred:.0f}% recentred), cos(mean) {cos:.2f}, "
+              f"model {100 * hits[cut:].mean():.0f}%", flush=True)
+    lines = ["| length | probe here | probe from %dx | recentred | cos(mean) | model |" % mults[0],
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {m}x ({ln}) | {100 * h:.0f}% | {100 * t:.0f}% | {100 * r:.0f}% | {c:.2f} | {100 * md:.0f}% |"
+              for m, ln, h, t, r, c, md in rows]
     table = "\n".join(lines) + "\n"
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "fam_probe.md"), "w") as f:
