@@ -55,6 +55,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Training-only (not in the paper): std of the Gaussian noise added to every FAM row after every block
     # update, relative to the row's RMS; asks the memory to store what it keeps robustly. 0 = off.
     f.noise = 0.0
+    # Training-only (not in the paper): each row draws c ~ U(0, stretch) and every FAM update after the first
+    # adds c x that update again (stop-gradient), so the FAM grows as if the row had (1 + c) x as many blocks:
+    # the reader meets old-looking FAMs (age augmentation; docs/design.md). 0 = off.
+    f.stretch = 0.0
 
     c.data = d = fd.default_config()  # see famjax/data/config.py for every field
     d.tokenizer.kind = "word"  # word-level PassKey vocabulary: ~5x shorter sequences than bytes

@@ -341,6 +341,22 @@ PRESETS = {
         "stages": [{"steps": 900, **MAKE_TRAIN, **CONSTANT_5E4}],
         "eval": {**EVAL_64X, "key_position": "start"},
     },
+    # Age augmentation (fam.stretch, not in the paper): fam_probe.py found the key still in the FAM at 32x, and
+    # that a probe fitted at 1x reads it again (98% of digits at 16x) once the mean FAM over prompts is moved
+    # back to 1x's: what ages is the example-independent part of the FAM, which the readout never saw old.
+    # With fam.stretch C each training row draws c ~ U(0, C) and every FAM update after the write counts
+    # 1 + c times, so the <= 3 updates of a training example give FAMs as old as (1 + C) x 3 updates.
+    # key_start_noise's recipe with stretch 8, from scratch and as a fine-tune of its noise 0.3 model (900 steps
+    # at lr 5e-4 constant).
+    "key_start_stretch": {
+        "models": {
+            "fam_key_start_noise_0.3_stretch_8": (FAM[0], {**KEY_START_NOISE, "fam.stretch": 8.0}),
+            "fam_key_start_noise_0.3_ft_stretch_8": (FAM[0], {**KEY_START_NOISE, "fam.stretch": 8.0,
+                                                              **CONSTANT_5E4}, KEY_START_NOISE_03),
+        },
+        "stages": [{"steps": 900, **MAKE_TRAIN}],
+        "eval": {**EVAL_64X, "key_position": "start"},
+    },
     # The whole bounded-stream recipe in one command, from scratch (what bounded_stream -> _more -> _more2 ran
     # in pieces): the `make train` recipe with fam.keep_norm (900 steps), then document streams of 64 examples
     # at peak lr 1e-3 for 600, 1500 and 3000 steps (each stage follows its part of one cosine over the

@@ -101,7 +101,8 @@ class DecoderLayer(nnx.Module):
         """Returns (layer output [b, G, d], (cache after the chunk, diagnostics or None)).
 
         x: grid input [b, G, d]; initial_fam: this layer's initial FAM [F, d], needed for chunk.resets;
-        fam_noise: None or [b, nb, F, d], relative noise added to the FAM after each block (training only).
+        fam_noise: None, [b, nb, F, d] relative noise added to the FAM after each block, or an ops.FamNoise of
+            this layer (training only; see ops.fam_scan).
         """
         cfg = self.cfg
         h = self.norm1(x, cfg.compute_dtype)

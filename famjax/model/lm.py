@@ -122,7 +122,9 @@ class FamLM(nnx.Module):
             same value on every call of a stream);
         fam_noise: None, or float [L, b, T / B, F, d] for a chunk of whole blocks from an aligned state (training):
             after each block's update, FAM row r of layer l gets fam_noise[l, :, block, r] x its own RMS
-            (stop-gradient) added (training-time state noise, fam.noise; not in the paper).
+            (stop-gradient) added (training-time state noise, fam.noise; not in the paper); or an
+            ops.FamNoise(eps [L, b, T / B, F, d] or None, stretch [L, b, T / B] or None) that may also stretch
+            every non-initial update (fam.stretch; ops.fam_scan).
         """
         logits, state, _ = self._forward(tokens, state, segment_start, position_offset, collect=False,
                                          fam_noise=fam_noise)
@@ -184,9 +186,11 @@ class FamLM(nnx.Module):
         chunk, new_pos, is_initial, aligned_after = self._chunk(state, t, offset, fresh, inner_resets, collect)
         if fam_noise is not None:
             want = (cfg.num_layers, b, chunk.num_blocks, cfg.num_fam, cfg.d_model)
-            if not chunk.all_complete or tuple(jnp.shape(fam_noise)) != want:
-                raise ValueError(f"fam_noise needs a chunk of whole blocks from an aligned state and shape {want}, "
-                                 f"got {tuple(jnp.shape(fam_noise))}")
+            parts = fam_noise if isinstance(fam_noise, ops.FamNoise) else ops.FamNoise(eps=fam_noise)
+            for name, part, shape in (("eps", parts.eps, want), ("stretch", parts.stretch, want[:3])):
+                if part is not None and (not chunk.all_complete or tuple(jnp.shape(part)) != shape):
+                    raise ValueError(f"fam_noise {name} needs a chunk of whole blocks from an aligned state and "
+                                     f"shape {shape}, got {tuple(jnp.shape(part))}")
         x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype)
         if cfg.embed_scale:
             x = x * jnp.asarray(cfg.d_model ** 0.5, cfg.compute_dtype)

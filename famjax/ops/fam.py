@@ -3,10 +3,24 @@
 Only the F feedback rows are sequential: `fam_scan` carries them over the blocks of a chunk, while the
 block tokens' projections, attention and FFN stay fully parallel in the caller (spec section 8).
 """
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
 from famjax.ops.attention import segment_attention
+
+
+class FamNoise(NamedTuple):
+    """Training-time perturbations of the FAM after each block update (not in the paper; docs/design.md).
+
+    eps: None or float [..., b, nb, F, d]: every FAM row gets eps x its RMS added (state noise, fam.noise);
+    stretch: None or float [..., b, nb] >= 0: a non-initial update S_t = S_{t-1} + u becomes
+        S_{t-1} + (1 + stretch) u (the extra part stop-gradient), so a few blocks give a FAM the growth of many
+        (age augmentation, fam.stretch). Leading axes [...] are the caller's (the layer stack's).
+    """
+    eps: jax.Array | None = None
+    stretch: jax.Array | None = None
 
 
 def fam_positions(block_index, block_size: int, fam_len: int):
@@ -73,19 +87,26 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
     more column with a null slot) and the norm of every FAM row after the block [b, nb, F];
     stop_gradient: the FAM passed on to the next block carries no gradient back (the paper's ablation: the
     memory then learns nothing beyond one block);
-    noise: None or float [b, nb, F, d] (requires all_complete): after block j's update every FAM row gets
-    noise[:, j] x its RMS (stop-gradient) added, before it is passed on (training-time state noise);
+    noise: None, float [b, nb, F, d] (= FamNoise(eps=noise)) or a FamNoise with eps [b, nb, F, d] and stretch
+    [b, nb] (requires all_complete): after block j's update it is first stretched (FamNoise), then every FAM row
+    gets eps[:, j] x its RMS (stop-gradient) added, before it is passed on (training-time perturbations);
     keep_norm: the FAM update keeps row norms (fam_update's keep_norm): a noised row is rescaled to the norm it
-    had before the noise, so noise turns rows and never grows them.
+    had before the noise, so noise turns rows and never grows them (stretch needs keep_norm off).
     Returns carry after the chunk and (fam_k, fam_v) [b, nb, F, KV, hd]: what the tokens of block j read.
     """
     if (collect or noise is not None) and not all_complete:
         raise ValueError("FAM diagnostics and FAM noise need a chunk of whole blocks from an aligned state")
+    noise = noise if isinstance(noise, FamNoise) or noise is None else FamNoise(eps=noise)
+    if noise is not None and noise.stretch is not None and keep_norm:
+        raise ValueError("a FAM stretch needs keep_norm off (keep_norm would undo it)")
 
-    def update(state, k, v, done, index, eps=None):
+    def update(state, k, v, done, index, eps=None, stretch=None):
         fam, is_initial, fk, fv = state
         new = update_fn(fam, is_initial, fk, fv, k, v, index)
         new, probs = new if collect else (new, None)
+        if stretch is not None:  # the first update (from the initial FAM) is the write: never stretched
+            grow = jnp.where(is_initial, 0.0, stretch.astype(new.dtype))[:, None, None]
+            new = new + grow * jax.lax.stop_gradient(new - fam)
         if eps is not None:
             rms = jax.lax.stop_gradient(jnp.sqrt(jnp.mean(jnp.square(new), axis=-1, keepdims=True)))
             noised = new + eps.astype(new.dtype) * rms
@@ -101,7 +122,7 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
         return state, probs
 
     def step(state, xs):
-        k, v, done, index, reset, eps = xs
+        k, v, done, index, reset, eps, stretch = xs
         if reset is not None:
             fam0, k0, v0 = initial
             r3, r4 = reset[:, None, None], reset[:, None, None, None]
@@ -109,7 +130,7 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
                      jnp.where(r4, k0, state[2]), jnp.where(r4, v0, state[3]))
         read = state[2:]
         if all_complete:
-            state, probs = update(state, k, v, done, index, eps)
+            state, probs = update(state, k, v, done, index, eps, stretch)
         else:
             # Decode and small chunks rarely complete a block: skip the F-row layer unless one does.
             state = jax.lax.cond(jnp.any(done), lambda *a: update(*a)[0], lambda s, *_: s,
@@ -119,7 +140,7 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
         return state, (read, aux)
 
     xs = tuple(None if a is None else jnp.moveaxis(a, 1, 0)
-               for a in (blocks_k, blocks_v, completes, block_index, resets, noise))
+               for a in (blocks_k, blocks_v, completes, block_index, resets, *(noise or FamNoise())))
     carry, ((fk, fv), aux) = jax.lax.scan(step, carry, xs)
     read = (jnp.moveaxis(fk, 0, 1), jnp.moveaxis(fv, 0, 1))
     if collect:

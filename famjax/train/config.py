@@ -109,6 +109,10 @@ def validate(cfg: ml_collections.ConfigDict, *, process_count: int = 1) -> None:
         err(f"fam.norm_penalty must be >= 0, got {fam.norm_penalty}")
     if float(fam.get("noise", 0.0)) < 0:
         err(f"fam.noise must be >= 0, got {fam.noise}")
+    if float(fam.get("stretch", 0.0)) < 0:
+        err(f"fam.stretch must be >= 0, got {fam.stretch}")
+    if float(fam.get("stretch", 0.0)) and fam.keep_norm:
+        err("fam.stretch needs fam.keep_norm off (keep_norm would undo the stretch)")
 
     # data
     try:

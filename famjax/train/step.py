@@ -11,13 +11,14 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from famjax import ops
 from famjax.model import FamState
 from famjax.train.config import model_config, rope_offset_range
 from famjax.train.optim import schedule
 from famjax.train.state import TrainState
 
 # Random streams per step: fold_in(fold_in(rng, step), purpose).
-_RPO, _RSP, _NOISE = 1, 2, 3
+_RPO, _RSP, _NOISE, _STRETCH = 1, 2, 3, 4
 
 
 def cross_entropy(logits, targets, mask, z_loss: float = 0.0):
@@ -115,7 +116,9 @@ def make_train_step(cfg, graphdef, tx: optax.GradientTransformation, *, streamin
     rsp_p = float(cfg.fam.rsp_prob) if mcfg.num_fam else 0.0
     rpo = bool(cfg.fam.rpo)
     norm_penalty = float(cfg.fam.get("norm_penalty", 0.0)) if mcfg.num_fam else 0.0
-    fam_noise = float(cfg.fam.get("noise", 0.0)) if mcfg.num_fam and mcfg.attention == "fam" else 0.0
+    fam_on = mcfg.num_fam and mcfg.attention == "fam"
+    fam_noise = float(cfg.fam.get("noise", 0.0)) if fam_on else 0.0
+    fam_stretch = float(cfg.fam.get("stretch", 0.0)) if fam_on else 0.0
     lr_fn = schedule(cfg.train)
 
     def micro_loss(params, batch, state0, offset, noise, denom, rows):
@@ -154,9 +157,18 @@ def make_train_step(cfg, graphdef, tx: optax.GradientTransformation, *, streamin
         if offset is None:
             offset = jnp.zeros((rows,), jnp.int32)
         noise = None
-        if fam_noise:  # fam.noise: [L, rows, blocks, F, d], relative to each FAM row's RMS
+        if fam_noise or fam_stretch:
             shape = (mcfg.num_layers, rows, batch["tokens"].shape[1] // mcfg.block_size, mcfg.num_fam, mcfg.d_model)
-            noise = fam_noise * jax.random.normal(jax.random.fold_in(key, _NOISE), shape, jnp.float32)
+            # fam.noise: [L, rows, blocks, F, d], relative to each FAM row's RMS
+            eps = (fam_noise * jax.random.normal(jax.random.fold_in(key, _NOISE), shape, jnp.float32)
+                   if fam_noise else None)
+            # fam.stretch: one factor per row, U(0, stretch), for all its layers and blocks: the row ages that
+            # much faster ([L, rows, blocks])
+            stretch = None
+            if fam_stretch:
+                per_row = fam_stretch * jax.random.uniform(jax.random.fold_in(key, _STRETCH), (rows,))
+                stretch = jnp.broadcast_to(per_row[None, :, None], shape[:3])
+            noise = ops.FamNoise(eps=eps, stretch=stretch)
 
         if k == 1:
             grads, (ce, zl, pen, correct, count, state) = grad_fn(ts.params, micro_batch, state0, offset, noise,
