@@ -357,6 +357,21 @@ PRESETS = {
         "stages": [{"steps": 900, **MAKE_TRAIN}],
         "eval": {**EVAL_64X, "key_position": "start"},
     },
+    # key_start_noise's recipe with the null slot (FAM queries may read nothing, so a filler block can leave the
+    # FAM almost as it was: less of the drift that fam_probe.py blames), 900 steps from scratch.
+    "key_start_noise_null": {
+        "models": {"fam_key_start_noise_0.3_null_slot": (FAM[0], {**KEY_START_NOISE, "fam.null_slot": True})},
+        "stages": [{"steps": 900, **MAKE_TRAIN}],
+        "eval": {**EVAL_64X, "key_position": "start"},
+    },
+    # key_start_noise's recipe at N = 180 (filler 16-180 in 27 rows of 288 tokens, about the same tokens per
+    # step), 900 steps from scratch: does the hold scale with N (16x = 2880 filler tokens)?
+    "key_start_noise_n180": {
+        "models": {"fam_key_start_noise_0.3_n180": (FAM[0], KEY_START_NOISE)},
+        "stages": [{"steps": 900, **MAKE_TRAIN, "data.passkey.train_filler_max": 180, "data.seq_len": 288,
+                    "data.batch_size": 27}],
+        "eval": {**EVAL_64X, "multipliers": (1, 2, 4, 8, 16, 32), "key_position": "start"},
+    },
     # The whole bounded-stream recipe in one command, from scratch (what bounded_stream -> _more -> _more2 ran
     # in pieces): the `make train` recipe with fam.keep_norm (900 steps), then document streams of 64 examples
     # at peak lr 1e-3 for 600, 1500 and 3000 steps (each stage follows its part of one cosine over the
