@@ -59,6 +59,10 @@ def get_config() -> ml_collections.ConfigDict:
     # adds c x that update again (stop-gradient), so the FAM grows as if the row had (1 + c) x as many blocks:
     # the reader meets old-looking FAMs (age augmentation; docs/design.md). 0 = off.
     f.stretch = 0.0
+    # Training-only (not in the paper): like noise, but each row draws one direction per layer and FAM row
+    # (std `drift`, relative to the row's RMS) that is added after every block, so it accumulates over the
+    # blocks like the slow drift of an old FAM (docs/design.md). 0 = off.
+    f.drift = 0.0
 
     c.data = d = fd.default_config()  # see famjax/data/config.py for every field
     d.tokenizer.kind = "word"  # word-level PassKey vocabulary: ~5x shorter sequences than bytes

@@ -8,7 +8,7 @@ from test_train_norm_penalty import _config, _steps
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("field,value", [("noise", 0.5), ("stretch", 3.0)])
+@pytest.mark.parametrize("field,value", [("noise", 0.5), ("stretch", 3.0), ("drift", 0.5)])
 def test_fam_noise_changes_training_and_accumulates_exactly(passkey_dir, field, value):
     base = _config(passkey_dir, 0.0)
     data = [synthetic_batch(8, 128, base.model.vocab_size, 16, seed=i) for i in range(3)]
@@ -36,6 +36,7 @@ def test_negative_fam_noise_is_a_config_error(passkey_dir):
 
 
 @pytest.mark.parametrize("field,value,match", [("stretch", -1.0, "fam.stretch must be"),
+                                               ("drift", -1.0, "fam.drift must be"),
                                                ("keep_norm", True, "fam.stretch needs fam.keep_norm off")])
 def test_bad_fam_stretch_is_a_config_error(passkey_dir, field, value, match):
     from famjax.train.config import validate
@@ -45,3 +46,24 @@ def test_bad_fam_stretch_is_a_config_error(passkey_dir, field, value, match):
     cfg.fam[field] = value
     with pytest.raises(ValueError, match=match):
         validate(cfg)
+
+
+def test_draw_fam_noise_shapes_and_structure():
+    """noise is fresh per block, drift is one direction repeated after every block, stretch one factor per row;
+    each switch on its own key, so turning one on leaves the others' draws unchanged."""
+    import jax
+
+    from famjax.train.step import draw_fam_noise
+
+    key, shape = jax.random.PRNGKey(0), (2, 3, 4, 5, 6)
+    assert draw_fam_noise(key, shape, noise=0.0, stretch=0.0, drift=0.0) is None
+    drift = np.asarray(draw_fam_noise(key, shape, noise=0.0, stretch=0.0, drift=0.5).eps)
+    assert drift.shape == shape and np.all(drift == drift[:, :, :1]) and 0.3 < drift.std() < 0.7
+    noise = np.asarray(draw_fam_noise(key, shape, noise=0.2, stretch=0.0, drift=0.0).eps)
+    assert np.abs(noise[:, :, 1] - noise[:, :, 0]).max() > 0.01  # fresh per block
+    both = draw_fam_noise(key, shape, noise=0.2, stretch=3.0, drift=0.5)
+    np.testing.assert_allclose(np.asarray(both.eps), noise + drift, rtol=1e-6)
+    stretch = np.asarray(both.stretch)
+    assert stretch.shape == shape[:3] and np.all(stretch == stretch[:1, :, :1])
+    assert np.all((stretch >= 0) & (stretch <= 3))
+    assert len(np.unique(stretch[0, :, 0])) == shape[1]  # one factor per row

@@ -372,6 +372,19 @@ PRESETS = {
                     "data.batch_size": 27}],
         "eval": {**EVAL_64X, "multipliers": (1, 2, 4, 8, 16, 32), "key_position": "start"},
     },
+    # Persistent noise (fam.drift, training only, not in the paper): fam_probe.py found that what ages in the
+    # FAM is a slow drift shared by all prompts. With fam.drift s each training row adds one random direction
+    # (std s x the FAM row's RMS) after every block, so it accumulates like that drift and the readout must
+    # learn to ignore a drifted FAM. key_start_noise's recipe (noise 0.3 kept) with drift 0.1 and 0.2, 900
+    # steps from scratch.
+    "key_start_drift": {
+        "models": {
+            "fam_key_start_noise_0.3_drift_0.1": (FAM[0], {**KEY_START_NOISE, "fam.drift": 0.1}),
+            "fam_key_start_noise_0.3_drift_0.2": (FAM[0], {**KEY_START_NOISE, "fam.drift": 0.2}),
+        },
+        "stages": [{"steps": 900, **MAKE_TRAIN}],
+        "eval": {**EVAL_64X, "key_position": "start"},
+    },
     # The whole bounded-stream recipe in one command, from scratch (what bounded_stream -> _more -> _more2 ran
     # in pieces): the `make train` recipe with fam.keep_norm (900 steps), then document streams of 64 examples
     # at peak lr 1e-3 for 600, 1500 and 3000 steps (each stage follows its part of one cosine over the

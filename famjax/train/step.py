@@ -18,7 +18,7 @@ from famjax.train.optim import schedule
 from famjax.train.state import TrainState
 
 # Random streams per step: fold_in(fold_in(rng, step), purpose).
-_RPO, _RSP, _NOISE, _STRETCH = 1, 2, 3, 4
+_RPO, _RSP, _NOISE, _STRETCH, _DRIFT = 1, 2, 3, 4, 5
 
 
 def cross_entropy(logits, targets, mask, z_loss: float = 0.0):
@@ -102,6 +102,28 @@ def _merge_state(stacked: FamState) -> FamState:
     return jax.tree.map(lambda x, a: _unrows(x, lambda _: a), stacked, axes)
 
 
+def draw_fam_noise(key, shape, *, noise: float, stretch: float, drift: float) -> ops.FamNoise | None:
+    """The training-time FAM perturbations of one step (fam.noise / .stretch / .drift), or None if all are 0.
+
+    shape: (L, rows, blocks, F, d). eps [L, rows, blocks, F, d] (relative to each FAM row's RMS) is fresh
+    N(0, noise^2) noise per block plus, with drift, one N(0, drift^2) direction per layer, row and FAM row that
+    is the same after every block; stretch [L, rows, blocks] is one U(0, stretch) factor per row, for all its
+    layers and blocks (the row ages that much faster).
+    """
+    if not (noise or stretch or drift):
+        return None
+    eps = noise * jax.random.normal(jax.random.fold_in(key, _NOISE), shape, jnp.float32) if noise else None
+    if drift:
+        one = shape[:2] + (1,) + shape[3:]
+        d = drift * jax.random.normal(jax.random.fold_in(key, _DRIFT), one, jnp.float32)
+        eps = jnp.broadcast_to(d, shape) if eps is None else eps + d
+    factor = None
+    if stretch:
+        per_row = stretch * jax.random.uniform(jax.random.fold_in(key, _STRETCH), (shape[1],))
+        factor = jnp.broadcast_to(per_row[None, :, None], shape[:3])
+    return ops.FamNoise(eps=eps, stretch=factor)
+
+
 def make_train_step(cfg, graphdef, tx: optax.GradientTransformation, *, streaming: bool):
     """Returns train_step(state, batch) -> (state, metrics); jit it with shardings and donation.
 
@@ -119,6 +141,7 @@ def make_train_step(cfg, graphdef, tx: optax.GradientTransformation, *, streamin
     fam_on = mcfg.num_fam and mcfg.attention == "fam"
     fam_noise = float(cfg.fam.get("noise", 0.0)) if fam_on else 0.0
     fam_stretch = float(cfg.fam.get("stretch", 0.0)) if fam_on else 0.0
+    fam_drift = float(cfg.fam.get("drift", 0.0)) if fam_on else 0.0
     lr_fn = schedule(cfg.train)
 
     def micro_loss(params, batch, state0, offset, noise, denom, rows):
@@ -156,19 +179,8 @@ def make_train_step(cfg, graphdef, tx: optax.GradientTransformation, *, streamin
                        ("tokens", "targets", "loss_mask", "segment_start")}
         if offset is None:
             offset = jnp.zeros((rows,), jnp.int32)
-        noise = None
-        if fam_noise or fam_stretch:
-            shape = (mcfg.num_layers, rows, batch["tokens"].shape[1] // mcfg.block_size, mcfg.num_fam, mcfg.d_model)
-            # fam.noise: [L, rows, blocks, F, d], relative to each FAM row's RMS
-            eps = (fam_noise * jax.random.normal(jax.random.fold_in(key, _NOISE), shape, jnp.float32)
-                   if fam_noise else None)
-            # fam.stretch: one factor per row, U(0, stretch), for all its layers and blocks: the row ages that
-            # much faster ([L, rows, blocks])
-            stretch = None
-            if fam_stretch:
-                per_row = fam_stretch * jax.random.uniform(jax.random.fold_in(key, _STRETCH), (rows,))
-                stretch = jnp.broadcast_to(per_row[None, :, None], shape[:3])
-            noise = ops.FamNoise(eps=eps, stretch=stretch)
+        shape = (mcfg.num_layers, rows, batch["tokens"].shape[1] // mcfg.block_size, mcfg.num_fam, mcfg.d_model)
+        noise = draw_fam_noise(key, shape, noise=fam_noise, stretch=fam_stretch, drift=fam_drift)
 
         if k == 1:
             grads, (ce, zl, pen, correct, count, state) = grad_fn(ts.params, micro_batch, state0, offset, noise,
