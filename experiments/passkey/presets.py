@@ -364,6 +364,18 @@ PRESETS = {
         "stages": [{"steps": 900, **MAKE_TRAIN}],
         "eval": {**EVAL_64X, "key_position": "start"},
     },
+    # key_start_noise_null's model (the best 16x so far) again with init and shuffle seed 1, and with fam.drift
+    # 0.1 on top (see key_start_drift), 900 steps from scratch.
+    "key_start_noise_null_more": {
+        "models": {
+            "fam_key_start_noise_0.3_null_slot_seed1": (FAM[0], {**KEY_START_NOISE, "fam.null_slot": True,
+                                                                 "train.seed": 1, "data.seed": 1}),
+            "fam_key_start_noise_0.3_null_slot_drift_0.1": (FAM[0], {**KEY_START_NOISE, "fam.null_slot": True,
+                                                                     "fam.drift": 0.1}),
+        },
+        "stages": [{"steps": 900, **MAKE_TRAIN}],
+        "eval": {**EVAL_64X, "key_position": "start"},
+    },
     # key_start_noise's recipe at N = 180 (filler 16-180 in 27 rows of 288 tokens, about the same tokens per
     # step), 900 steps from scratch: does the hold scale with N (16x = 2880 filler tokens)?
     "key_start_noise_n180": {
