@@ -364,18 +364,6 @@ PRESETS = {
         "stages": [{"steps": 900, **MAKE_TRAIN}],
         "eval": {**EVAL_64X, "key_position": "start"},
     },
-    # key_start_noise_null's model (the best 16x so far) again with init and shuffle seed 1, and with fam.drift
-    # 0.1 on top (see key_start_drift), 900 steps from scratch.
-    "key_start_noise_null_more": {
-        "models": {
-            "fam_key_start_noise_0.3_null_slot_seed1": (FAM[0], {**KEY_START_NOISE, "fam.null_slot": True,
-                                                                 "train.seed": 1, "data.seed": 1}),
-            "fam_key_start_noise_0.3_null_slot_drift_0.1": (FAM[0], {**KEY_START_NOISE, "fam.null_slot": True,
-                                                                     "fam.drift": 0.1}),
-        },
-        "stages": [{"steps": 900, **MAKE_TRAIN}],
-        "eval": {**EVAL_64X, "key_position": "start"},
-    },
     # key_start_noise's recipe at N = 180 (filler 16-180 in 27 rows of 288 tokens, about the same tokens per
     # step), 900 steps from scratch: does the hold scale with N (16x = 2880 filler tokens)?
     "key_start_noise_n180": {
@@ -393,6 +381,20 @@ PRESETS = {
         "models": {
             "fam_key_start_noise_0.3_drift_0.1": (FAM[0], {**KEY_START_NOISE, "fam.drift": 0.1}),
             "fam_key_start_noise_0.3_drift_0.2": (FAM[0], {**KEY_START_NOISE, "fam.drift": 0.2}),
+        },
+        "stages": [{"steps": 900, **MAKE_TRAIN}],
+        "eval": {**EVAL_64X, "key_position": "start"},
+    },
+    # key_start_drift's drift 0.2 model (the flattest curve: 80% at 1x, 48% at 16x, 28% at 64x) fine-tuned 900
+    # steps more at lr 1e-3 constant (drift and noise kept), and drift 0.2 with the null slot from scratch.
+    "key_start_drift_more": {
+        "models": {
+            "fam_key_start_noise_0.3_drift_0.2_more": (
+                FAM[0], {**KEY_START_NOISE, "fam.drift": 0.2, "train.learning_rate": 1e-3,
+                         "train.schedule": "constant"},
+                "runs/passkey_ks_drift/fam_key_start_noise_0.3_drift_0.2/stage1"),
+            "fam_key_start_noise_0.3_drift_0.2_null_slot": (FAM[0], {**KEY_START_NOISE, "fam.drift": 0.2,
+                                                                     "fam.null_slot": True}),
         },
         "stages": [{"steps": 900, **MAKE_TRAIN}],
         "eval": {**EVAL_64X, "key_position": "start"},
