@@ -310,7 +310,7 @@ PRESETS = {
         "eval": {**EVAL_64X, "key_position": "start"},
     },
     # key_start_noise's recipe on filler 60-90 instead of 16-90: the same N, but every example holds the key
-    # over most of N.
+    # over most of N. Not run yet (its first try, inside key_start_noise_sweep, lost the filler to the stage).
     "key_start_noise_min60": {
         "models": {"fam_key_start_noise_0.3_min60": (FAM[0], KEY_START_NOISE)},
         "stages": [{"steps": 900, **MAKE_TRAIN, "data.passkey.train_filler_min": 60}],
@@ -327,10 +327,10 @@ PRESETS = {
     # Random state passing (the paper's RSP) on the spec's task: key_start_noise's noise 0.3 model fine-tuned
     # with rsp_prob 0.9 (a step starts from the previous step's final FAM 90% of the time) or 0.5, noise and
     # key at the start kept, 900 steps at lr 5e-4 constant. fam_probe.py found that model's FAM still holds the
-    # key at 32x (a linear probe fitted there reads 100% of the digits) while its own readout fails: the FAM
-    # norm grows about linearly with the updates, so the key becomes a small part of a large state that no
-    # training example showed. RSP shows the readout such aged states (each example still has at most N
-    # filler; the FAM it starts from may be many steps old).
+    # key at 32x (a linear probe fitted there reads 100% of the digits) while its own readout fails: the part of
+    # the FAM shared by all prompts drifts with every update into states no training example showed. RSP shows
+    # the readout such aged states (each example still has at most N filler; the FAM it starts from may be
+    # many steps old).
     "key_start_noise_rsp": {
         "models": {
             "fam_key_start_noise_0.3_rsp_0.9": (FAM[0], {**KEY_START_NOISE, "fam.rsp_prob": 0.9},
@@ -342,7 +342,7 @@ PRESETS = {
         "eval": {**EVAL_64X, "key_position": "start"},
     },
     # Age augmentation (fam.stretch, not in the paper): fam_probe.py found the key still in the FAM at 32x, and
-    # that a probe fitted at 1x reads it again (98% of digits at 16x) once the mean FAM over prompts is moved
+    # that a probe fitted at 1x reads it again (97% of digits at 16x) once the mean FAM over prompts is moved
     # back to 1x's: what ages is the example-independent part of the FAM, which the readout never saw old.
     # With fam.stretch C each training row draws c ~ U(0, C) and every FAM update after the write counts
     # 1 + c times, so the <= 3 updates of a training example give FAMs as old as (1 + C) x 3 updates.
