@@ -1,5 +1,5 @@
-"""fam.noise and fam.stretch: training-time FAM perturbations change the training forward, are reproducible, and
-split over micro-batches so gradient accumulation changes nothing."""
+"""fam.noise, fam.stretch and fam.drift: training-time FAM perturbations change the training forward, are
+reproducible, and split over micro-batches so gradient accumulation changes nothing."""
 # ruff: noqa: F811  (pytest fixtures imported from test_train_common are redefined as arguments)
 import numpy as np
 import pytest
@@ -26,25 +26,22 @@ def test_fam_noise_changes_training_and_accumulates_exactly(passkey_dir, field, 
     np.testing.assert_allclose([m["fam_norm"] for m in accum], [m["fam_norm"] for m in noisy], rtol=1e-5)
 
 
-def test_negative_fam_noise_is_a_config_error(passkey_dir):
+@pytest.mark.parametrize("field", ["noise", "stretch", "drift"])
+def test_negative_fam_perturbation_is_a_config_error(passkey_dir, field):
     from famjax.train.config import validate
 
     cfg = _config(passkey_dir, 0.0)
-    cfg.fam.noise = -0.1
-    with pytest.raises(ValueError, match="fam.noise"):
+    cfg.fam[field] = -0.1
+    with pytest.raises(ValueError, match=f"fam.{field} must be >= 0"):
         validate(cfg)
 
 
-@pytest.mark.parametrize("field,value,match", [("stretch", -1.0, "fam.stretch must be"),
-                                               ("drift", -1.0, "fam.drift must be"),
-                                               ("keep_norm", True, "fam.stretch needs fam.keep_norm off")])
-def test_bad_fam_stretch_is_a_config_error(passkey_dir, field, value, match):
+def test_fam_stretch_with_keep_norm_is_a_config_error(passkey_dir):
     from famjax.train.config import validate
 
     cfg = _config(passkey_dir, 0.0)
-    cfg.fam.stretch = 2.0
-    cfg.fam[field] = value
-    with pytest.raises(ValueError, match=match):
+    cfg.fam.stretch, cfg.fam.keep_norm = 2.0, True
+    with pytest.raises(ValueError, match="fam.stretch needs fam.keep_norm off"):
         validate(cfg)
 
 

@@ -10,11 +10,10 @@ fitted on 80% of the prompts and scored on the rest:
 
 - probe here: digit accuracy of a probe fitted at this length (is the key linearly decodable at all?);
 - probe from 1x: the probe fitted at the first length, applied here (is the key written the same way?);
+- recentred: the probe from 1x after shifting this length's FAMs by (mean FAM at 1x - mean FAM here), the
+  means over the prompts (does only the example-independent part of the FAM move with age?);
+- cos(mean): cosine between this length's mean FAM and the first length's;
 - model: the model's own digit accuracy (teacher-forced argmax on the answer).
-
-- probe from 1x, recentred: the same, after shifting this length's FAMs by (mean FAM at 1x - mean FAM here), the
-  means over the prompts: does only the example-independent part of the FAM move with age?
-- cos(mean): cosine between this length's mean FAM and the first length's.
 
 Chance is ~10% per digit. If the probe still reads the key where the model no longer does, the memory kept
 it and the reading fails; if the probe fails too, the key was overwritten. Writes fam_probe.md under --out.
