@@ -63,6 +63,10 @@ def get_config() -> ml_collections.ConfigDict:
     # (std `drift`, relative to the row's RMS) that is added after every block, so it accumulates over the
     # blocks like the slow drift of an old FAM (docs/design.md). 0 = off.
     f.drift = 0.0
+    # Training-only regulariser (not in the paper): weight of the mean relative squared change
+    # |S_t - S_{t-1}|^2 / |S_{t-1}|^2 of every FAM update after the write from the initial FAM, added to the
+    # loss: asks a memory that has nothing new to store to stay where it is (docs/design.md). 0 = off.
+    f.change_penalty = 0.0
 
     c.data = d = fd.default_config()  # see famjax/data/config.py for every field
     d.tokenizer.kind = "word"  # word-level PassKey vocabulary: ~5x shorter sequences than bytes

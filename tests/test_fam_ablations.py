@@ -144,3 +144,26 @@ def test_fam_noise_keeps_row_norms_under_keep_norm():
     np.testing.assert_allclose(np.linalg.norm(np.asarray(state1.layers.fam), axis=-1), norms, rtol=1e-5)
     assert np.abs(np.asarray(state1.layers.fam) - np.asarray(state.layers.fam)).max() > 1e-2  # yet it moved
     assert np.abs(np.asarray(noisy) - np.asarray(clean)).max() > 1e-4
+
+
+def test_fam_change_is_each_updates_relative_change():
+    """fam_change [L, b, nb] is |S_t - S_{t-1}|^2 / |S_{t-1}|^2 per update, averaged over the F rows, with 0 for
+    the write from the initial FAM; the FAMs come from streaming the same tokens one block per call."""
+    model, cfg, _ = make_model(seed=4, **BASE)
+    tokens = random_tokens(2, 16, cfg.vocab_size, seed=7)  # 4 whole blocks
+    logits, state, change = model(tokens, fam_change=True)
+    np.testing.assert_array_equal(np.asarray(logits), np.asarray(model(tokens)[0]))  # same forward
+    fams, st = [], None
+    for j in range(4):
+        _, st = model(tokens[:, 4 * j:4 * j + 4], st)
+        fams.append(np.asarray(st.layers.fam))  # [L, b, F, d] after block j
+    expect = np.zeros((cfg.num_layers, 2, 4), np.float32)
+    for j in range(1, 4):
+        rel = np.sum((fams[j] - fams[j - 1]) ** 2, -1) / (np.sum(fams[j - 1] ** 2, -1) + 1e-6)
+        expect[:, :, j] = rel.mean(-1)
+    assert np.asarray(change).shape == expect.shape and np.all(expect[:, :, 1:] > 1e-4)
+    np.testing.assert_allclose(np.asarray(change), expect, rtol=2e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="fam_change needs a chunk of whole blocks"):
+        model(tokens[:, :6], fam_change=True)
+    with pytest.raises(ValueError, match="fam_change needs attention='fam'"):
+        make_model(seed=4, **dict(BASE, attention="bswa", fam_len=0))[0](tokens, fam_change=True)

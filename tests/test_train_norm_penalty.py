@@ -58,3 +58,26 @@ def test_norm_penalty_value_accumulation_and_effect(passkey_dir):
     np.testing.assert_allclose([m["loss"] for m in m4], [m["loss"] for m in m1], rtol=1e-5)
     # Its gradient acts: after a few steps the FAM is smaller than without it.
     assert m1[-1]["fam_norm"] < 0.9 * m0[-1]["fam_norm"]
+
+
+@pytest.mark.slow
+def test_change_penalty_value_accumulation_and_effect(passkey_dir):
+    """fam.change_penalty adds weight x the mean relative change of the FAM updates (logged as fam_change),
+    splits exactly over micro-batches, and its gradient makes the updates smaller."""
+    data = [synthetic_batch(8, 128, 64, 16, seed=i) for i in range(6)]
+
+    def config(weight, **train):
+        cfg = _config(passkey_dir, 0.0, **train)
+        cfg.fam.change_penalty = weight
+        return cfg
+    _, _, _, m0 = _steps(config(0.0), data)
+    _, _, _, m1 = _steps(config(10.0), data)
+    _, _, _, m2 = _steps(config(10.0, grad_accum_steps=2), data)
+    _, _, _, control = _steps(config(1e-9), data)  # measured, with no pull
+    assert m0[0]["fam_change"] == 0.0 and m0[0]["fam_penalty"] == 0.0  # off: not even measured
+    assert m1[0]["fam_change"] > 0 and m1[0]["fam_penalty"] == pytest.approx(10.0 * m1[0]["fam_change"], rel=1e-6)
+    assert m1[0]["loss"] == pytest.approx(m0[0]["loss"], rel=1e-6)  # the same forward
+    for key in ("loss", "fam_change", "fam_norm"):
+        np.testing.assert_allclose([m[key] for m in m2], [m[key] for m in m1], rtol=1e-4)
+    assert control[0]["fam_change"] == pytest.approx(m1[0]["fam_change"], rel=1e-6)
+    assert m1[-1]["fam_change"] < 0.9 * control[-1]["fam_change"]

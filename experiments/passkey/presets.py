@@ -402,6 +402,19 @@ PRESETS = {
         "stages": [{"steps": 900, **MAKE_TRAIN}],
         "eval": {**EVAL_64X, "key_position": "start"},
     },
+    # A still memory (fam.change_penalty, training only, not in the paper): fam_probe.py found that the key
+    # stays in an old FAM but the FAM as a whole keeps moving, so a readout fitted on young FAMs misreads old
+    # ones. The penalty charges every FAM update after the write its relative squared change, so blocks with
+    # nothing new to store should leave the memory where it is. key_start_noise's recipe (noise 0.3 kept)
+    # with weights 1 and 10, 900 steps from scratch.
+    "key_start_change": {
+        "models": {
+            "fam_key_start_noise_0.3_change_1": (FAM[0], {**KEY_START_NOISE, "fam.change_penalty": 1.0}),
+            "fam_key_start_noise_0.3_change_10": (FAM[0], {**KEY_START_NOISE, "fam.change_penalty": 10.0}),
+        },
+        "stages": [{"steps": 900, **MAKE_TRAIN}],
+        "eval": {**EVAL_64X, "key_position": "start"},
+    },
     # The whole bounded-stream recipe in one command, from scratch (what bounded_stream -> _more -> _more2 ran
     # in pieces): the `make train` recipe with fam.keep_norm (900 steps), then document streams of 64 examples
     # at peak lr 1e-3 for 600, 1500 and 3000 steps (each stage follows its part of one cosine over the

@@ -35,6 +35,7 @@ class Chunk:
     is_initial: bool [b] the row's FAM is the learned initial FAM (its first update gets no residual);
     resets: None or bool [b, nb], a new segment (packed example) starts at the grid block;
     collect: static, also return per-block diagnostics (model.inspect);
+    measure_change: static, also return each FAM update's relative change (training's fam.change_penalty);
     compact: static, the chunk fits in one grid block (decode, short chunks): queries, projections and FFN
         run on the T new tokens only and only keys/values are placed on the block, so decoding one token
         costs one token, not a block;
@@ -55,6 +56,7 @@ class Chunk:
     is_initial: jax.Array
     resets: object = None
     collect: bool = False
+    measure_change: bool = False
     compact: bool = False
     own_mask: object = None
 
@@ -161,8 +163,8 @@ class DecoderLayer(nnx.Module):
             heads, probs = heads
             fam_mass = probs[..., m * B:m * B + cfg.num_fam].sum(-1)  # [b, nb, H, B]
             diagnostics = dict(token_fam_mass=jnp.swapaxes(fam_mass, 2, 3))
-            if cfg.num_fam:
-                diagnostics.update(fam_probs=fam_aux[0], fam_norm=fam_aux[1])
+        if cfg.num_fam and (chunk.collect or chunk.measure_change):
+            diagnostics = dict(diagnostics or {}, **fam_aux)
         heads = heads.reshape(q.shape)
 
         if isinstance(chunk.next_block, int):  # aligned chunk of whole blocks: static slices
@@ -204,6 +206,6 @@ class DecoderLayer(nnx.Module):
         out = ops.fam_scan(carry, kb, vb, chunk.completes, chunk.block_index, update_fn=update_fn, kv_fn=kv_fn,
                            all_complete=chunk.all_complete, resets=chunk.resets, initial=initial,
                            collect=chunk.collect, stop_gradient=cfg.fam_stop_gradient, noise=noise,
-                           keep_norm=cfg.fam_keep_norm)
+                           keep_norm=cfg.fam_keep_norm, measure_change=chunk.measure_change)
         (fam, _, fam_k, fam_v), read = out[:2]
-        return (fam, fam_k, fam_v), read, (out[2] if chunk.collect else None)
+        return (fam, fam_k, fam_v), read, (out[2] if len(out) > 2 else None)

@@ -109,8 +109,8 @@ class FamLM(nnx.Module):
 
     # ---------------------------------------------------------------- forward
     def __call__(self, tokens, state: FamState | None = None, *, segment_start=None, position_offset=None,
-                 fam_noise=None):
-        """Returns (logits float32 [b, T, vocab], state after the chunk).
+                 fam_noise=None, fam_change: bool = False):
+        """Returns (logits float32 [b, T, vocab], state after the chunk[, FAM change]).
 
         tokens: int [b, T], any T >= 1 (a whole sequence, a block, one token: one code path);
         state: from init_state or a previous call; None starts empty streams;
@@ -125,10 +125,15 @@ class FamLM(nnx.Module):
             (stop-gradient) added (training-time state noise, fam.noise; not in the paper); or an
             ops.FamNoise(eps [L, b, T / B, F, d] or None, stretch [L, b, T / B] or None) that may also stretch
             every non-initial update (fam.stretch; ops.fam_scan).
+        fam_change: also return float32 [L, b, T / B], the relative squared change of every FAM update
+            (ops.fam_scan's measure_change; 0 for writes from the initial FAM); needs attention "fam" and a
+            chunk of whole blocks from an aligned state (training's fam.change_penalty).
         """
-        logits, state, _ = self._forward(tokens, state, segment_start, position_offset, collect=False,
-                                         fam_noise=fam_noise)
-        return logits, state
+        if fam_change and (self.cfg.attention != "fam" or not self.cfg.num_fam):
+            raise ValueError(f"fam_change needs attention='fam' with fam_len > 0, got {self.cfg.attention!r}")
+        logits, state, diagnostics = self._forward(tokens, state, segment_start, position_offset, collect=False,
+                                                   fam_noise=fam_noise, measure_change=fam_change)
+        return (logits, state, diagnostics["fam_change"]) if fam_change else (logits, state)
 
     def inspect(self, tokens, state: FamState | None = None, *, position_offset=None):
         """Returns per-block FAM diagnostics of one call (whole blocks, aligned state), each stacked over layers:
@@ -147,7 +152,8 @@ class FamLM(nnx.Module):
         logits, state, diagnostics = self._forward(tokens, state, None, position_offset, collect=True)
         return dict(diagnostics, logits=logits, state=state)
 
-    def _forward(self, tokens, state, segment_start, position_offset, collect, fam_noise=None):
+    def _forward(self, tokens, state, segment_start, position_offset, collect, fam_noise=None,
+                 measure_change: bool = False):
         cfg = self.cfg
         tokens = jnp.asarray(tokens)
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer) or tokens.shape[1] < 1:
@@ -183,7 +189,11 @@ class FamLM(nnx.Module):
             cache = cache.replace(fam=fam, fam_k=jnp.where(sel, fam_k, cache.fam_k),
                                   fam_v=jnp.where(sel, fam_v, cache.fam_v))
 
-        chunk, new_pos, is_initial, aligned_after = self._chunk(state, t, offset, fresh, inner_resets, collect)
+        chunk, new_pos, is_initial, aligned_after = self._chunk(state, t, offset, fresh, inner_resets, collect,
+                                                                measure_change)
+        if measure_change and not chunk.all_complete:
+            raise ValueError(f"fam_change needs a chunk of whole blocks from an aligned state, got T={t} "
+                             f"(block_size={cfg.block_size}, aligned={state.aligned})")
         if fam_noise is not None:
             want = (cfg.num_layers, b, chunk.num_blocks, cfg.num_fam, cfg.d_model)
             parts = fam_noise if isinstance(fam_noise, ops.FamNoise) else ops.FamNoise(eps=fam_noise)
@@ -230,7 +240,8 @@ class FamLM(nnx.Module):
         resets = segment_start[:, ::B]
         return resets.at[:, 0].set(False)  # column 0 is a plain row reset
 
-    def _chunk(self, state: FamState, t: int, offset, fresh: bool, resets, collect: bool):
+    def _chunk(self, state: FamState, t: int, offset, fresh: bool, resets, collect: bool,
+               measure_change: bool = False):
         """Returns (Chunk for t new tokens, position after it, is_initial after it, static aligned after it)."""
         cfg = self.cfg
         pos = state.pos
@@ -283,7 +294,8 @@ class FamLM(nnx.Module):
                       block_index=first_block[:, None] + j - begin,
                       memory_visible=ops.memory_visible(first_block, begin, m), completes=completes,
                       next_block=next_block, all_complete=all_complete, fresh=fresh, start=pos,
-                      is_initial=state.is_initial, resets=resets, collect=collect)
+                      is_initial=state.is_initial, resets=resets, collect=collect,
+                      measure_change=measure_change)
         return chunk, pos + t - begin[:, -1] * B, is_initial, all_complete
 
     def _scan_layers(self, body, carry, *xs, remat: bool = False):

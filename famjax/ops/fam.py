@@ -72,7 +72,7 @@ def _norm_ratio(target, x):
 
 def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv_fn, all_complete: bool,
              resets=None, initial=None, collect: bool = False, stop_gradient: bool = False, noise=None,
-             keep_norm: bool = False):
+             keep_norm: bool = False, measure_change: bool = False):
     """Runs the FAM over the blocks of a chunk; returns (final carry, what each block's tokens read[, aux]).
 
     carry: (fam [b, F, d] f32, is_initial bool [b], fam_k, fam_v [b, F, KV, hd]) before grid block 0;
@@ -83,8 +83,12 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
     all_complete: static promise that every block completes (training), which skips the per-block branch;
     resets: None or bool [b, nb], a new segment starts at the block: the carry restarts from `initial`,
     (fam, fam_k, fam_v) of the initial FAM, before the block is read (packed rows);
-    collect: return per-block diagnostics (requires all_complete): FAM attention [b, nb, H, F, F + B] (one
-    more column with a null slot) and the norm of every FAM row after the block [b, nb, F];
+    collect: return per-block diagnostics (requires all_complete): aux["fam_probs"], FAM attention
+    [b, nb, H, F, F + B] (one more column with a null slot), and aux["fam_norm"], the norm of every FAM row
+    after the block [b, nb, F];
+    measure_change: return aux["fam_change"] float32 [b, nb] (requires all_complete): the relative squared
+    change |S_t - S_{t-1}|^2 / |S_{t-1}|^2 of each block's update, averaged over the F rows (the denominator
+    stop-gradient; before stretch and noise), 0 for the write from the initial FAM (fam.change_penalty);
     stop_gradient: the FAM passed on to the next block carries no gradient back (the paper's ablation: the
     memory then learns nothing beyond one block);
     noise: None, float [b, nb, F, d] (= FamNoise(eps=noise)) or a FamNoise with eps [b, nb, F, d] and stretch
@@ -94,8 +98,9 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
     had before the noise, so noise turns rows and never grows them (stretch needs keep_norm off).
     Returns carry after the chunk and (fam_k, fam_v) [b, nb, F, KV, hd]: what the tokens of block j read.
     """
-    if (collect or noise is not None) and not all_complete:
-        raise ValueError("FAM diagnostics and FAM noise need a chunk of whole blocks from an aligned state")
+    if (collect or measure_change or noise is not None) and not all_complete:
+        raise ValueError("FAM diagnostics, FAM change and FAM noise need a chunk of whole blocks from an aligned "
+                         "state")
     noise = noise if isinstance(noise, FamNoise) or noise is None else FamNoise(eps=noise)
     if noise is not None and noise.stretch is not None and keep_norm:
         raise ValueError("a FAM stretch needs keep_norm off (keep_norm would undo it)")
@@ -104,6 +109,10 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
         fam, is_initial, fk, fv = state
         new = update_fn(fam, is_initial, fk, fv, k, v, index)
         new, probs = new if collect else (new, None)
+        change = None
+        if measure_change:
+            rel = jnp.sum(jnp.square(new - fam), -1) / jax.lax.stop_gradient(jnp.sum(jnp.square(fam), -1) + 1e-6)
+            change = jnp.where(is_initial, 0.0, jnp.mean(rel, -1))
         if stretch is not None:  # the first update (from the initial FAM) is the write: never stretched
             grow = jnp.where(is_initial, 0.0, stretch.astype(new.dtype))[:, None, None]
             new = new + grow * jax.lax.stop_gradient(new - fam)
@@ -119,7 +128,7 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
         sel = done[:, None, None]
         sel4 = done[:, None, None, None]
         state = (jnp.where(sel, new, fam), is_initial & ~done, jnp.where(sel4, nk, fk), jnp.where(sel4, nv, fv))
-        return state, probs
+        return state, (probs, change)
 
     def step(state, xs):
         k, v, done, index, reset, eps, stretch = xs
@@ -129,20 +138,24 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
             state = (jnp.where(r3, fam0, state[0]), state[1] | reset,
                      jnp.where(r4, k0, state[2]), jnp.where(r4, v0, state[3]))
         read = state[2:]
+        probs = change = None
         if all_complete:
-            state, probs = update(state, k, v, done, index, eps, stretch)
+            state, (probs, change) = update(state, k, v, done, index, eps, stretch)
         else:
             # Decode and small chunks rarely complete a block: skip the F-row layer unless one does.
             state = jax.lax.cond(jnp.any(done), lambda *a: update(*a)[0], lambda s, *_: s,
                                  state, k, v, done, index)
-            probs = None
-        aux = (probs, jnp.linalg.norm(state[0], axis=-1)) if collect else None
+        aux = {}
+        if collect:
+            aux.update(fam_probs=probs, fam_norm=jnp.linalg.norm(state[0], axis=-1))
+        if measure_change:
+            aux["fam_change"] = change
         return state, (read, aux)
 
     xs = tuple(None if a is None else jnp.moveaxis(a, 1, 0)
                for a in (blocks_k, blocks_v, completes, block_index, resets, *(noise or FamNoise())))
     carry, ((fk, fv), aux) = jax.lax.scan(step, carry, xs)
     read = (jnp.moveaxis(fk, 0, 1), jnp.moveaxis(fv, 0, 1))
-    if collect:
+    if collect or measure_change:
         return carry, read, jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), aux)
     return carry, read

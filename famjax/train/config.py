@@ -111,6 +111,8 @@ def validate(cfg: ml_collections.ConfigDict, *, process_count: int = 1) -> None:
         err(f"fam.noise must be >= 0, got {fam.noise}")
     if float(fam.get("drift", 0.0)) < 0:
         err(f"fam.drift must be >= 0, got {fam.drift}")
+    if float(fam.get("change_penalty", 0.0)) < 0:
+        err(f"fam.change_penalty must be >= 0, got {fam.change_penalty}")
     if float(fam.get("stretch", 0.0)) < 0:
         err(f"fam.stretch must be >= 0, got {fam.stretch}")
     if float(fam.get("stretch", 0.0)) and fam.keep_norm:

@@ -61,14 +61,16 @@ def passkey_exact(pred, targets, answer_mask, segment_start, block_size: int):
     return jnp.sum(any_answer & ~any_wrong), jnp.sum(any_answer)
 
 
-def _forward(graphdef, params, batch, state: FamState, offset, noise, *, streaming: bool):
-    """Returns (logits, state after) of one chunk of rows; noise: fam_noise of the model call (or None)."""
+def _forward(graphdef, params, batch, state: FamState, offset, noise, *, streaming: bool, change: bool = False):
+    """Returns (logits, state after[, FAM change [L, b, nb]]) of one chunk of rows; noise: fam_noise of the
+    model call (or None); change: also return the model's fam_change."""
     model = nnx.merge(graphdef, params)
     ss = batch["segment_start"]
     if not streaming:
         # The row's first example starts from `state` (fresh, or the RSP FAM); later ones restart there.
         ss = ss.at[:, 0].set(False) if ss.ndim == 2 else None
-    return model(batch["tokens"], state, segment_start=ss, position_offset=offset, fam_noise=noise)
+    return model(batch["tokens"], state, segment_start=ss, position_offset=offset, fam_noise=noise,
+                 fam_change=change)
 
 
 def _rows(tree, k: int, axis_of):
@@ -142,15 +144,22 @@ def make_train_step(cfg, graphdef, tx: optax.GradientTransformation, *, streamin
     fam_noise = float(cfg.fam.get("noise", 0.0)) if fam_on else 0.0
     fam_stretch = float(cfg.fam.get("stretch", 0.0)) if fam_on else 0.0
     fam_drift = float(cfg.fam.get("drift", 0.0)) if fam_on else 0.0
+    change_penalty = float(cfg.fam.get("change_penalty", 0.0)) if fam_on else 0.0
     lr_fn = schedule(cfg.train)
 
     def micro_loss(params, batch, state0, offset, noise, denom, rows):
-        logits, state = _forward(graphdef, params, batch, state0, offset, noise, streaming=streaming)
+        out = _forward(graphdef, params, batch, state0, offset, noise, streaming=streaming,
+                       change=bool(change_penalty))
+        logits, state = out[:2]
         ce, zl, _, correct, count = cross_entropy(logits, batch["targets"], batch["loss_mask"], z_loss)
         # fam.norm_penalty: mean(FAM^2) of each row's final FAM [L, b, F, d], averaged over the whole batch.
         pen = (norm_penalty * jnp.sum(jnp.mean(jnp.square(state.layers.fam), axis=(0, 2, 3))) / rows
                if norm_penalty else jnp.zeros(()))
-        return (ce + zl) / denom + pen, (ce, zl, pen, correct, count, state)
+        # fam.change_penalty: each row's mean relative change of its FAM updates [L, b, nb] (writes from the
+        # initial FAM count 0), averaged over the whole batch.
+        change = jnp.sum(jnp.mean(out[2], axis=(0, 2))) / rows if change_penalty else jnp.zeros(())
+        pen = pen + change_penalty * change
+        return (ce + zl) / denom + pen, (ce, zl, pen, change, correct, count, state)
 
     grad_fn = jax.grad(micro_loss, has_aux=True)
 
@@ -183,8 +192,8 @@ def make_train_step(cfg, graphdef, tx: optax.GradientTransformation, *, streamin
         noise = draw_fam_noise(key, shape, noise=fam_noise, stretch=fam_stretch, drift=fam_drift)
 
         if k == 1:
-            grads, (ce, zl, pen, correct, count, state) = grad_fn(ts.params, micro_batch, state0, offset, noise,
-                                                                   denom, rows)
+            grads, (ce, zl, pen, change, correct, count, state) = grad_fn(ts.params, micro_batch, state0, offset,
+                                                                           noise, denom, rows)
         else:
             xs = (_rows(micro_batch, k, lambda _: 0), _split_state(state0, k), _rows(offset, k, lambda _: 0),
                   _rows(noise, k, lambda _: 1))
@@ -195,8 +204,8 @@ def make_train_step(cfg, graphdef, tx: optax.GradientTransformation, *, streamin
                 return jax.tree.map(jnp.add, acc, g), aux
 
             zero = jax.tree.map(jnp.zeros_like, ts.params)
-            grads, (ce, zl, pen, correct, count, states) = jax.lax.scan(body, zero, xs)
-            ce, zl, pen, correct, count = ce.sum(), zl.sum(), pen.sum(), correct.sum(), count.sum()
+            grads, (ce, zl, pen, change, correct, count, states) = jax.lax.scan(body, zero, xs)
+            ce, zl, pen, change, correct, count = (a.sum() for a in (ce, zl, pen, change, correct, count))
             state = _merge_state(states)
 
         updates, opt_state = tx.update(grads, ts.opt_state, ts.params)
@@ -207,7 +216,8 @@ def make_train_step(cfg, graphdef, tx: optax.GradientTransformation, *, streamin
         if streaming:
             new = new.replace(stream=jax.lax.stop_gradient(state), stream_offset=offset)
         metrics = {
-            "loss": ce / denom, "z_loss": zl / denom, "fam_penalty": pen, "accuracy": correct / jnp.maximum(count, 1),
+            "loss": ce / denom, "z_loss": zl / denom, "fam_penalty": pen, "fam_change": change,
+            "accuracy": correct / jnp.maximum(count, 1),
             "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params),
             "lr": lr_fn(ts.step), "rsp_used": use_rsp.astype(jnp.float32),
             "fam_norm": (jnp.mean(jnp.linalg.norm(final_fam, axis=-1)) if mcfg.num_fam else jnp.zeros(())),
