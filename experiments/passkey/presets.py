@@ -310,7 +310,7 @@ PRESETS = {
         "eval": {**EVAL_64X, "key_position": "start"},
     },
     # key_start_noise's recipe on filler 60-90 instead of 16-90: the same N, but every example holds the key
-    # over most of N. Not run yet (its first try, inside key_start_noise_sweep, lost the filler to the stage).
+    # over most of N (its first try, inside key_start_noise_sweep, lost the filler to the stage).
     "key_start_noise_min60": {
         "models": {"fam_key_start_noise_0.3_min60": (FAM[0], KEY_START_NOISE)},
         "stages": [{"steps": 900, **MAKE_TRAIN, "data.passkey.train_filler_min": 60}],
@@ -412,6 +412,26 @@ PRESETS = {
             "fam_key_start_noise_0.3_change_1": (FAM[0], {**KEY_START_NOISE, "fam.change_penalty": 1.0}),
             "fam_key_start_noise_0.3_change_10": (FAM[0], {**KEY_START_NOISE, "fam.change_penalty": 10.0}),
         },
+        "stages": [{"steps": 900, **MAKE_TRAIN}],
+        "eval": {**EVAL_64X, "key_position": "start"},
+    },
+    # Blocks of 64 tokens instead of 32: the hold looked like a count of FAM updates (about 23 held, see the
+    # N = 180 run), and B = 64 halves the updates per token, in training (1-2 between key and question) and at
+    # test. key_start_noise's recipe (noise 0.3) alone and with drift 0.1, 900 steps from scratch.
+    "key_start_b64": {
+        "models": {
+            "fam_key_start_noise_0.3_b64": (FAM[0], {**KEY_START_NOISE, "model.block_size": 64}),
+            "fam_key_start_noise_0.3_drift_0.1_b64": (FAM[0], {**KEY_START_NOISE, "fam.drift": 0.1,
+                                                               "model.block_size": 64}),
+        },
+        "stages": [{"steps": 900, **MAKE_TRAIN}],
+        "eval": {**EVAL_64X, "key_position": "start"},
+    },
+    # The two best far-end changes together: drift 0.1 (98% at 8x N) and the null slot (34% at 16x, digits
+    # about 50% out to 64x), on key_start_noise's recipe (noise 0.3), 900 steps from scratch.
+    "key_start_drift_null": {
+        "models": {"fam_key_start_noise_0.3_drift_0.1_null_slot": (
+            FAM[0], {**KEY_START_NOISE, "fam.drift": 0.1, "fam.null_slot": True})},
         "stages": [{"steps": 900, **MAKE_TRAIN}],
         "eval": {**EVAL_64X, "key_position": "start"},
     },
