@@ -435,6 +435,15 @@ PRESETS = {
         "stages": [{"steps": 900, **MAKE_TRAIN}],
         "eval": {**EVAL_64X, "key_position": "start"},
     },
+    # key_start_drift_null's recipe (noise 0.3, drift 0.1, null slot) with F = 4 and F = 16 FAM rows
+    # (`--models=NAME` runs one), 900 steps from scratch.
+    "key_start_drift_null_f": {
+        "models": {f"fam_key_start_noise_0.3_drift_0.1_null_slot_f{f}": (
+            FAM[0], {**KEY_START_NOISE, "fam.drift": 0.1, "fam.null_slot": True, "fam.fam_len": f})
+            for f in (4, 16)},
+        "stages": [{"steps": 900, **MAKE_TRAIN}],
+        "eval": {**EVAL_64X, "key_position": "start"},
+    },
     # The whole bounded-stream recipe in one command, from scratch (what bounded_stream -> _more -> _more2 ran
     # in pieces): the `make train` recipe with fam.keep_norm (900 steps), then document streams of 64 examples
     # at peak lr 1e-3 for 600, 1500 and 3000 steps (each stage follows its part of one cosine over the
