@@ -430,8 +430,14 @@ PRESETS = {
     # The two best far-end changes together: drift 0.1 (98% at 8x N) and the null slot (34% at 16x, digits
     # about 50% out to 64x), on key_start_noise's recipe (noise 0.3), 900 steps from scratch.
     "key_start_drift_null": {
-        "models": {"fam_key_start_noise_0.3_drift_0.1_null_slot": (
-            FAM[0], {**KEY_START_NOISE, "fam.drift": 0.1, "fam.null_slot": True})},
+        "models": {
+            "fam_key_start_noise_0.3_drift_0.1_null_slot": (
+                FAM[0], {**KEY_START_NOISE, "fam.drift": 0.1, "fam.null_slot": True}),
+            # the same with init and shuffle seed 1 (`--models=fam_key_start_noise_0.3_drift_0.1_null_slot_seed1`)
+            "fam_key_start_noise_0.3_drift_0.1_null_slot_seed1": (
+                FAM[0], {**KEY_START_NOISE, "fam.drift": 0.1, "fam.null_slot": True, "train.seed": 1,
+                         "data.seed": 1}),
+        },
         "stages": [{"steps": 900, **MAKE_TRAIN}],
         "eval": {**EVAL_64X, "key_position": "start"},
     },
