@@ -384,6 +384,9 @@ PRESETS = {
             # drift 0.2 again with init and shuffle seed 1 (`--models=fam_key_start_noise_0.3_drift_0.2_seed1`)
             "fam_key_start_noise_0.3_drift_0.2_seed1": (FAM[0], {**KEY_START_NOISE, "fam.drift": 0.2,
                                                                  "train.seed": 1, "data.seed": 1}),
+            # and drift 0.1 with seed 1 (`--models=fam_key_start_noise_0.3_drift_0.1_seed1`)
+            "fam_key_start_noise_0.3_drift_0.1_seed1": (FAM[0], {**KEY_START_NOISE, "fam.drift": 0.1,
+                                                                 "train.seed": 1, "data.seed": 1}),
         },
         "stages": [{"steps": 900, **MAKE_TRAIN}],
         "eval": {**EVAL_64X, "key_position": "start"},
