@@ -26,7 +26,7 @@ def test_fam_noise_changes_training_and_accumulates_exactly(passkey_dir, field, 
     np.testing.assert_allclose([m["fam_norm"] for m in accum], [m["fam_norm"] for m in noisy], rtol=1e-5)
 
 
-@pytest.mark.parametrize("field", ["noise", "stretch", "drift"])
+@pytest.mark.parametrize("field", ["noise", "stretch", "drift", "change_penalty", "norm_penalty"])
 def test_negative_fam_perturbation_is_a_config_error(passkey_dir, field):
     from famjax.train.config import validate
 

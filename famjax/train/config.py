@@ -105,16 +105,9 @@ def validate(cfg: ml_collections.ConfigDict, *, process_count: int = 1) -> None:
         err(f"fam.rpo_zero_prob must be in [0, 1], got {fam.rpo_zero_prob}")
     if not isinstance(fam.rpo, bool):
         err(f"fam.rpo must be True or False, got {fam.rpo!r}")
-    if float(fam.get("norm_penalty", 0.0)) < 0:
-        err(f"fam.norm_penalty must be >= 0, got {fam.norm_penalty}")
-    if float(fam.get("noise", 0.0)) < 0:
-        err(f"fam.noise must be >= 0, got {fam.noise}")
-    if float(fam.get("drift", 0.0)) < 0:
-        err(f"fam.drift must be >= 0, got {fam.drift}")
-    if float(fam.get("change_penalty", 0.0)) < 0:
-        err(f"fam.change_penalty must be >= 0, got {fam.change_penalty}")
-    if float(fam.get("stretch", 0.0)) < 0:
-        err(f"fam.stretch must be >= 0, got {fam.stretch}")
+    for name in ("norm_penalty", "noise", "drift", "change_penalty", "stretch"):  # training-only, 0 = off
+        if float(fam.get(name, 0.0)) < 0:
+            err(f"fam.{name} must be >= 0, got {fam[name]}")
     if float(fam.get("stretch", 0.0)) and fam.keep_norm:
         err("fam.stretch needs fam.keep_norm off (keep_norm would undo the stretch)")
 
