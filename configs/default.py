@@ -63,6 +63,10 @@ def get_config() -> ml_collections.ConfigDict:
     # (std `drift`, relative to the row's RMS) that is added after every block, so it accumulates over the
     # blocks like the slow drift of an old FAM (docs/design.md). 0 = off.
     f.drift = 0.0
+    # Training-only (not in the paper): each row draws a ~ U(0, age) and every FAM update after the first adds
+    # a x the batch's mean update (stop-gradient), so the row's FAM moves on along the drift all rows share, as
+    # an older FAM has, while what the row stored is kept (shared-drift extrapolation; docs/design.md). 0 = off.
+    f.age = 0.0
     # Training-only regulariser (not in the paper): weight of the mean relative squared change
     # |S_t - S_{t-1}|^2 / |S_{t-1}|^2 of every FAM update after the write from the initial FAM, added to the
     # loss: asks a memory that has nothing new to store to stay where it is (docs/design.md). 0 = off.

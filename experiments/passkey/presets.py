@@ -453,6 +453,30 @@ PRESETS = {
         "stages": [{"steps": 900, **MAKE_TRAIN}],
         "eval": {**EVAL_64X, "key_position": "start"},
     },
+    # A shorter training length: every model above loses the key somewhere between 720 and 1440 filler
+    # tokens, whether N was 90 or 180. If that hold is a property of the model and not a multiple of N, a
+    # model trained on filler 16-45 (N = 45, examples of 85-114 tokens in 60 x 128 rows, the same tokens per
+    # step) should reach further in multiples of its N. key_start_drift's drift 0.1 recipe, 900 steps from
+    # scratch; the eval goes to 128x so that its tokens overlap the N = 90 tables.
+    "key_start_n45": {
+        "models": {
+            "fam_key_start_noise_0.3_drift_0.1_n45": (FAM[0], {**KEY_START_NOISE, "fam.drift": 0.1}),
+            "fam_key_start_noise_0.3_drift_0.1_n45_seed1": (FAM[0], {**KEY_START_NOISE, "fam.drift": 0.1,
+                                                                     "train.seed": 1, "data.seed": 1}),
+        },
+        "stages": [{"steps": 900, **MAKE_TRAIN, "data.passkey.train_filler_max": 45, "data.seq_len": 128,
+                    "data.batch_size": 60}],
+        "eval": {**EVAL_64X, "multipliers": (1, 2, 4, 8, 16, 32, 64, 128), "key_position": "start"},
+    },
+    # A wider model: d 256 (4 heads of 64, FFN 1024) instead of d 128, on key_start_drift's drift 0.1 recipe
+    # (N = 90), 900 steps from scratch at lr 2e-3 (3e-3 is the d 128 rate). Does a bigger reader hold longer?
+    "key_start_d256": {
+        "models": {"fam_key_start_noise_0.3_drift_0.1_d256": (
+            FAM[0], {**KEY_START_NOISE, "fam.drift": 0.1, "model.d_model": 256, "model.mlp_dim": 1024,
+                     "train.learning_rate": 2e-3})},
+        "stages": [{"steps": 900, **MAKE_TRAIN}],
+        "eval": {**EVAL_64X, "key_position": "start"},
+    },
     # The whole bounded-stream recipe in one command, from scratch (what bounded_stream -> _more -> _more2 ran
     # in pieces): the `make train` recipe with fam.keep_norm (900 steps), then document streams of 64 examples
     # at peak lr 1e-3 for 600, 1500 and 3000 steps (each stage follows its part of one cosine over the

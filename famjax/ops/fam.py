@@ -17,10 +17,15 @@ class FamNoise(NamedTuple):
     eps: None or float [..., b, nb, F, d]: every FAM row gets eps x its RMS added (state noise, fam.noise);
     stretch: None or float [..., b, nb] >= 0: a non-initial update S_t = S_{t-1} + u becomes
         S_{t-1} + (1 + stretch) u (the extra part stop-gradient), so a few blocks give a FAM the growth of many
-        (age augmentation, fam.stretch). Leading axes [...] are the caller's (the layer stack's).
+        (age augmentation, fam.stretch);
+    age: None or float [..., b, nb] >= 0: a non-initial update S_t = S_{t-1} + u becomes S_{t-1} + u + age x
+        mean(u) (stop-gradient), the mean over the rows of the batch that were updated: every row moves on along
+        the part of the update all rows share, the drift an old FAM shows, while its own content is kept
+        (shared-drift extrapolation, fam.age). Leading axes [...] are the caller's (the layer stack's).
     """
     eps: jax.Array | None = None
     stretch: jax.Array | None = None
+    age: jax.Array | None = None
 
 
 def fam_positions(block_index, block_size: int, fam_len: int):
@@ -91,9 +96,10 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
     stop-gradient; before stretch and noise), 0 for the write from the initial FAM (fam.change_penalty);
     stop_gradient: the FAM passed on to the next block carries no gradient back (the paper's ablation: the
     memory then learns nothing beyond one block);
-    noise: None, float [b, nb, F, d] (= FamNoise(eps=noise)) or a FamNoise with eps [b, nb, F, d] and stretch
-    [b, nb] (requires all_complete): after block j's update it is first stretched (FamNoise), then every FAM row
-    gets eps[:, j] x its RMS (stop-gradient) added, before it is passed on (training-time perturbations);
+    noise: None, float [b, nb, F, d] (= FamNoise(eps=noise)) or a FamNoise with eps [b, nb, F, d], stretch and
+    age [b, nb] (requires all_complete): after block j's update it is first stretched and aged (FamNoise), then
+    every FAM row gets eps[:, j] x its RMS (stop-gradient) added, before it is passed on (training-time
+    perturbations);
     keep_norm: the FAM update keeps row norms (fam_update's keep_norm): a noised row is rescaled to the norm it
     had before the noise, so noise turns rows and never grows them (stretch needs keep_norm off).
     Returns carry after the chunk and (fam_k, fam_v) [b, nb, F, KV, hd]: what the tokens of block j read.
@@ -102,10 +108,10 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
         raise ValueError("FAM diagnostics, FAM change and FAM noise need a chunk of whole blocks from an aligned "
                          "state")
     noise = noise if isinstance(noise, FamNoise) or noise is None else FamNoise(eps=noise)
-    if noise is not None and noise.stretch is not None and keep_norm:
-        raise ValueError("a FAM stretch needs keep_norm off (keep_norm would undo it)")
+    if noise is not None and (noise.stretch is not None or noise.age is not None) and keep_norm:
+        raise ValueError("a FAM stretch or age needs keep_norm off (keep_norm would undo it)")
 
-    def update(state, k, v, done, index, eps=None, stretch=None):
+    def update(state, k, v, done, index, eps=None, stretch=None, age=None):
         fam, is_initial, fk, fv = state
         new = update_fn(fam, is_initial, fk, fv, k, v, index)
         new, probs = new if collect else (new, None)
@@ -116,6 +122,10 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
         if stretch is not None:  # the first update (from the initial FAM) is the write: never stretched
             grow = jnp.where(is_initial, 0.0, stretch.astype(new.dtype))[:, None, None]
             new = new + grow * jax.lax.stop_gradient(new - fam)
+        if age is not None:  # the rows' shared update, over the rows not written from the initial FAM
+            moved = jnp.where(is_initial[:, None, None], 0.0, jax.lax.stop_gradient(new - fam))
+            shared = jnp.sum(moved, 0) / jnp.maximum(jnp.sum(~is_initial), 1)
+            new = new + jnp.where(is_initial, 0.0, age.astype(new.dtype))[:, None, None] * shared
         if eps is not None:
             rms = jax.lax.stop_gradient(jnp.sqrt(jnp.mean(jnp.square(new), axis=-1, keepdims=True)))
             noised = new + eps.astype(new.dtype) * rms
@@ -131,7 +141,7 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
         return state, (probs, change)
 
     def step(state, xs):
-        k, v, done, index, reset, eps, stretch = xs
+        k, v, done, index, reset, eps, stretch, age = xs
         if reset is not None:
             fam0, k0, v0 = initial
             r3, r4 = reset[:, None, None], reset[:, None, None, None]
@@ -140,7 +150,7 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
         read = state[2:]
         probs = change = None
         if all_complete:
-            state, (probs, change) = update(state, k, v, done, index, eps, stretch)
+            state, (probs, change) = update(state, k, v, done, index, eps, stretch, age)
         else:
             # Decode and small chunks rarely complete a block: skip the F-row layer unless one does.
             state = jax.lax.cond(jnp.any(done), lambda *a: update(*a)[0], lambda s, *_: s,
