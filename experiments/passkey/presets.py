@@ -477,6 +477,16 @@ PRESETS = {
         "stages": [{"steps": 900, **MAKE_TRAIN}],
         "eval": {**EVAL_64X, "key_position": "start"},
     },
+    # Shared-drift extrapolation (fam.age, training only, not in the paper): each training row moves its FAM
+    # on by U(0, A) x the batch's mean update after every block, so the readout meets FAMs whose shared part
+    # looks up to (1 + A) x older while the key is kept. key_start_drift's drift 0.1 recipe with A = 3 and 8,
+    # 900 steps from scratch.
+    "key_start_age": {
+        "models": {f"fam_key_start_noise_0.3_drift_0.1_age_{a}": (
+            FAM[0], {**KEY_START_NOISE, "fam.drift": 0.1, "fam.age": float(a)}) for a in (3, 8)},
+        "stages": [{"steps": 900, **MAKE_TRAIN}],
+        "eval": {**EVAL_64X, "key_position": "start"},
+    },
     # The whole bounded-stream recipe in one command, from scratch (what bounded_stream -> _more -> _more2 ran
     # in pieces): the `make train` recipe with fam.keep_norm (900 steps), then document streams of 64 examples
     # at peak lr 1e-3 for 600, 1500 and 3000 steps (each stage follows its part of one cosine over the
