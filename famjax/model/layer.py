@@ -180,7 +180,7 @@ class DecoderLayer(nnx.Module):
 
     def _fam_scan(self, cache, kb, vb, chunk, initial_fam, noise=None):
         """FAM recurrence over the grid blocks; returns ((fam, fam_k, fam_v) after, FAM K/V each block read,
-        diagnostics or None)."""
+        diagnostics: ops.fam_scan's aux, {} unless chunk.collect / chunk.measure_change)."""
         cfg = self.cfg
         dtype, offset = cfg.compute_dtype, chunk.offset
 
@@ -203,9 +203,9 @@ class DecoderLayer(nnx.Module):
             fam0 = jnp.broadcast_to(initial_fam, (b,) + initial_fam.shape)
             initial = (fam0, *kv_fn(fam0, jnp.full((b,), -1)))
         carry = (cache.fam, chunk.is_initial, cache.fam_k, cache.fam_v)
-        out = ops.fam_scan(carry, kb, vb, chunk.completes, chunk.block_index, update_fn=update_fn, kv_fn=kv_fn,
-                           all_complete=chunk.all_complete, resets=chunk.resets, initial=initial,
-                           collect=chunk.collect, stop_gradient=cfg.fam_stop_gradient, noise=noise,
-                           keep_norm=cfg.fam_keep_norm, measure_change=chunk.measure_change)
-        (fam, _, fam_k, fam_v), read = out[:2]
-        return (fam, fam_k, fam_v), read, (out[2] if len(out) > 2 else None)
+        (fam, _, fam_k, fam_v), read, aux = ops.fam_scan(
+            carry, kb, vb, chunk.completes, chunk.block_index, update_fn=update_fn, kv_fn=kv_fn,
+            all_complete=chunk.all_complete, resets=chunk.resets, initial=initial, collect=chunk.collect,
+            stop_gradient=cfg.fam_stop_gradient, noise=noise, keep_norm=cfg.fam_keep_norm,
+            measure_change=chunk.measure_change)
+        return (fam, fam_k, fam_v), read, aux

@@ -78,7 +78,7 @@ def _norm_ratio(target, x):
 def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv_fn, all_complete: bool,
              resets=None, initial=None, collect: bool = False, stop_gradient: bool = False, noise=None,
              keep_norm: bool = False, measure_change: bool = False):
-    """Runs the FAM over the blocks of a chunk; returns (final carry, what each block's tokens read[, aux]).
+    """Runs the FAM over the blocks of a chunk; returns (final carry, what each block's tokens read, aux).
 
     carry: (fam [b, F, d] f32, is_initial bool [b], fam_k, fam_v [b, F, KV, hd]) before grid block 0;
     blocks_k, blocks_v: [b, nb, B, KV, hd]; completes: bool [b, nb] (the block's last token is in this chunk:
@@ -102,7 +102,8 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
     perturbations);
     keep_norm: the FAM update keeps row norms (fam_update's keep_norm): a noised row is rescaled to the norm it
     had before the noise, so noise turns rows and never grows them (stretch needs keep_norm off).
-    Returns carry after the chunk and (fam_k, fam_v) [b, nb, F, KV, hd]: what the tokens of block j read.
+    Returns carry after the chunk, (fam_k, fam_v) [b, nb, F, KV, hd]: what the tokens of block j read, and aux:
+    the dict of what collect / measure_change asked for ({} when neither).
     """
     if (collect or measure_change or noise is not None) and not all_complete:
         raise ValueError("FAM diagnostics, FAM change and FAM noise need a chunk of whole blocks from an aligned "
@@ -166,6 +167,4 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
                for a in (blocks_k, blocks_v, completes, block_index, resets, *(noise or FamNoise())))
     carry, ((fk, fv), aux) = jax.lax.scan(step, carry, xs)
     read = (jnp.moveaxis(fk, 0, 1), jnp.moveaxis(fv, 0, 1))
-    if collect or measure_change:
-        return carry, read, jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), aux)
-    return carry, read
+    return carry, read, jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), aux)
