@@ -479,11 +479,11 @@ PRESETS = {
     },
     # Shared-drift extrapolation (fam.age, training only, not in the paper): each training row moves its FAM
     # on by U(0, A) x the batch's mean update after every block, so the readout meets FAMs whose shared part
-    # looks up to (1 + A) x older while the key is kept. key_start_drift's drift 0.1 recipe with A = 3 and 8,
-    # 900 steps from scratch.
+    # looks up to (1 + A) x older while the key is kept. key_start_drift's drift 0.1 recipe with A = 1, 3 and
+    # 8, 900 steps from scratch (`--models=NAME` runs one).
     "key_start_age": {
         "models": {f"fam_key_start_noise_0.3_drift_0.1_age_{a}": (
-            FAM[0], {**KEY_START_NOISE, "fam.drift": 0.1, "fam.age": float(a)}) for a in (3, 8)},
+            FAM[0], {**KEY_START_NOISE, "fam.drift": 0.1, "fam.age": float(a)}) for a in (1, 3, 8)},
         "stages": [{"steps": 900, **MAKE_TRAIN}],
         "eval": {**EVAL_64X, "key_position": "start"},
     },
