@@ -98,71 +98,45 @@ def test_fam_noise_is_added_after_each_update_relative_to_the_row():
         model(tokens[:, :15], fam_noise=jnp.zeros(shape))
 
 
-def test_fam_stretch_scales_every_update_but_the_first():
-    """FamNoise.stretch c: a non-initial update S_{t-1} + u becomes S_{t-1} + (1 + c) u; the first update (the
-    write from the initial FAM) is never stretched."""
-    from famjax import ops
-    model, cfg, _ = make_model(seed=4, **BASE)
-    tokens = random_tokens(2, 16, cfg.vocab_size, seed=6)  # 4 whole blocks
-    shape = (cfg.num_layers, 2, 4)
-    clean, state = model(tokens)
-    zero, state0 = model(tokens, fam_noise=ops.FamNoise(stretch=jnp.zeros(shape)))
-    np.testing.assert_array_equal(np.asarray(zero), np.asarray(clean))
-    first = np.zeros(shape, np.float32)
-    first[:, :, 0] = 5.0  # block 0's update starts from the initial FAM: untouched
-    same, _ = model(tokens, fam_noise=ops.FamNoise(stretch=jnp.asarray(first)))
-    np.testing.assert_allclose(np.asarray(same), np.asarray(clean), atol=1e-6)
-    # The last block's update stretched by c (per row): no token reads that FAM, the final FAM moves exactly.
-    c = np.array([2.0, 0.5], np.float32)
-    last = np.zeros(shape, np.float32)
-    last[:, :, 3] = c[None, :]
-    out, state1 = model(tokens, fam_noise=ops.FamNoise(stretch=jnp.asarray(last)))
-    np.testing.assert_allclose(np.asarray(out), np.asarray(clean), atol=1e-6)
-    _, state_2 = model(tokens[:, :12])  # S_2: the FAM before block 3 (chunked == one call)
-    before, after = np.asarray(state_2.layers.fam), np.asarray(state.layers.fam)
-    want = before + (1 + c[None, :, None, None]) * (after - before)
-    np.testing.assert_allclose(np.asarray(state1.layers.fam), want, rtol=1e-4, atol=1e-4)
-    # A stretch of block 1's update reaches the tokens of blocks 2 and 3 only.
-    mid = np.zeros(shape, np.float32)
-    mid[:, :, 1] = 1.0
-    got, _ = model(tokens, fam_noise=ops.FamNoise(stretch=jnp.asarray(mid)))
-    np.testing.assert_allclose(np.asarray(got)[:, :8], np.asarray(clean)[:, :8], atol=1e-6)
-    assert np.abs(np.asarray(got)[:, 8:] - np.asarray(clean)[:, 8:]).max() > 1e-4
-    with pytest.raises(ValueError, match="fam_noise stretch"):
-        model(tokens, fam_noise=ops.FamNoise(stretch=jnp.zeros(shape[:2] + (3,))))
-
-
-def test_fam_age_adds_the_batch_mean_update_but_not_to_the_first():
-    """FamNoise.age a: a non-initial update S_{t-1} + u becomes S_{t-1} + u + a x mean over rows of u; the first
-    update (the write from the initial FAM) is never aged."""
+@pytest.mark.parametrize("field", ["stretch", "age"])
+def test_fam_stretch_and_age_change_every_update_but_the_first(field):
+    """FamNoise.stretch c: a non-initial update S_{t-1} + u becomes S_{t-1} + (1 + c) u; FamNoise.age a: it
+    becomes S_{t-1} + u + a x (u averaged over the rows). The first update (the write from the initial FAM) is
+    never changed."""
     from famjax import ops
     model, cfg, _ = make_model(seed=4, **BASE)
     tokens = random_tokens(3, 16, cfg.vocab_size, seed=7)  # 4 whole blocks, 3 rows
     shape = (cfg.num_layers, 3, 4)
+
+    def run(factor):
+        return model(tokens, fam_noise=ops.FamNoise(**{field: jnp.asarray(factor, jnp.float32)}))
+
     clean, state = model(tokens)
-    first = np.zeros(shape, np.float32)
-    first[:, :, 0] = 5.0
-    same, _ = model(tokens, fam_noise=ops.FamNoise(age=jnp.asarray(first)))
-    np.testing.assert_allclose(np.asarray(same), np.asarray(clean), atol=1e-6)
-    # The last block's update aged by a (per row): no token reads that FAM, the final FAM moves exactly.
-    a = np.array([2.0, 0.0, 0.5], np.float32)
-    last = np.zeros(shape, np.float32)
-    last[:, :, 3] = a[None, :]
-    out, aged = model(tokens, fam_noise=ops.FamNoise(age=jnp.asarray(last)))
+    zero, _ = run(np.zeros(shape))
+    np.testing.assert_array_equal(np.asarray(zero), np.asarray(clean))
+    first = np.zeros(shape)
+    first[:, :, 0] = 5.0  # block 0's update starts from the initial FAM: untouched
+    np.testing.assert_allclose(np.asarray(run(first)[0]), np.asarray(clean), atol=1e-6)
+    # The last block's update changed by c (per row): no token reads that FAM, the final FAM moves exactly.
+    c = np.array([2.0, 0.0, 0.5], np.float32)
+    last = np.zeros(shape)
+    last[:, :, 3] = c[None, :]
+    out, changed = run(last)
     np.testing.assert_allclose(np.asarray(out), np.asarray(clean), atol=1e-6)
     _, state_2 = model(tokens[:, :12])  # S_2: the FAM before block 3 (chunked == one call)
     before, after = np.asarray(state_2.layers.fam), np.asarray(state.layers.fam)
-    shared = (after - before).mean(axis=1, keepdims=True)  # [L, 1, F, d]: the mean over the rows
-    want = after + a[None, :, None, None] * shared
-    np.testing.assert_allclose(np.asarray(aged.layers.fam), want, rtol=1e-4, atol=1e-4)
-    # An age of block 1's update reaches the tokens of blocks 2 and 3 only.
-    mid = np.zeros(shape, np.float32)
+    u = after - before
+    extra = u if field == "stretch" else u.mean(axis=1, keepdims=True)  # age: the mean over the rows
+    want = after + c[None, :, None, None] * extra
+    np.testing.assert_allclose(np.asarray(changed.layers.fam), want, rtol=1e-4, atol=1e-4)
+    # A change of block 1's update reaches the tokens of blocks 2 and 3 only.
+    mid = np.zeros(shape)
     mid[:, :, 1] = 1.0
-    got, _ = model(tokens, fam_noise=ops.FamNoise(age=jnp.asarray(mid)))
-    np.testing.assert_allclose(np.asarray(got)[:, :8], np.asarray(clean)[:, :8], atol=1e-6)
-    assert np.abs(np.asarray(got)[:, 8:] - np.asarray(clean)[:, 8:]).max() > 1e-4
-    with pytest.raises(ValueError, match="fam_noise age"):
-        model(tokens, fam_noise=ops.FamNoise(age=jnp.zeros(shape[:2] + (3,))))
+    got = np.asarray(run(mid)[0])
+    np.testing.assert_allclose(got[:, :8], np.asarray(clean)[:, :8], atol=1e-6)
+    assert np.abs(got[:, 8:] - np.asarray(clean)[:, 8:]).max() > 1e-4
+    with pytest.raises(ValueError, match=f"fam_noise {field}"):
+        run(np.zeros(shape[:2] + (3,)))
 
 
 def test_fam_noise_keeps_row_norms_under_keep_norm():

@@ -19,7 +19,7 @@ class FamNoise(NamedTuple):
         S_{t-1} + (1 + stretch) u (the extra part stop-gradient), so a few blocks give a FAM the growth of many
         (age augmentation, fam.stretch);
     age: None or float [..., b, nb] >= 0: a non-initial update S_t = S_{t-1} + u becomes S_{t-1} + u + age x
-        mean(u) (stop-gradient), the mean over the rows of the batch that were updated: every row moves on along
+        mean(u) (stop-gradient), the mean over the rows not written from the initial FAM: every row moves on along
         the part of the update all rows share, the drift an old FAM shows, while its own content is kept
         (shared-drift extrapolation, fam.age). Leading axes [...] are the caller's (the layer stack's).
     """
@@ -101,7 +101,7 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
     every FAM row gets eps[:, j] x its RMS (stop-gradient) added, before it is passed on (training-time
     perturbations);
     keep_norm: the FAM update keeps row norms (fam_update's keep_norm): a noised row is rescaled to the norm it
-    had before the noise, so noise turns rows and never grows them (stretch needs keep_norm off).
+    had before the noise, so noise turns rows and never grows them (stretch and age need keep_norm off).
     Returns carry after the chunk, (fam_k, fam_v) [b, nb, F, KV, hd]: what the tokens of block j read, and aux:
     the dict of what collect / measure_change asked for ({} when neither).
     """
