@@ -477,6 +477,14 @@ PRESETS = {
         "stages": [{"steps": 900, **MAKE_TRAIN}],
         "eval": {**EVAL_64X, "key_position": "start"},
     },
+    # A deeper model: 3 layers instead of 2 (one more FAM), on key_start_drift's drift 0.1 recipe (N = 90),
+    # 900 steps from scratch.
+    "key_start_l3": {
+        "models": {"fam_key_start_noise_0.3_drift_0.1_l3": (
+            FAM[0], {**KEY_START_NOISE, "fam.drift": 0.1, "model.num_layers": 3})},
+        "stages": [{"steps": 900, **MAKE_TRAIN}],
+        "eval": {**EVAL_64X, "key_position": "start"},
+    },
     # Shared-drift extrapolation (fam.age, training only, not in the paper): each training row moves its FAM
     # on by U(0, A) x the batch's mean update after every block, so the readout meets FAMs whose shared part
     # looks up to (1 + A) x older while the key is kept. key_start_drift's drift 0.1 recipe with A = 1, 3 and
