@@ -54,6 +54,11 @@ CONSTANT_5E4 = {"train.learning_rate": 5e-4, "train.schedule": "constant"}
 # The spec's task (key before the filler) trained with state noise 0.3: the best holder (key_start_noise).
 KEY_START_NOISE = {"data.passkey.key_position": "start", "fam.noise": 0.3}
 KEY_START_NOISE_03 = "runs/passkey_key_start_noise/fam_key_start_noise_0.3/stage1"
+# What most key-at-start presets share: noise 0.3 with drift 0.1 (the best recipe so far), 900 steps from scratch
+# on the `make train` data, and the eval to 64x with the key at the start.
+KEY_START_DRIFT = {**KEY_START_NOISE, "fam.drift": 0.1}
+SCRATCH_900 = [{"steps": 900, **MAKE_TRAIN}]
+EVAL_KEY_START = {**EVAL_64X, "key_position": "start"}
 
 PRESETS = {
     # What fits about 30 minutes on the shared 2-core CPU: stage 1 continues the passkey_tiny recipe
@@ -165,7 +170,7 @@ PRESETS = {
             "fam_key_start": (FAM[0], {"data.passkey.key_position": "start"}),
             "fam_b16_key_start": (FAM[0], {"model.block_size": 16, "data.passkey.key_position": "start"}),
         },
-        "stages": [{"steps": 900, **MAKE_TRAIN}],
+        "stages": SCRATCH_900,
         # the key anywhere in the filler, whatever the model was trained with
         "eval": {**EVAL, "multipliers": (1, 2, 4, 8, 16, 32, 64), "examples": 32, "key_position": "uniform"},
     },
@@ -278,7 +283,7 @@ PRESETS = {
             # recipe or of one run?
             "fam_key_start_noise_0.3_seed1": (FAM[0], {**KEY_START_NOISE, "train.seed": 1, "data.seed": 1}),
         },
-        "stages": [{"steps": 900, **MAKE_TRAIN}],
+        "stages": SCRATCH_900,
         "eval": dict(EVAL_64X),
     },
     # key_start_noise found that noise lengthens the hold of key-at-start training (0.3: 91% at 8x). Stronger
@@ -287,7 +292,7 @@ PRESETS = {
         "models": {
             "fam_key_start_noise_0.6": (FAM[0], {"data.passkey.key_position": "start", "fam.noise": 0.6}),
         },
-        "stages": [{"steps": 900, **MAKE_TRAIN}],
+        "stages": SCRATCH_900,
         "eval": dict(EVAL_64X),
     },
     # key_start_noise's noise 0.3 model, 900 steps more on the same data (lr 1e-3 constant): does the hold
@@ -306,15 +311,15 @@ PRESETS = {
             "fam_key_start_noise_0.45": (FAM[0], {**KEY_START_NOISE, "fam.noise": 0.45}),
             "fam_key_start_noise_0.3_f32": (FAM[0], {**KEY_START_NOISE, "fam.fam_len": 32}),
         },
-        "stages": [{"steps": 900, **MAKE_TRAIN}],
-        "eval": {**EVAL_64X, "key_position": "start"},
+        "stages": SCRATCH_900,
+        "eval": EVAL_KEY_START,
     },
     # key_start_noise's recipe on filler 60-90 instead of 16-90: the same N, but every example holds the key
     # over most of N (its first try, inside key_start_noise_sweep, lost the filler to the stage).
     "key_start_noise_min60": {
         "models": {"fam_key_start_noise_0.3_min60": (FAM[0], KEY_START_NOISE)},
         "stages": [{"steps": 900, **MAKE_TRAIN, "data.passkey.train_filler_min": 60}],
-        "eval": {**EVAL_64X, "key_position": "start"},
+        "eval": EVAL_KEY_START,
     },
     # A noise ramp: key_start_noise's noise 0.3 model (seed 0) fine-tuned with noise 0.5 for 900 steps at lr 5e-4
     # constant (0.6 from scratch did not learn; from a model that already holds, it may).
@@ -322,7 +327,7 @@ PRESETS = {
         "models": {"fam_key_start_noise_0.3_to_0.5": (FAM[0], {**KEY_START_NOISE, "fam.noise": 0.5},
                                                        KEY_START_NOISE_03)},
         "stages": [{"steps": 900, **MAKE_TRAIN, **CONSTANT_5E4}],
-        "eval": {**EVAL_64X, "key_position": "start"},
+        "eval": EVAL_KEY_START,
     },
     # Random state passing (the paper's RSP) on the spec's task: key_start_noise's noise 0.3 model fine-tuned
     # with rsp_prob 0.9 (a step starts from the previous step's final FAM 90% of the time) or 0.5, noise and
@@ -339,7 +344,7 @@ PRESETS = {
                                                 KEY_START_NOISE_03),
         },
         "stages": [{"steps": 900, **MAKE_TRAIN, **CONSTANT_5E4}],
-        "eval": {**EVAL_64X, "key_position": "start"},
+        "eval": EVAL_KEY_START,
     },
     # Age augmentation (fam.stretch, not in the paper): fam_probe.py found the key still in the FAM at 32x, and
     # that a probe fitted at 1x reads it again (97% of digits at 16x) once the mean FAM over prompts is moved
@@ -354,15 +359,15 @@ PRESETS = {
             "fam_key_start_noise_0.3_ft_stretch_8": (FAM[0], {**KEY_START_NOISE, "fam.stretch": 8.0,
                                                               **CONSTANT_5E4}, KEY_START_NOISE_03),
         },
-        "stages": [{"steps": 900, **MAKE_TRAIN}],
-        "eval": {**EVAL_64X, "key_position": "start"},
+        "stages": SCRATCH_900,
+        "eval": EVAL_KEY_START,
     },
     # key_start_noise's recipe with the null slot (FAM queries may read nothing, so a filler block can leave the
     # FAM almost as it was: less of the drift that fam_probe.py blames), 900 steps from scratch.
     "key_start_noise_null": {
         "models": {"fam_key_start_noise_0.3_null_slot": (FAM[0], {**KEY_START_NOISE, "fam.null_slot": True})},
-        "stages": [{"steps": 900, **MAKE_TRAIN}],
-        "eval": {**EVAL_64X, "key_position": "start"},
+        "stages": SCRATCH_900,
+        "eval": EVAL_KEY_START,
     },
     # key_start_noise's recipe at N = 180 (filler 16-180 in 27 rows of 288 tokens, about the same tokens per
     # step), 900 steps from scratch: does the hold scale with N (16x = 2880 filler tokens)?
@@ -379,17 +384,16 @@ PRESETS = {
     # steps from scratch.
     "key_start_drift": {
         "models": {
-            "fam_key_start_noise_0.3_drift_0.1": (FAM[0], {**KEY_START_NOISE, "fam.drift": 0.1}),
+            "fam_key_start_noise_0.3_drift_0.1": (FAM[0], KEY_START_DRIFT),
             "fam_key_start_noise_0.3_drift_0.2": (FAM[0], {**KEY_START_NOISE, "fam.drift": 0.2}),
             # drift 0.2 again with init and shuffle seed 1 (`--models=fam_key_start_noise_0.3_drift_0.2_seed1`)
             "fam_key_start_noise_0.3_drift_0.2_seed1": (FAM[0], {**KEY_START_NOISE, "fam.drift": 0.2,
                                                                  "train.seed": 1, "data.seed": 1}),
             # and drift 0.1 with seed 1 (`--models=fam_key_start_noise_0.3_drift_0.1_seed1`)
-            "fam_key_start_noise_0.3_drift_0.1_seed1": (FAM[0], {**KEY_START_NOISE, "fam.drift": 0.1,
-                                                                 "train.seed": 1, "data.seed": 1}),
+            "fam_key_start_noise_0.3_drift_0.1_seed1": (FAM[0], {**KEY_START_DRIFT, "train.seed": 1, "data.seed": 1}),
         },
-        "stages": [{"steps": 900, **MAKE_TRAIN}],
-        "eval": {**EVAL_64X, "key_position": "start"},
+        "stages": SCRATCH_900,
+        "eval": EVAL_KEY_START,
     },
     # key_start_drift's drift 0.2 model (the flattest curve: 80% at 1x, 48% at 16x, 28% at 64x) fine-tuned 900
     # steps more at lr 1e-3 constant (drift and noise kept), and drift 0.2 with the null slot from scratch.
@@ -402,8 +406,8 @@ PRESETS = {
             "fam_key_start_noise_0.3_drift_0.2_null_slot": (FAM[0], {**KEY_START_NOISE, "fam.drift": 0.2,
                                                                      "fam.null_slot": True}),
         },
-        "stages": [{"steps": 900, **MAKE_TRAIN}],
-        "eval": {**EVAL_64X, "key_position": "start"},
+        "stages": SCRATCH_900,
+        "eval": EVAL_KEY_START,
     },
     # A still memory (fam.change_penalty, training only, not in the paper): fam_probe.py found that the key
     # stays in an old FAM but the FAM as a whole keeps moving, so a readout fitted on young FAMs misreads old
@@ -415,8 +419,8 @@ PRESETS = {
             "fam_key_start_noise_0.3_change_1": (FAM[0], {**KEY_START_NOISE, "fam.change_penalty": 1.0}),
             "fam_key_start_noise_0.3_change_10": (FAM[0], {**KEY_START_NOISE, "fam.change_penalty": 10.0}),
         },
-        "stages": [{"steps": 900, **MAKE_TRAIN}],
-        "eval": {**EVAL_64X, "key_position": "start"},
+        "stages": SCRATCH_900,
+        "eval": EVAL_KEY_START,
     },
     # Blocks of 64 tokens instead of 32: the hold looked like a count of FAM updates (about 23 held, see the
     # N = 180 run), and B = 64 halves the updates per token, in training (1-2 between key and question) and at
@@ -424,34 +428,32 @@ PRESETS = {
     "key_start_b64": {
         "models": {
             "fam_key_start_noise_0.3_b64": (FAM[0], {**KEY_START_NOISE, "model.block_size": 64}),
-            "fam_key_start_noise_0.3_drift_0.1_b64": (FAM[0], {**KEY_START_NOISE, "fam.drift": 0.1,
-                                                               "model.block_size": 64}),
+            "fam_key_start_noise_0.3_drift_0.1_b64": (FAM[0], {**KEY_START_DRIFT, "model.block_size": 64}),
         },
-        "stages": [{"steps": 900, **MAKE_TRAIN}],
-        "eval": {**EVAL_64X, "key_position": "start"},
+        "stages": SCRATCH_900,
+        "eval": EVAL_KEY_START,
     },
     # The two best far-end changes together: drift 0.1 (98% at 8x N) and the null slot (34% at 16x, digits
     # about 50% out to 64x), on key_start_noise's recipe (noise 0.3), 900 steps from scratch.
     "key_start_drift_null": {
         "models": {
             "fam_key_start_noise_0.3_drift_0.1_null_slot": (
-                FAM[0], {**KEY_START_NOISE, "fam.drift": 0.1, "fam.null_slot": True}),
+                FAM[0], {**KEY_START_DRIFT, "fam.null_slot": True}),
             # the same with init and shuffle seed 1 (`--models=fam_key_start_noise_0.3_drift_0.1_null_slot_seed1`)
             "fam_key_start_noise_0.3_drift_0.1_null_slot_seed1": (
-                FAM[0], {**KEY_START_NOISE, "fam.drift": 0.1, "fam.null_slot": True, "train.seed": 1,
-                         "data.seed": 1}),
+                FAM[0], {**KEY_START_DRIFT, "fam.null_slot": True, "train.seed": 1, "data.seed": 1}),
         },
-        "stages": [{"steps": 900, **MAKE_TRAIN}],
-        "eval": {**EVAL_64X, "key_position": "start"},
+        "stages": SCRATCH_900,
+        "eval": EVAL_KEY_START,
     },
     # key_start_drift_null's recipe (noise 0.3, drift 0.1, null slot) with F = 4 and F = 16 FAM rows
     # (`--models=NAME` runs one), 900 steps from scratch.
     "key_start_drift_null_f": {
         "models": {f"fam_key_start_noise_0.3_drift_0.1_null_slot_f{f}": (
-            FAM[0], {**KEY_START_NOISE, "fam.drift": 0.1, "fam.null_slot": True, "fam.fam_len": f})
+            FAM[0], {**KEY_START_DRIFT, "fam.null_slot": True, "fam.fam_len": f})
             for f in (4, 16)},
-        "stages": [{"steps": 900, **MAKE_TRAIN}],
-        "eval": {**EVAL_64X, "key_position": "start"},
+        "stages": SCRATCH_900,
+        "eval": EVAL_KEY_START,
     },
     # A shorter training length: every model above loses the key somewhere between 720 and 1440 filler
     # tokens, whether N was 90 or 180. If that hold is a property of the model and not a multiple of N, a
@@ -460,9 +462,9 @@ PRESETS = {
     # scratch; the eval goes to 128x so that its tokens overlap the N = 90 tables.
     "key_start_n45": {
         "models": {
-            "fam_key_start_noise_0.3_drift_0.1_n45": (FAM[0], {**KEY_START_NOISE, "fam.drift": 0.1}),
-            "fam_key_start_noise_0.3_drift_0.1_n45_seed1": (FAM[0], {**KEY_START_NOISE, "fam.drift": 0.1,
-                                                                     "train.seed": 1, "data.seed": 1}),
+            "fam_key_start_noise_0.3_drift_0.1_n45": (FAM[0], KEY_START_DRIFT),
+            "fam_key_start_noise_0.3_drift_0.1_n45_seed1": (FAM[0], {**KEY_START_DRIFT, "train.seed": 1,
+                                                                     "data.seed": 1}),
         },
         "stages": [{"steps": 900, **MAKE_TRAIN, "data.passkey.train_filler_max": 45, "data.seq_len": 128,
                     "data.batch_size": 60}],
@@ -472,18 +474,18 @@ PRESETS = {
     # (N = 90), 900 steps from scratch at lr 2e-3 (3e-3 is the d 128 rate). Does a bigger reader hold longer?
     "key_start_d256": {
         "models": {"fam_key_start_noise_0.3_drift_0.1_d256": (
-            FAM[0], {**KEY_START_NOISE, "fam.drift": 0.1, "model.d_model": 256, "model.mlp_dim": 1024,
+            FAM[0], {**KEY_START_DRIFT, "model.d_model": 256, "model.mlp_dim": 1024,
                      "train.learning_rate": 2e-3})},
-        "stages": [{"steps": 900, **MAKE_TRAIN}],
-        "eval": {**EVAL_64X, "key_position": "start"},
+        "stages": SCRATCH_900,
+        "eval": EVAL_KEY_START,
     },
     # A deeper model: 3 layers instead of 2 (one more FAM), on key_start_drift's drift 0.1 recipe (N = 90),
     # 900 steps from scratch.
     "key_start_l3": {
         "models": {"fam_key_start_noise_0.3_drift_0.1_l3": (
-            FAM[0], {**KEY_START_NOISE, "fam.drift": 0.1, "model.num_layers": 3})},
-        "stages": [{"steps": 900, **MAKE_TRAIN}],
-        "eval": {**EVAL_64X, "key_position": "start"},
+            FAM[0], {**KEY_START_DRIFT, "model.num_layers": 3})},
+        "stages": SCRATCH_900,
+        "eval": EVAL_KEY_START,
     },
     # Shared-drift extrapolation (fam.age, training only, not in the paper): each training row moves its FAM
     # on by U(0, A) x the batch's mean update after every block, so the readout meets FAMs whose shared part
@@ -491,9 +493,9 @@ PRESETS = {
     # 8, 900 steps from scratch (`--models=NAME` runs one).
     "key_start_age": {
         "models": {f"fam_key_start_noise_0.3_drift_0.1_age_{a}": (
-            FAM[0], {**KEY_START_NOISE, "fam.drift": 0.1, "fam.age": float(a)}) for a in (1, 3, 8)},
-        "stages": [{"steps": 900, **MAKE_TRAIN}],
-        "eval": {**EVAL_64X, "key_position": "start"},
+            FAM[0], {**KEY_START_DRIFT, "fam.age": float(a)}) for a in (1, 3, 8)},
+        "stages": SCRATCH_900,
+        "eval": EVAL_KEY_START,
     },
     # The whole bounded-stream recipe in one command, from scratch (what bounded_stream -> _more -> _more2 ran
     # in pieces): the `make train` recipe with fam.keep_norm (900 steps), then document streams of 64 examples
