@@ -67,6 +67,10 @@ def get_config() -> ml_collections.ConfigDict:
     # a x the batch's mean update (stop-gradient), so the row's FAM moves on along the drift all rows share, as
     # an older FAM has, while what the row stored is kept (shared-drift extrapolation; docs/design.md). 0 = off.
     f.age = 0.0
+    # Training-only (not in the paper): as age, but only what the next block's tokens read is moved on (a ~ U(0,
+    # read_age) times the batch's mean update); the recurrence itself is untouched, so the shift cannot feed
+    # back into later updates (read-side extrapolation; docs/design.md). 0 = off.
+    f.read_age = 0.0
     # Training-only regulariser (not in the paper): weight of the mean relative squared change
     # |S_t - S_{t-1}|^2 / |S_{t-1}|^2 of every FAM update after the write from the initial FAM, added to the
     # loss: asks a memory that has nothing new to store to stay where it is (docs/design.md). 0 = off.

@@ -139,6 +139,73 @@ def test_fam_stretch_and_age_change_every_update_but_the_first(field):
         run(np.zeros(shape[:2] + (3,)))
 
 
+def test_fam_read_age_moves_only_what_the_next_block_reads():
+    """FamNoise.read_age a: the tokens of block t + 1 read S_t + a x (S_t - S_{t-1} averaged over the rows)
+    instead of S_t; the recurrence is untouched. Checked exactly on ops.fam_scan with a toy update (one
+    row restarts mid-chunk, as packed rows do), then on the model: the layer-0 FAM never moves."""
+    from famjax import ops
+    rng = np.random.default_rng(3)
+    b, nb, bs, f, d = 3, 4, 2, 2, 3
+    blocks_k = jnp.asarray(rng.normal(size=(b, nb, bs, 1, d)), jnp.float32)
+    scale = jnp.asarray([[1.0], [2.0]])
+
+    def kv_fn(fam, index):
+        return fam[:, :, None, :], 2.0 * fam[:, :, None, :]
+
+    def update_fn(fam, is_initial, fk, fv, k, v, index):
+        return jnp.where(is_initial[:, None, None], 0.0, fam) + scale * k.mean(1)[:, None, 0, :] + 0.5
+
+    fam0 = jnp.asarray(rng.normal(size=(b, f, d)), jnp.float32)
+    initial = (fam0, *kv_fn(fam0, None))
+    carry = (fam0, jnp.ones((b,), bool), *kv_fn(fam0, None))
+    resets = np.zeros((b, nb), bool)
+    resets[2, 2] = True  # row 2 starts a new example at block 2
+    a = np.array([1.5, 0.0, 3.0], np.float32)
+    kw = dict(update_fn=update_fn, kv_fn=kv_fn, all_complete=True, resets=jnp.asarray(resets), initial=initial)
+    args = (carry, blocks_k, blocks_k, jnp.ones((b, nb), bool), jnp.zeros((b, nb), jnp.int32))
+    out0, read0, _ = ops.fam_scan(*args, **kw)
+    out, read, _ = ops.fam_scan(*args, noise=ops.FamNoise(read_age=jnp.broadcast_to(a[:, None], (b, nb))), **kw)
+    for x, y in zip(out, out0):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # the recurrence is untouched
+    # the reference: S_t per row in numpy, the same toy update
+    fams, state, init = [], np.asarray(fam0), np.ones(b, bool)
+    for j in range(nb):
+        state, init = np.where(resets[:, j, None, None], np.asarray(fam0), state), init | resets[:, j]
+        prev = state
+        state = np.where(init[:, None, None], 0.0, state) + np.asarray(scale) * np.asarray(blocks_k[:, j]).mean(1)[
+            :, None, 0, :] + 0.5
+        moved = np.where(init[:, None, None], 0.0, state - prev)
+        shared = moved.sum(0) / max((~init).sum(), 1)
+        fams.append((state, np.where(init, 0.0, a)[:, None, None] * shared))
+        init = np.zeros(b, bool)
+    for j in range(1, nb):
+        base, shift = fams[j - 1]
+        want = np.where(resets[:, j, None, None], np.asarray(fam0), base + shift)
+        np.testing.assert_allclose(np.asarray(read[0])[:, j, :, 0], want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(read0[0])[:, j, :, 0],
+                                   np.where(resets[:, j, None, None], np.asarray(fam0), base), rtol=1e-5, atol=1e-5)
+    assert np.abs(fams[1][1]).max() > 1e-3  # the shift is not trivially zero
+
+    model, cfg, _ = make_model(seed=4, **BASE)
+    tokens = random_tokens(3, 16, cfg.vocab_size, seed=7)  # 4 whole blocks, 3 rows
+    shape = (cfg.num_layers, 3, 4)
+    clean, state = model(tokens)
+    at = np.zeros(shape, np.float32)
+    at[:, :, 1] = a[None, :]  # block 1's update (S_2): read by block 2's tokens only
+    got, moved_state = model(tokens, fam_noise=ops.FamNoise(read_age=jnp.asarray(at)))
+    got = np.asarray(got)
+    np.testing.assert_allclose(got[:, :8], np.asarray(clean)[:, :8], atol=1e-6)
+    assert np.abs(got[0, 8:] - np.asarray(clean)[0, 8:]).max() > 1e-4
+    np.testing.assert_allclose(got[1], np.asarray(clean)[1], atol=1e-6)  # a = 0 for row 1
+    np.testing.assert_allclose(np.asarray(moved_state.layers.fam)[0], np.asarray(state.layers.fam)[0], atol=1e-6)
+    first = np.zeros(shape, np.float32)
+    first[:, :, 0] = 5.0  # the write from the initial FAM is never moved
+    np.testing.assert_allclose(np.asarray(model(tokens, fam_noise=ops.FamNoise(read_age=jnp.asarray(first)))[0]),
+                               np.asarray(clean), atol=1e-6)
+    with pytest.raises(ValueError, match="fam_noise read_age"):
+        model(tokens, fam_noise=ops.FamNoise(read_age=jnp.zeros(shape[:2] + (3,))))
+
+
 def test_fam_noise_keeps_row_norms_under_keep_norm():
     """With fam.keep_norm a noised row is rescaled to its pre-noise norm: noise turns rows, never grows them."""
     model, cfg, _ = make_model(seed=4, **BASE, fam_keep_norm=True)

@@ -1,5 +1,6 @@
-"""fam.noise, fam.stretch, fam.drift and fam.age: training-time FAM perturbations change the training forward,
-are reproducible, and (all but age) split over micro-batches so gradient accumulation changes nothing."""
+"""fam.noise, fam.stretch, fam.drift, fam.age and fam.read_age: training-time FAM perturbations change the
+training forward, are reproducible, and (all but the two ages) split over micro-batches so gradient accumulation
+changes nothing."""
 # ruff: noqa: F811  (pytest fixtures imported from test_train_common are redefined as arguments)
 import numpy as np
 import pytest
@@ -8,7 +9,8 @@ from test_train_norm_penalty import _config, _steps
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("field,value", [("noise", 0.5), ("stretch", 3.0), ("drift", 0.5), ("age", 3.0)])
+@pytest.mark.parametrize("field,value", [("noise", 0.5), ("stretch", 3.0), ("drift", 0.5), ("age", 3.0),
+                                         ("read_age", 3.0)])
 def test_fam_noise_changes_training_and_accumulates_exactly(passkey_dir, field, value):
     base = _config(passkey_dir, 0.0)
     data = [synthetic_batch(8, 128, base.model.vocab_size, 16, seed=i) for i in range(3)]
@@ -22,14 +24,15 @@ def test_fam_noise_changes_training_and_accumulates_exactly(passkey_dir, field, 
     _, _, _, accum = _steps(accum_cfg, data)
     assert abs(noisy[0]["loss"] - clean[0]["loss"]) > 1e-4  # the noise reaches the loss
     np.testing.assert_allclose([m["loss"] for m in again], [m["loss"] for m in noisy], rtol=1e-6)
-    if field == "age":  # its shared update is the mean over the micro-batch's rows: accumulation changes it
+    if field in ("age", "read_age"):  # the shared update is the mean over the micro-batch: accumulation changes it
         assert abs(accum[0]["loss"] - noisy[0]["loss"]) > 1e-6
         return
     np.testing.assert_allclose([m["loss"] for m in accum], [m["loss"] for m in noisy], rtol=1e-5)
     np.testing.assert_allclose([m["fam_norm"] for m in accum], [m["fam_norm"] for m in noisy], rtol=1e-5)
 
 
-@pytest.mark.parametrize("field", ["noise", "stretch", "drift", "age", "change_penalty", "norm_penalty"])
+@pytest.mark.parametrize("field", ["noise", "stretch", "drift", "age", "read_age", "change_penalty",
+                                   "norm_penalty"])
 def test_negative_fam_perturbation_is_a_config_error(passkey_dir, field):
     from famjax.train.config import validate
 
@@ -73,3 +76,8 @@ def test_draw_fam_noise_shapes_and_structure():
     age = np.asarray(aged.age)
     assert age.shape == shape[:3] and np.all(age == age[:1, :, :1]) and np.all((age >= 0) & (age <= 2))
     assert not np.allclose(age / 2.0, stretch / 3.0)
+    read = draw_fam_noise(key, shape, noise=0.2, stretch=3.0, drift=0.5, age=2.0, read_age=4.0)
+    np.testing.assert_array_equal(np.asarray(read.age), age)
+    read_age = np.asarray(read.read_age)
+    assert read_age.shape == shape[:3] and np.all(read_age == read_age[:1, :, :1])
+    assert np.all((read_age >= 0) & (read_age <= 4)) and not np.allclose(read_age / 4.0, age / 2.0)

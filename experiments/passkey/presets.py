@@ -497,6 +497,15 @@ PRESETS = {
         "stages": SCRATCH_900,
         "eval": EVAL_KEY_START,
     },
+    # Read-side extrapolation (tenth session; docs/design.md "Shared-drift extrapolation"): as key_start_age, but
+    # only what the next block's tokens read moves along the batch's shared update (a ~ U(0, A)); the recurrence
+    # is untouched, so nothing feeds back (fam.age 8 blew up). A = 40 covers the ~45 updates of 16x N.
+    "key_start_read_age": {
+        "models": {f"fam_key_start_noise_0.3_drift_0.1_read_age_{a}": (
+            FAM[0], {**KEY_START_DRIFT, "fam.read_age": float(a)}) for a in (10, 40)},
+        "stages": SCRATCH_900,
+        "eval": EVAL_KEY_START,
+    },
     # The whole bounded-stream recipe in one command, from scratch (what bounded_stream -> _more -> _more2 ran
     # in pieces): the `make train` recipe with fam.keep_norm (900 steps), then document streams of 64 examples
     # at peak lr 1e-3 for 600, 1500 and 3000 steps (each stage follows its part of one cosine over the

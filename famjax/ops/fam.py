@@ -21,11 +21,23 @@ class FamNoise(NamedTuple):
     age: None or float [..., b, nb] >= 0: a non-initial update S_t = S_{t-1} + u becomes S_{t-1} + u + age x
         mean(u) (stop-gradient), the mean over the rows not written from the initial FAM: every row moves on along
         the part of the update all rows share, the drift an old FAM shows, while its own content is kept
-        (shared-drift extrapolation, fam.age). Leading axes [...] are the caller's (the layer stack's).
+        (shared-drift extrapolation, fam.age);
+    read_age: None or float [..., b, nb] >= 0: the recurrence is left alone, but the tokens of the next block
+        read S_t + read_age x mean(u) (u and the mean as for age) instead of S_t: only the reader meets FAMs
+        moved on along the shared drift, so nothing of it feeds back into later updates (read-side
+        extrapolation, fam.read_age). Leading axes [...] are the caller's (the layer stack's).
     """
     eps: jax.Array | None = None
     stretch: jax.Array | None = None
     age: jax.Array | None = None
+    read_age: jax.Array | None = None
+
+
+def _shared_update(new, fam, is_initial):
+    """float32 [F, d]: the update S_t - S_{t-1} (stop-gradient) averaged over the rows [b] whose S_{t-1} is not
+    the initial FAM (0 when there are none): the part of the update every row shares."""
+    moved = jnp.where(is_initial[:, None, None], 0.0, jax.lax.stop_gradient(new - fam))
+    return jnp.sum(moved, 0) / jnp.maximum(jnp.sum(~is_initial), 1)
 
 
 def fam_positions(block_index, block_size: int, fam_len: int):
@@ -96,9 +108,10 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
     stop-gradient; before stretch and noise), 0 for the write from the initial FAM (fam.change_penalty);
     stop_gradient: the FAM passed on to the next block carries no gradient back (the paper's ablation: the
     memory then learns nothing beyond one block);
-    noise: None, float [b, nb, F, d] (= FamNoise(eps=noise)) or a FamNoise with eps [b, nb, F, d], stretch and
-    age [b, nb] (requires all_complete): after block j's update it is first stretched and aged (FamNoise), then
-    every FAM row gets eps[:, j] x its RMS (stop-gradient) added, before it is passed on (training-time
+    noise: None, float [b, nb, F, d] (= FamNoise(eps=noise)) or a FamNoise with eps [b, nb, F, d], stretch,
+    age and read_age [b, nb] (requires all_complete): after block j's update it is first stretched and aged
+    (FamNoise), then every FAM row gets eps[:, j] x its RMS (stop-gradient) added, before it is passed on; with
+    read_age the next block's tokens read that FAM moved on along the shared update (training-time
     perturbations);
     keep_norm: the FAM update keeps row norms (fam_update's keep_norm): a noised row is rescaled to the norm it
     had before the noise, so noise turns rows and never grows them (stretch and age need keep_norm off).
@@ -111,9 +124,11 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
     noise = noise if isinstance(noise, FamNoise) or noise is None else FamNoise(eps=noise)
     if noise is not None and (noise.stretch is not None or noise.age is not None) and keep_norm:
         raise ValueError("a FAM stretch or age needs keep_norm off (keep_norm would undo it)")
+    # With read_age the scan also carries what the next block's tokens read (fam_k, fam_v of the moved FAM).
+    split_read = noise is not None and noise.read_age is not None
 
-    def update(state, k, v, done, index, eps=None, stretch=None, age=None):
-        fam, is_initial, fk, fv = state
+    def update(state, k, v, done, index, eps=None, stretch=None, age=None, read_age=None):
+        fam, is_initial, fk, fv = state[:4]
         new = update_fn(fam, is_initial, fk, fv, k, v, index)
         new, probs = new if collect else (new, None)
         change = None
@@ -123,9 +138,9 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
         if stretch is not None:  # the first update (from the initial FAM) is the write: never stretched
             grow = jnp.where(is_initial, 0.0, stretch.astype(new.dtype))[:, None, None]
             new = new + grow * jax.lax.stop_gradient(new - fam)
-        if age is not None:  # the rows' shared update, over the rows not written from the initial FAM
-            moved = jnp.where(is_initial[:, None, None], 0.0, jax.lax.stop_gradient(new - fam))
-            shared = jnp.sum(moved, 0) / jnp.maximum(jnp.sum(~is_initial), 1)
+        # the rows' shared update (after the stretch), over the rows not written from the initial FAM
+        shared = _shared_update(new, fam, is_initial) if (age is not None or read_age is not None) else None
+        if age is not None:
             new = new + jnp.where(is_initial, 0.0, age.astype(new.dtype))[:, None, None] * shared
         if eps is not None:
             rms = jax.lax.stop_gradient(jnp.sqrt(jnp.mean(jnp.square(new), axis=-1, keepdims=True)))
@@ -139,19 +154,22 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
         sel = done[:, None, None]
         sel4 = done[:, None, None, None]
         state = (jnp.where(sel, new, fam), is_initial & ~done, jnp.where(sel4, nk, fk), jnp.where(sel4, nv, fv))
+        if read_age is not None:  # all_complete: every row's block completes
+            moved = new + jnp.where(is_initial, 0.0, read_age.astype(new.dtype))[:, None, None] * shared
+            state = state + kv_fn(moved, index)
         return state, (probs, change)
 
     def step(state, xs):
-        k, v, done, index, reset, eps, stretch, age = xs
+        k, v, done, index, reset, eps, stretch, age, read_age = xs
         if reset is not None:
             fam0, k0, v0 = initial
             r3, r4 = reset[:, None, None], reset[:, None, None, None]
             state = (jnp.where(r3, fam0, state[0]), state[1] | reset,
-                     jnp.where(r4, k0, state[2]), jnp.where(r4, v0, state[3]))
-        read = state[2:]
+                     *(jnp.where(r4, kv0, kv) for kv0, kv in zip((k0, v0) * 2, state[2:])))
+        read = state[4:] if split_read else state[2:]
         probs = change = None
         if all_complete:
-            state, (probs, change) = update(state, k, v, done, index, eps, stretch, age)
+            state, (probs, change) = update(state, k, v, done, index, eps, stretch, age, read_age)
         else:
             # Decode and small chunks rarely complete a block: skip the F-row layer unless one does.
             state = jax.lax.cond(jnp.any(done), lambda *a: update(*a)[0], lambda s, *_: s,
@@ -165,6 +183,7 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
 
     xs = tuple(None if a is None else jnp.moveaxis(a, 1, 0)
                for a in (blocks_k, blocks_v, completes, block_index, resets, *(noise or FamNoise())))
+    carry = tuple(carry) + tuple(carry[2:]) if split_read else carry
     carry, ((fk, fv), aux) = jax.lax.scan(step, carry, xs)
     read = (jnp.moveaxis(fk, 0, 1), jnp.moveaxis(fv, 0, 1))
-    return carry, read, jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), aux)
+    return carry[:4], read, jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), aux)
