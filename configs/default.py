@@ -71,6 +71,10 @@ def get_config() -> ml_collections.ConfigDict:
     # read_age) times the batch's mean update); the recurrence itself is untouched, so the shift cannot feed
     # back into later updates (read-side extrapolation; docs/design.md). 0 = off.
     f.read_age = 0.0
+    # Training-only (not in the paper): read-side like read_age, but along the row's own last update: the next
+    # block's tokens read S_t + c x (S_t - S_{t-1}), c ~ U(0, read_stretch) per row, the FAM extrapolated
+    # toward where its own updates lead (docs/design.md). 0 = off.
+    f.read_stretch = 0.0
     # Training-only regulariser (not in the paper): weight of the mean relative squared change
     # |S_t - S_{t-1}|^2 / |S_{t-1}|^2 of every FAM update after the write from the initial FAM, added to the
     # loss: asks a memory that has nothing new to store to stay where it is (docs/design.md). 0 = off.

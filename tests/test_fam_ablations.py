@@ -139,10 +139,12 @@ def test_fam_stretch_and_age_change_every_update_but_the_first(field):
         run(np.zeros(shape[:2] + (3,)))
 
 
-def test_fam_read_age_moves_only_what_the_next_block_reads():
+@pytest.mark.parametrize("field", ["read_age", "read_stretch"])
+def test_fam_read_age_and_stretch_move_only_what_the_next_block_reads(field):
     """FamNoise.read_age a: the tokens of block t + 1 read S_t + a x (S_t - S_{t-1} averaged over the rows)
-    instead of S_t; the recurrence is untouched. Checked exactly on ops.fam_scan with a toy update (one
-    row restarts mid-chunk, as packed rows do), then on the model: the layer-0 FAM never moves."""
+    instead of S_t; read_stretch a: S_t + a x (S_t - S_{t-1}) of the row itself. The recurrence is untouched.
+    Checked exactly on ops.fam_scan with a toy update (one row restarts mid-chunk, as packed rows do), then on
+    the model: the layer-0 FAM never moves."""
     from famjax import ops
     rng = np.random.default_rng(3)
     b, nb, bs, f, d = 3, 4, 2, 2, 3
@@ -164,7 +166,7 @@ def test_fam_read_age_moves_only_what_the_next_block_reads():
     kw = dict(update_fn=update_fn, kv_fn=kv_fn, all_complete=True, resets=jnp.asarray(resets), initial=initial)
     args = (carry, blocks_k, blocks_k, jnp.ones((b, nb), bool), jnp.zeros((b, nb), jnp.int32))
     out0, read0, _ = ops.fam_scan(*args, **kw)
-    out, read, _ = ops.fam_scan(*args, noise=ops.FamNoise(read_age=jnp.broadcast_to(a[:, None], (b, nb))), **kw)
+    out, read, _ = ops.fam_scan(*args, noise=ops.FamNoise(**{field: jnp.broadcast_to(a[:, None], (b, nb))}), **kw)
     for x, y in zip(out, out0):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # the recurrence is untouched
     # the reference: S_t per row in numpy, the same toy update
@@ -175,8 +177,8 @@ def test_fam_read_age_moves_only_what_the_next_block_reads():
         state = np.where(init[:, None, None], 0.0, state) + np.asarray(scale) * np.asarray(blocks_k[:, j]).mean(1)[
             :, None, 0, :] + 0.5
         moved = np.where(init[:, None, None], 0.0, state - prev)
-        shared = moved.sum(0) / max((~init).sum(), 1)
-        fams.append((state, np.where(init, 0.0, a)[:, None, None] * shared))
+        extra = moved.sum(0) / max((~init).sum(), 1) if field == "read_age" else moved  # shared or own
+        fams.append((state, np.where(init, 0.0, a)[:, None, None] * extra))
         init = np.zeros(b, bool)
     for j in range(1, nb):
         base, shift = fams[j - 1]
@@ -192,7 +194,7 @@ def test_fam_read_age_moves_only_what_the_next_block_reads():
     clean, state = model(tokens)
     at = np.zeros(shape, np.float32)
     at[:, :, 1] = a[None, :]  # block 1's update (S_2): read by block 2's tokens only
-    got, moved_state = model(tokens, fam_noise=ops.FamNoise(read_age=jnp.asarray(at)))
+    got, moved_state = model(tokens, fam_noise=ops.FamNoise(**{field: jnp.asarray(at)}))
     got = np.asarray(got)
     np.testing.assert_allclose(got[:, :8], np.asarray(clean)[:, :8], atol=1e-6)
     assert np.abs(got[0, 8:] - np.asarray(clean)[0, 8:]).max() > 1e-4
@@ -200,10 +202,10 @@ def test_fam_read_age_moves_only_what_the_next_block_reads():
     np.testing.assert_allclose(np.asarray(moved_state.layers.fam)[0], np.asarray(state.layers.fam)[0], atol=1e-6)
     first = np.zeros(shape, np.float32)
     first[:, :, 0] = 5.0  # the write from the initial FAM is never moved
-    np.testing.assert_allclose(np.asarray(model(tokens, fam_noise=ops.FamNoise(read_age=jnp.asarray(first)))[0]),
+    np.testing.assert_allclose(np.asarray(model(tokens, fam_noise=ops.FamNoise(**{field: jnp.asarray(first)}))[0]),
                                np.asarray(clean), atol=1e-6)
-    with pytest.raises(ValueError, match="fam_noise read_age"):
-        model(tokens, fam_noise=ops.FamNoise(read_age=jnp.zeros(shape[:2] + (3,))))
+    with pytest.raises(ValueError, match=f"fam_noise {field}"):
+        model(tokens, fam_noise=ops.FamNoise(**{field: jnp.zeros(shape[:2] + (3,))}))
 
 
 def test_fam_noise_keeps_row_norms_under_keep_norm():

@@ -1,4 +1,4 @@
-"""fam.noise, fam.stretch, fam.drift, fam.age and fam.read_age: training-time FAM perturbations change the
+"""fam.noise, .stretch, .drift, .age, .read_age and .read_stretch: training-time FAM perturbations change the
 training forward, are reproducible, and (all but the two ages) split over micro-batches so gradient accumulation
 changes nothing."""
 # ruff: noqa: F811  (pytest fixtures imported from test_train_common are redefined as arguments)
@@ -10,7 +10,7 @@ from test_train_norm_penalty import _config, _steps
 
 @pytest.mark.slow
 @pytest.mark.parametrize("field,value", [("noise", 0.5), ("stretch", 3.0), ("drift", 0.5), ("age", 3.0),
-                                         ("read_age", 3.0)])
+                                         ("read_age", 3.0), ("read_stretch", 3.0)])
 def test_fam_noise_changes_training_and_accumulates_exactly(passkey_dir, field, value):
     base = _config(passkey_dir, 0.0)
     data = [synthetic_batch(8, 128, base.model.vocab_size, 16, seed=i) for i in range(3)]
@@ -31,8 +31,8 @@ def test_fam_noise_changes_training_and_accumulates_exactly(passkey_dir, field, 
     np.testing.assert_allclose([m["fam_norm"] for m in accum], [m["fam_norm"] for m in noisy], rtol=1e-5)
 
 
-@pytest.mark.parametrize("field", ["noise", "stretch", "drift", "age", "read_age", "change_penalty",
-                                   "norm_penalty"])
+@pytest.mark.parametrize("field", ["noise", "stretch", "drift", "age", "read_age", "read_stretch",
+                                   "change_penalty", "norm_penalty"])
 def test_negative_fam_perturbation_is_a_config_error(passkey_dir, field):
     from famjax.train.config import validate
 
@@ -81,3 +81,6 @@ def test_draw_fam_noise_shapes_and_structure():
     read_age = np.asarray(read.read_age)
     assert read_age.shape == shape[:3] and np.all(read_age == read_age[:1, :, :1])
     assert np.all((read_age >= 0) & (read_age <= 4)) and not np.allclose(read_age / 4.0, age / 2.0)
+    both_reads = draw_fam_noise(key, shape, noise=0.0, stretch=0.0, drift=0.0, read_age=4.0, read_stretch=4.0)
+    np.testing.assert_array_equal(np.asarray(both_reads.read_age), read_age)
+    assert both_reads.eps is None and not np.allclose(np.asarray(both_reads.read_stretch), read_age)

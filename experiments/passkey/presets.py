@@ -506,6 +506,15 @@ PRESETS = {
         "stages": SCRATCH_900,
         "eval": EVAL_KEY_START,
     },
+    # Read-side extrapolation along the row's own update (fam.read_stretch): the next block's tokens read
+    # S_t + c (S_t - S_{t-1}), c ~ U(0, A). Under a steady filler S_t grows by about the same update every block,
+    # so its direction tends to that of the update; this shows the reader FAMs near that limit, key and all.
+    "key_start_read_stretch": {
+        "models": {f"fam_key_start_noise_0.3_drift_0.1_read_stretch_{a}": (
+            FAM[0], {**KEY_START_DRIFT, "fam.read_stretch": float(a)}) for a in (10, 40)},
+        "stages": SCRATCH_900,
+        "eval": EVAL_KEY_START,
+    },
     # The whole bounded-stream recipe in one command, from scratch (what bounded_stream -> _more -> _more2 ran
     # in pieces): the `make train` recipe with fam.keep_norm (900 steps), then document streams of 64 examples
     # at peak lr 1e-3 for 600, 1500 and 3000 steps (each stage follows its part of one cosine over the

@@ -123,9 +123,9 @@ class FamLM(nnx.Module):
         fam_noise: None, or float [L, b, T / B, F, d] for a chunk of whole blocks from an aligned state (training):
             after each block's update, FAM row r of layer l gets fam_noise[l, :, block, r] x its own RMS
             (stop-gradient) added (training-time state noise, fam.noise; not in the paper); or an
-            ops.FamNoise(eps [L, b, T / B, F, d] or None, stretch, age, read_age [L, b, T / B] or None) that
-            may also stretch or age every non-initial update, or age only what the next block reads
-            (fam.stretch, fam.age, fam.read_age; ops.fam_scan).
+            ops.FamNoise(eps [L, b, T / B, F, d] or None, stretch, age, read_age, read_stretch [L, b, T / B] or
+            None) that may also stretch or age every non-initial update, or move only what the next block reads
+            (fam.stretch, fam.age, fam.read_age, fam.read_stretch; ops.fam_scan).
         fam_change: also return float32 [L, b, T / B], the relative squared change of every FAM update
             (ops.fam_scan's measure_change; 0 for writes from the initial FAM); needs attention "fam" and a
             chunk of whole blocks from an aligned state (training's fam.change_penalty).
@@ -199,7 +199,8 @@ class FamLM(nnx.Module):
             want = (cfg.num_layers, b, chunk.num_blocks, cfg.num_fam, cfg.d_model)
             parts = fam_noise if isinstance(fam_noise, ops.FamNoise) else ops.FamNoise(eps=fam_noise)
             for name, part, shape in (("eps", parts.eps, want), ("stretch", parts.stretch, want[:3]),
-                                      ("age", parts.age, want[:3]), ("read_age", parts.read_age, want[:3])):
+                                      ("age", parts.age, want[:3]), ("read_age", parts.read_age, want[:3]),
+                                      ("read_stretch", parts.read_stretch, want[:3])):
                 if part is not None and (not chunk.all_complete or tuple(jnp.shape(part)) != shape):
                     raise ValueError(f"fam_noise {name} needs a chunk of whole blocks from an aligned state and "
                                      f"shape {shape}, got {tuple(jnp.shape(part))}")

@@ -25,12 +25,16 @@ class FamNoise(NamedTuple):
     read_age: None or float [..., b, nb] >= 0: the recurrence is left alone, but the tokens of the next block
         read S_t + read_age x mean(u) (u and the mean as for age) instead of S_t: only the reader meets FAMs
         moved on along the shared drift, so nothing of it feeds back into later updates (read-side
-        extrapolation, fam.read_age). Leading axes [...] are the caller's (the layer stack's).
+        extrapolation, fam.read_age);
+    read_stretch: None or float [..., b, nb] >= 0: likewise read-only, along the row's own update: the next
+        block's tokens read S_t + read_stretch x u (stop-gradient), S_t extrapolated as if the row went on
+        changing as it just did (fam.read_stretch). Leading axes [...] are the caller's (the layer stack's).
     """
     eps: jax.Array | None = None
     stretch: jax.Array | None = None
     age: jax.Array | None = None
     read_age: jax.Array | None = None
+    read_stretch: jax.Array | None = None
 
 
 def _shared_update(new, fam, is_initial):
@@ -109,10 +113,10 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
     stop_gradient: the FAM passed on to the next block carries no gradient back (the paper's ablation: the
     memory then learns nothing beyond one block);
     noise: None, float [b, nb, F, d] (= FamNoise(eps=noise)) or a FamNoise with eps [b, nb, F, d], stretch,
-    age and read_age [b, nb] (requires all_complete): after block j's update it is first stretched and aged
-    (FamNoise), then every FAM row gets eps[:, j] x its RMS (stop-gradient) added, before it is passed on; with
-    read_age the next block's tokens read that FAM moved on along the shared update (training-time
-    perturbations);
+    age, read_age and read_stretch [b, nb] (requires all_complete): after block j's update it is first
+    stretched and aged (FamNoise), then every FAM row gets eps[:, j] x its RMS (stop-gradient) added, before it
+    is passed on; with read_age / read_stretch the next block's tokens read that FAM moved on along the shared
+    / the row's own update (training-time perturbations);
     keep_norm: the FAM update keeps row norms (fam_update's keep_norm): a noised row is rescaled to the norm it
     had before the noise, so noise turns rows and never grows them (stretch and age need keep_norm off).
     Returns carry after the chunk, (fam_k, fam_v) [b, nb, F, KV, hd]: what the tokens of block j read, and aux:
@@ -124,10 +128,10 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
     noise = noise if isinstance(noise, FamNoise) or noise is None else FamNoise(eps=noise)
     if noise is not None and (noise.stretch is not None or noise.age is not None) and keep_norm:
         raise ValueError("a FAM stretch or age needs keep_norm off (keep_norm would undo it)")
-    # With read_age the scan also carries what the next block's tokens read (fam_k, fam_v of the moved FAM).
-    split_read = noise is not None and noise.read_age is not None
+    # With read_age / read_stretch the scan also carries what the next block's tokens read (the moved fam_k, fam_v).
+    split_read = noise is not None and (noise.read_age is not None or noise.read_stretch is not None)
 
-    def update(state, k, v, done, index, eps=None, stretch=None, age=None, read_age=None):
+    def update(state, k, v, done, index, eps=None, stretch=None, age=None, read_age=None, read_stretch=None):
         fam, is_initial, fk, fv = state[:4]
         new = update_fn(fam, is_initial, fk, fv, k, v, index)
         new, probs = new if collect else (new, None)
@@ -154,13 +158,18 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
         sel = done[:, None, None]
         sel4 = done[:, None, None, None]
         state = (jnp.where(sel, new, fam), is_initial & ~done, jnp.where(sel4, nk, fk), jnp.where(sel4, nv, fv))
-        if read_age is not None:  # all_complete: every row's block completes
-            moved = new + jnp.where(is_initial, 0.0, read_age.astype(new.dtype))[:, None, None] * shared
+        if split_read:  # all_complete: every row's block completes
+            moved = new
+            if read_age is not None:
+                moved = moved + jnp.where(is_initial, 0.0, read_age.astype(new.dtype))[:, None, None] * shared
+            if read_stretch is not None:
+                own = jax.lax.stop_gradient(new - fam)
+                moved = moved + jnp.where(is_initial, 0.0, read_stretch.astype(new.dtype))[:, None, None] * own
             state = state + kv_fn(moved, index)
         return state, (probs, change)
 
     def step(state, xs):
-        k, v, done, index, reset, eps, stretch, age, read_age = xs
+        k, v, done, index, reset, eps, stretch, age, read_age, read_stretch = xs
         if reset is not None:
             fam0, k0, v0 = initial
             r3, r4 = reset[:, None, None], reset[:, None, None, None]
@@ -169,7 +178,7 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
         read = state[4:] if split_read else state[2:]
         probs = change = None
         if all_complete:
-            state, (probs, change) = update(state, k, v, done, index, eps, stretch, age, read_age)
+            state, (probs, change) = update(state, k, v, done, index, eps, stretch, age, read_age, read_stretch)
         else:
             # Decode and small chunks rarely complete a block: skip the F-row layer unless one does.
             state = jax.lax.cond(jnp.any(done), lambda *a: update(*a)[0], lambda s, *_: s,

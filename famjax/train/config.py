@@ -105,7 +105,8 @@ def validate(cfg: ml_collections.ConfigDict, *, process_count: int = 1) -> None:
         err(f"fam.rpo_zero_prob must be in [0, 1], got {fam.rpo_zero_prob}")
     if not isinstance(fam.rpo, bool):
         err(f"fam.rpo must be True or False, got {fam.rpo!r}")
-    for name in ("norm_penalty", "noise", "drift", "change_penalty", "stretch", "age", "read_age"):  # 0 = off
+    for name in ("norm_penalty", "noise", "drift", "change_penalty", "stretch", "age", "read_age",
+                 "read_stretch"):  # training-only, 0 = off
         if float(fam.get(name, 0.0)) < 0:
             err(f"fam.{name} must be >= 0, got {fam[name]}")
     for name in ("stretch", "age"):
