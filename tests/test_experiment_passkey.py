@@ -57,3 +57,22 @@ def test_output_stem_keeps_key_start_tables_apart():
     assert output_stem("o", 0, 0, None) == os.path.join("o", "passkey")
     assert output_stem("o", 0, 0, "uniform") == os.path.join("o", "passkey")
     assert output_stem("o", 2, 64, "start") == os.path.join("o", "passkey_stage2_64ex_key_start")
+    assert output_stem("o", 0, 0, "start", phases=True) == os.path.join("o", "passkey_key_start_phases")
+
+
+def test_eval_examples_spread_puts_the_question_at_every_block_offset():
+    """spread = B: example i has k x N + (i mod B) - B / 2 filler tokens, so over B examples the prompt's length
+    (key at the start: everything but the filler is fixed) takes every value mod B once; spread 0 keeps one."""
+    sys.path.insert(0, os.path.join(REPO, "experiments", "passkey"))
+    from run import eval_examples
+
+    from famjax.train.config import sibling_config
+
+    data_cfg = sibling_config(os.path.join(REPO, "configs", "x.py"), "default").get_config().data
+    exact = eval_examples(data_cfg, (1440,), 32, 7, "start")[1440]
+    spread = eval_examples(data_cfg, (1440,), 32, 7, "start", spread=32)[1440]
+    assert len({len(p) % 32 for p, _, _ in exact}) == 1
+    assert sorted(len(p) % 32 for p, _, _ in spread) == list(range(32))
+    lengths = [len(p) for p, _, _ in spread]
+    assert max(lengths) - min(lengths) == 31 and lengths[16] == len(exact[0][0])  # centred on k x N
+    assert all(n == 1440 for _, _, n in spread)

@@ -433,6 +433,16 @@ PRESETS = {
         "stages": SCRATCH_900,
         "eval": EVAL_KEY_START,
     },
+    # Smaller blocks on the drift 0.1 recipe (tenth session): if the FAM's direction settles like that of
+    # a + t g (a fixed start plus a steady update g per block), the change a reader must bridge between t_train
+    # and 16 t_train shrinks like 1 / t_train, and B = 16 or 8 gives 2 or 4 x the updates in training. Fits
+    # what B = 64 (fewer updates) and N = 45 showed; 900 steps from scratch.
+    "key_start_small_blocks": {
+        "models": {f"fam_key_start_noise_0.3_drift_0.1_b{b}": (
+            FAM[0], {**KEY_START_DRIFT, "model.block_size": b}) for b in (16, 8)},
+        "stages": SCRATCH_900,
+        "eval": EVAL_KEY_START,
+    },
     # The two best far-end changes together: drift 0.1 (98% at 8x N) and the null slot (34% at 16x, digits
     # about 50% out to 64x), on key_start_noise's recipe (noise 0.3), 900 steps from scratch.
     "key_start_drift_null": {
@@ -511,7 +521,7 @@ PRESETS = {
     # so its direction tends to that of the update; this shows the reader FAMs near that limit, key and all.
     "key_start_read_stretch": {
         "models": {f"fam_key_start_noise_0.3_drift_0.1_read_stretch_{a}": (
-            FAM[0], {**KEY_START_DRIFT, "fam.read_stretch": float(a)}) for a in (10, 40)},
+            FAM[0], {**KEY_START_DRIFT, "fam.read_stretch": float(a)}) for a in (4, 16)},
         "stages": SCRATCH_900,
         "eval": EVAL_KEY_START,
     },

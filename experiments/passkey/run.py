@@ -92,27 +92,37 @@ def train_model(name: str, config: str, overrides: dict, stages: list[dict], out
     return prev, longest, seconds
 
 
-def eval_examples(data_cfg, lengths, count: int, seed: int, key_position: str | None = None):
+def eval_examples(data_cfg, lengths, count: int, seed: int, key_position: str | None = None, spread: int = 0):
     """{length: [(prompt, answer, length)]}: fresh PassKey examples made here (not the training splits), with the
-    key placed as `key_position` says (default: as the model's training data placed it)."""
+    key placed as `key_position` says (default: as the model's training data placed it).
+
+    spread = 0: every example has exactly `length` filler tokens. spread = S > 0 (the block size): example i has
+    length + (i mod S) - S // 2, so the question and answer sit at every offset in their block in turn (the
+    examples are still reported under `length`); with m = 0 an answer that crosses a block boundary must be read
+    through the FAM alone, so one exact length measures one offset only.
+    """
     from famjax.data import passkey as pk
     from famjax.data.tokenizers import make_tokenizer
 
     tok = make_tokenizer(data_cfg)
+    kw = dict(key_digits=int(data_cfg.passkey.key_digits), key_position=key_position or data_cfg.passkey.key_position)
     out = {}
     for n in lengths:
-        pairs = pk.make_pairs(tok, np.random.default_rng([seed, n]), filler_len=n, count=count,
-                              key_digits=int(data_cfg.passkey.key_digits),
-                              key_position=key_position or data_cfg.passkey.key_position)
+        if not spread:
+            pairs = pk.make_pairs(tok, np.random.default_rng([seed, n]), filler_len=n, count=count, **kw)
+        else:
+            pairs = [pk.make_pairs(tok, np.random.default_rng([seed, n, i]), filler_len=max(1, n + i % spread
+                                                                                          - spread // 2),
+                                   count=1, **kw)[0] for i in range(count)]
         out[n] = [(prompt, answer, n) for prompt, answer in pairs]
     return out
 
 
-def output_stem(out: str, stages: int, examples: int, key_position: str | None) -> str:
-    """Returns <out>/passkey[_stageK][_Kex][_key_start|_key_end]: a `*_start` preset evaluated into the same --out
-    as its base preset writes next to the base's table, not over it."""
+def output_stem(out: str, stages: int, examples: int, key_position: str | None, phases: bool = False) -> str:
+    """Returns <out>/passkey[_stageK][_Kex][_key_start|_key_end][_phases]: a `*_start` preset evaluated into the
+    same --out as its base preset writes next to the base's table, not over it."""
     tags = [f"_stage{stages}" if stages else "", f"_{examples}ex" if examples else "",
-            f"_key_{key_position}" if key_position in ("start", "end") else ""]
+            f"_key_{key_position}" if key_position in ("start", "end") else "", "_phases" if phases else ""]
     return os.path.join(out, "passkey" + "".join(tags))
 
 
@@ -144,6 +154,9 @@ def main() -> None:
                    help="use only the preset's first K stages (train and evaluate after stage K; N from them)")
     p.add_argument("--retrain", action="store_true")
     p.add_argument("--eval_only", action="store_true", help="evaluate the stages already trained")
+    p.add_argument("--phases", action="store_true",
+                   help="spread each length's examples over k x N - B/2 .. k x N + B/2 - 1 filler tokens (every "
+                        "offset of the question in its block); tables get the suffix _phases")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="config override for every model and stage, e.g. --set data.data_dir=/tmp/pk")
     args = p.parse_args()
@@ -173,7 +186,7 @@ def main() -> None:
             for k in range(1, len(preset["stages"]) + 1))
     lengths = [n * m for m in ev["multipliers"]]
     rows, train_s, eval_s, examples = [], {}, {}, None
-    stem = output_stem(out, args.stages, args.examples, ev.get("key_position"))
+    stem = output_stem(out, args.stages, args.examples, ev.get("key_position"), args.phases)
     for name, spec in models.items():  # train, evaluate and write the table after every model
         config, overrides = spec[0], spec[1]
         init_from = spec[2] if len(spec) > 2 else None
@@ -188,7 +201,8 @@ def main() -> None:
         train_s[name] = secs
         model, cfg = restore_model(wd)
         if examples is None:
-            examples = eval_examples(cfg.data, lengths, int(ev["examples"]), int(ev["seed"]), ev.get("key_position"))
+            examples = eval_examples(cfg.data, lengths, int(ev["examples"]), int(ev["seed"]), ev.get("key_position"),
+                                     spread=int(cfg.model.block_size) if args.phases else 0)
         t0 = time.time()
         for ln in lengths:
             t1 = time.time()
@@ -208,8 +222,10 @@ def main() -> None:
         table = markdown(rows, lengths, n)
         total = time.time() - t_start
         with open(stem + ".md", "w") as f:
+            spread = (f", each length spread over +-{cfg.model.block_size // 2} filler tokens (every block offset)"
+                      if args.phases else "")
             f.write(f"PassKey exact match, N = {n} filler tokens (longest trained), {ev['examples']} examples "
-                    f"per length, preset {args.preset}\n\n" + table)
+                    f"per length{spread}, preset {args.preset}\n\n" + table)
             f.write("\ntrain seconds: " + json.dumps({k: round(v) for k, v in train_s.items()}) + "\n")
             f.write("eval seconds: " + json.dumps({k: round(v) for k, v in eval_s.items()}) + "\n")
             f.write(f"total seconds so far: {total:.0f}\n")
