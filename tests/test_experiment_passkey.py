@@ -76,3 +76,25 @@ def test_eval_examples_spread_puts_the_question_at_every_block_offset():
     lengths = [len(p) for p, _, _ in spread]
     assert max(lengths) - min(lengths) == 31 and lengths[16] == len(exact[0][0])  # centred on k x N
     assert all(n == 1440 for _, _, n in spread)
+
+
+def test_phase_sweep_groups_by_the_answers_block_offset(monkeypatch):
+    """phase_sweep.sweep scores each example under (prompt length mod B), per_offset examples per index: with an
+    evaluator that is right exactly when that index is 3, the sweep reads 1 at index 3 and 0 elsewhere."""
+    sys.path.insert(0, os.path.join(REPO, "experiments", "passkey"))
+    import phase_sweep
+
+    from famjax import evals
+    from famjax.evals.passkey import PassKeyScore
+    from famjax.train.config import sibling_config
+
+    def fake(model, exs, **_):
+        return [PassKeyScore(n, int(len(p) % 8 == 3), a, a) for p, a, n in exs]
+
+    monkeypatch.setattr(evals, "evaluate_passkey", fake)
+    data_cfg = sibling_config(os.path.join(REPO, "configs", "x.py"), "default").get_config().data
+    data_cfg.passkey.key_position = "start"
+    acc = phase_sweep.sweep(None, data_cfg, [180, 360], 8, 3, seed=0, batch=4)
+    want = np.eye(8)[3]
+    for n in (180, 360):
+        np.testing.assert_array_equal(acc[n], want)
