@@ -25,7 +25,7 @@ from run import eval_examples  # noqa: E402
 
 
 def sweep(model, data_cfg, lengths, block_size: int, per_offset: int, seed: int, batch: int):
-    """{length: float [B] exact match per in-block index of the first answer digit} and the pooled means."""
+    """{length: float [B]}: exact match per in-block index of the first answer digit (prompt length mod B)."""
     from famjax import evals
 
     out = {}

@@ -111,9 +111,9 @@ def eval_examples(data_cfg, lengths, count: int, seed: int, key_position: str | 
         if not spread:
             pairs = pk.make_pairs(tok, np.random.default_rng([seed, n]), filler_len=n, count=count, **kw)
         else:
-            pairs = [pk.make_pairs(tok, np.random.default_rng([seed, n, i]), filler_len=max(1, n + i % spread
-                                                                                          - spread // 2),
-                                   count=1, **kw)[0] for i in range(count)]
+            fillers = [max(1, n + i % spread - spread // 2) for i in range(count)]
+            pairs = [pk.make_pairs(tok, np.random.default_rng([seed, n, i]), filler_len=f, count=1, **kw)[0]
+                     for i, f in enumerate(fillers)]
         out[n] = [(prompt, answer, n) for prompt, answer in pairs]
     return out
 

@@ -135,17 +135,20 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
         fam, is_initial, fk, fv = state[:4]
         new = update_fn(fam, is_initial, fk, fv, k, v, index)
         new, probs = new if collect else (new, None)
+
+        def per_row(factor):  # [b] -> [b, 1, 1], 0 for rows written from the initial FAM (never moved)
+            return jnp.where(is_initial, 0.0, factor.astype(jnp.float32))[:, None, None]
+
         change = None
         if measure_change:
             rel = jnp.sum(jnp.square(new - fam), -1) / jax.lax.stop_gradient(jnp.sum(jnp.square(fam), -1) + 1e-6)
             change = jnp.where(is_initial, 0.0, jnp.mean(rel, -1))
         if stretch is not None:  # the first update (from the initial FAM) is the write: never stretched
-            grow = jnp.where(is_initial, 0.0, stretch.astype(new.dtype))[:, None, None]
-            new = new + grow * jax.lax.stop_gradient(new - fam)
+            new = new + per_row(stretch) * jax.lax.stop_gradient(new - fam)
         # the rows' shared update (after the stretch), over the rows not written from the initial FAM
         shared = _shared_update(new, fam, is_initial) if (age is not None or read_age is not None) else None
         if age is not None:
-            new = new + jnp.where(is_initial, 0.0, age.astype(new.dtype))[:, None, None] * shared
+            new = new + per_row(age) * shared
         if eps is not None:
             rms = jax.lax.stop_gradient(jnp.sqrt(jnp.mean(jnp.square(new), axis=-1, keepdims=True)))
             noised = new + eps.astype(new.dtype) * rms
@@ -161,10 +164,9 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
         if split_read:  # all_complete: every row's block completes
             moved = new
             if read_age is not None:
-                moved = moved + jnp.where(is_initial, 0.0, read_age.astype(new.dtype))[:, None, None] * shared
+                moved = moved + per_row(read_age) * shared
             if read_stretch is not None:
-                own = jax.lax.stop_gradient(new - fam)
-                moved = moved + jnp.where(is_initial, 0.0, read_stretch.astype(new.dtype))[:, None, None] * own
+                moved = moved + per_row(read_stretch) * jax.lax.stop_gradient(new - fam)
             state = state + kv_fn(moved, index)
         return state, (probs, change)
 
