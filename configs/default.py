@@ -79,6 +79,13 @@ def get_config() -> ml_collections.ConfigDict:
     # |S_t - S_{t-1}|^2 / |S_{t-1}|^2 of every FAM update after the write from the initial FAM, added to the
     # loss: asks a memory that has nothing new to store to stay where it is (docs/design.md). 0 = off.
     f.change_penalty = 0.0
+    # Training-only (not in the paper): random state passing from key-free history. Each step, pre_age_rows
+    # rows of PassKey filler are read (current parameters, no gradient) for a ~ U{0..pre_age} blocks each, and
+    # batch row r starts from the FAM of filler row r % pre_age_rows (age 0: the initial FAM). The reader
+    # meets FAMs aged like those of long inputs, while no key is held longer than in the examples themselves
+    # and no old key must be overwritten (what RSP asks; docs/design.md). 0 = off. Needs data.dataset passkey.
+    f.pre_age = 0
+    f.pre_age_rows = 8
 
     c.data = d = fd.default_config()  # see famjax/data/config.py for every field
     d.tokenizer.kind = "word"  # word-level PassKey vocabulary: ~5x shorter sequences than bytes

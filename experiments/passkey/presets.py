@@ -525,6 +525,16 @@ PRESETS = {
         "stages": SCRATCH_900,
         "eval": EVAL_KEY_START,
     },
+    # Random state passing from key-free history (fam.pre_age): every training row starts from a FAM that read
+    # U{0..K} blocks of filler (current weights, no gradient), so the reader learns FAMs as old as long inputs
+    # make them, while no key is held past N and no old key must be overwritten (what RSP asks and the tiny
+    # model could not learn). K = 12 blocks is ~4x N of filler, K = 48 ~16x N.
+    "key_start_pre_age": {
+        "models": {f"fam_key_start_noise_0.3_drift_0.1_pre_age_{k}": (
+            FAM[0], {**KEY_START_DRIFT, "fam.pre_age": k}) for k in (12, 48)},
+        "stages": SCRATCH_900,
+        "eval": EVAL_KEY_START,
+    },
     # The whole bounded-stream recipe in one command, from scratch (what bounded_stream -> _more -> _more2 ran
     # in pieces): the `make train` recipe with fam.keep_norm (900 steps), then document streams of 64 examples
     # at peak lr 1e-3 for 600, 1500 and 3000 steps (each stage follows its part of one cosine over the

@@ -77,6 +77,11 @@ class _Pieces:
         return ids, bounds[bounds <= n]
 
 
+def filler_ids(tok: Tokenizer, n: int) -> np.ndarray:
+    """Returns int32 [n]: the task's filler in ids of tok (the sentences cycled, cut at n tokens)."""
+    return _Pieces(tok).filler_tokens(n)[0]
+
+
 def make_example(pieces: _Pieces, rng: np.random.Generator, *, filler_len: int, key_digits: int,
                  key_position: str) -> dict:
     """Returns one example: tokens int32 [L], loss_mask float32 [L] (1 on the answer), and metadata."""

@@ -18,7 +18,7 @@ from famjax.train.optim import schedule
 from famjax.train.state import TrainState
 
 # Random streams per step: fold_in(fold_in(rng, step), purpose).
-_RPO, _RSP, _NOISE, _STRETCH, _DRIFT, _AGE, _READ_AGE, _READ_STRETCH = 1, 2, 3, 4, 5, 6, 7, 8
+_RPO, _RSP, _NOISE, _STRETCH, _DRIFT, _AGE, _READ_AGE, _READ_STRETCH, _PRE_AGE = 1, 2, 3, 4, 5, 6, 7, 8, 9
 
 
 def cross_entropy(logits, targets, mask, z_loss: float = 0.0):
@@ -134,11 +134,32 @@ def draw_fam_noise(key, shape, *, noise: float, stretch: float, drift: float, ag
                         read_age=per_row(read_age, _READ_AGE), read_stretch=per_row(read_stretch, _READ_STRETCH))
 
 
+def pre_aged_fam(model, filler, ages, block_size: int):
+    """Returns the FAM [L, A, F, d] of rows that read ages [A] blocks of filler from the initial FAM.
+
+    filler: int [A, T] (T a multiple of block_size); row a reads its last ages[a] blocks (a new segment starts
+    there). Rows with age 0 read all T tokens: callers keep the initial FAM for them.
+    """
+    a, t = filler.shape
+    start = t - ages * block_size
+    _, state = model(filler, model.init_state(a), segment_start=jnp.arange(t)[None, :] == start[:, None])
+    return state.layers.fam
+
+
+def _pre_age_filler(cfg, blocks: int):
+    """Returns int32 [blocks x B] of PassKey filler in the run's tokenizer (fam.pre_age), or None."""
+    if not blocks:
+        return None
+    from famjax.data import make_tokenizer, passkey
+    return jnp.asarray(passkey.filler_ids(make_tokenizer(cfg.data), blocks * model_config(cfg).block_size))
+
+
 def make_train_step(cfg, graphdef, tx: optax.GradientTransformation, *, streaming: bool):
     """Returns train_step(state, batch) -> (state, metrics); jit it with shardings and donation.
 
     Per step: the rows start from the carried stream state (streaming) or from fresh states, of which all
-    start from the saved final FAM with probability fam.rsp_prob (random state passing; stop-gradient);
+    start from the saved final FAM with probability fam.rsp_prob (random state passing; stop-gradient) and,
+    with fam.pre_age, from FAMs aged on key-free filler (stop-gradient);
     every row gets its random position offset (fam.rpo); the micro-batches' gradients of the loss
     sum(CE * mask) / sum(mask) over the whole batch are summed, so accumulation changes nothing but memory.
     """
@@ -156,6 +177,9 @@ def make_train_step(cfg, graphdef, tx: optax.GradientTransformation, *, streamin
     fam_read_age = float(cfg.fam.get("read_age", 0.0)) if fam_on else 0.0
     fam_read_stretch = float(cfg.fam.get("read_stretch", 0.0)) if fam_on else 0.0
     change_penalty = float(cfg.fam.get("change_penalty", 0.0)) if fam_on else 0.0
+    pre_age = int(cfg.fam.get("pre_age", 0)) if fam_on else 0
+    age_rows = int(cfg.fam.get("pre_age_rows", 8))
+    age_filler = _pre_age_filler(cfg, pre_age)
     lr_fn = schedule(cfg.train)
 
     def micro_loss(params, batch, state0, offset, noise, denom, rows):
@@ -194,6 +218,15 @@ def make_train_step(cfg, graphdef, tx: optax.GradientTransformation, *, streamin
                 fam = jnp.where(use_rsp, jnp.broadcast_to(saved, state0.layers.fam.shape), state0.layers.fam)
                 state0 = state0.replace(layers=state0.layers.replace(fam=fam),
                                         is_initial=jnp.broadcast_to(~use_rsp, (rows,)))
+            if pre_age:  # fam.pre_age: start row r from filler row r % age_rows, aged U{0..pre_age} blocks
+                ages = jax.random.randint(jax.random.fold_in(key, _PRE_AGE), (age_rows,), 0, pre_age + 1)
+                frozen = nnx.merge(graphdef, jax.lax.stop_gradient(ts.params))
+                aged = pre_aged_fam(frozen, jnp.broadcast_to(age_filler, (age_rows, age_filler.size)), ages,
+                                    mcfg.block_size)
+                pick = jnp.arange(rows) % age_rows
+                use = (ages > 0)[pick]
+                fam = jnp.where(use[None, :, None, None], aged[:, pick], state0.layers.fam)
+                state0 = state0.replace(layers=state0.layers.replace(fam=fam), is_initial=state0.is_initial & ~use)
         denom = jnp.maximum(jnp.sum(batch["loss_mask"]), 1e-9)
         micro_batch = {key_: v for key_, v in batch.items() if key_ in
                        ("tokens", "targets", "loss_mask", "segment_start")}
