@@ -51,6 +51,7 @@ EVAL_64X = {**EVAL, "examples": 64, "key_position": "uniform"}
 STREAMS = {"fam.keep_norm": True, "data.passkey.chain": 64}
 STREAMS_5100 = "runs/passkey_bounded_more2/fam_keep_norm_chain64_more2/stage1"
 CONSTANT_5E4 = {"train.learning_rate": 5e-4, "train.schedule": "constant"}
+CONSTANT_1E3 = {"train.learning_rate": 1e-3, "train.schedule": "constant"}
 # The spec's task (key before the filler) trained with state noise 0.3: the best holder (key_start_noise).
 KEY_START_NOISE = {"data.passkey.key_position": "start", "fam.noise": 0.3}
 KEY_START_NOISE_03 = "runs/passkey_key_start_noise/fam_key_start_noise_0.3/stage1"
@@ -533,6 +534,16 @@ PRESETS = {
         "models": {f"fam_key_start_noise_0.3_drift_0.1_pre_age_{k}": (
             FAM[0], {**KEY_START_DRIFT, "fam.pre_age": k}) for k in (12, 48)},
         "stages": SCRATCH_900,
+        "eval": EVAL_KEY_START,
+    },
+    # Both did not learn the task from scratch (0% at 1x): writing a key into an aged FAM is the hard part. So
+    # age a model that already reads and writes: the drift 0.1 reference (`key_start_drift`, same --out as
+    # passkey_ks_drift) fine-tuned 600 steps at lr 1e-3 constant with pre_age 4 (~1.4x N) or 12 (~4x N).
+    "key_start_pre_age_finetune": {
+        "models": {f"fam_key_start_noise_0.3_drift_0.1_pre_age_{k}_finetune": (
+            FAM[0], {**KEY_START_DRIFT, "fam.pre_age": k, **CONSTANT_1E3},
+            "runs/passkey_ks_drift/fam_key_start_noise_0.3_drift_0.1/stage1") for k in (4, 12)},
+        "stages": [{"steps": 600, **MAKE_TRAIN}],
         "eval": EVAL_KEY_START,
     },
     # The whole bounded-stream recipe in one command, from scratch (what bounded_stream -> _more -> _more2 ran
