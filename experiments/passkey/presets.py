@@ -423,6 +423,16 @@ PRESETS = {
         "stages": SCRATCH_900,
         "eval": EVAL_KEY_START,
     },
+    # The same penalty without state noise, with the null slot (fam.change_penalty 1 and 3): noise asks every
+    # update to correct it, so it and a still memory pull apart; the null slot lets the FAM queries read nothing.
+    # If filler updates vanish, an old FAM looks like a young one and the hold has no horizon.
+    "key_start_still": {
+        "models": {f"fam_key_start_null_change_{w}": (FAM[0], {"data.passkey.key_position": "start",
+                                                               "fam.null_slot": True,
+                                                               "fam.change_penalty": float(w)}) for w in (1, 3)},
+        "stages": SCRATCH_900,
+        "eval": EVAL_KEY_START,
+    },
     # Blocks of 64 tokens instead of 32: the hold looked like a count of FAM updates (about 23 held, see the
     # N = 180 run), and B = 64 halves the updates per token, in training (1-2 between key and question) and at
     # test. key_start_noise's recipe (noise 0.3) alone and with drift 0.1, 900 steps from scratch.
