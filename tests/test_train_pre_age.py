@@ -48,6 +48,7 @@ def test_pre_age_changes_training_reproducibly_and_accumulates_exactly(passkey_d
     ({"fam.pre_age": -1}, "fam.pre_age must be >= 0"),
     ({"fam.pre_age": 4, "fam.pre_age_rows": 0}, "fam.pre_age_rows >= 1"),
     ({"fam.pre_age": 4, "data.passkey.chain": 4}, "data.passkey.chain > 1"),
+    ({"fam.pre_age": 4, "data.batching": "stream"}, "data.batching 'stream'"),
     ({"fam.pre_age": 4, "data.dataset": "local_text"}, "needs data.dataset 'passkey'"),
 ])
 def test_bad_pre_age_is_a_config_error(passkey_dir, change, match):

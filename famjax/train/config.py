@@ -114,8 +114,9 @@ def validate(cfg: ml_collections.ConfigDict, *, process_count: int = 1) -> None:
             f"{fam.get('pre_age_rows')}")
     if int(fam.get("pre_age", 0)) and cfg.data.dataset != "passkey":
         err(f"fam.pre_age ages the FAM on the PassKey filler: needs data.dataset 'passkey', got {cfg.data.dataset!r}")
-    if int(fam.get("pre_age", 0)) and int(cfg.data.passkey.get("chain", 1)) > 1:
-        err("fam.pre_age ages the first FAM of packed rows; data.passkey.chain > 1 streams documents instead")
+    if int(fam.get("pre_age", 0)) and (int(cfg.data.passkey.get("chain", 1)) > 1 or cfg.data.batching == "stream"):
+        err("fam.pre_age ages the first FAM of packed rows; data.passkey.chain > 1 or data.batching 'stream' "
+            "streams documents instead")
     for name in ("stretch", "age"):
         if float(fam.get(name, 0.0)) and fam.keep_norm:
             err(f"fam.{name} needs fam.keep_norm off (keep_norm would undo the {name})")
