@@ -55,11 +55,6 @@ def test_bad_pre_age_is_a_config_error(passkey_dir, change, match):
     from famjax.train.config import validate
 
     cfg = _config(passkey_dir, 0.0)
-    for path, value in change.items():
-        section, *mid, field = path.split(".")
-        node = cfg[section]
-        for m in mid:
-            node = node[m]
-        node[field] = value
+    cfg.update_from_flattened_dict(change)
     with pytest.raises(ValueError, match=match):
         validate(cfg)

@@ -146,6 +146,13 @@ def pre_aged_fam(model, filler, ages, block_size: int):
     return state.layers.fam
 
 
+def _seed_rows(state: FamState, fam, use) -> FamState:
+    """Returns state with the rows where use [b] is True starting from fam [L, b, F, d] (a FAM that carries
+    context: the normal residual on its first update) instead of their own."""
+    fam = jnp.where(use[None, :, None, None], fam, state.layers.fam)
+    return state.replace(layers=state.layers.replace(fam=fam), is_initial=state.is_initial & ~use)
+
+
 def _pre_age_filler(cfg, blocks: int):
     """Returns int32 [blocks x B] of PassKey filler in the run's tokenizer (fam.pre_age), or None."""
     if not blocks:
@@ -215,18 +222,15 @@ def make_train_step(cfg, graphdef, tx: optax.GradientTransformation, *, streamin
             use_rsp = ts.rsp_valid & (jax.random.uniform(jax.random.fold_in(key, _RSP)) < rsp_p)
             if rsp_p > 0:
                 saved = jax.lax.stop_gradient(ts.rsp_fam)[:, None]
-                fam = jnp.where(use_rsp, jnp.broadcast_to(saved, state0.layers.fam.shape), state0.layers.fam)
-                state0 = state0.replace(layers=state0.layers.replace(fam=fam),
-                                        is_initial=jnp.broadcast_to(~use_rsp, (rows,)))
+                state0 = _seed_rows(state0, jnp.broadcast_to(saved, state0.layers.fam.shape),
+                                    jnp.broadcast_to(use_rsp, (rows,)))
             if pre_age:  # fam.pre_age: start row r from filler row r % age_rows, aged U{0..pre_age} blocks
                 ages = jax.random.randint(jax.random.fold_in(key, _PRE_AGE), (age_rows,), 0, pre_age + 1)
                 frozen = nnx.merge(graphdef, jax.lax.stop_gradient(ts.params))
                 aged = pre_aged_fam(frozen, jnp.broadcast_to(age_filler, (age_rows, age_filler.size)), ages,
                                     mcfg.block_size)
                 pick = jnp.arange(rows) % age_rows
-                use = (ages > 0)[pick]
-                fam = jnp.where(use[None, :, None, None], aged[:, pick], state0.layers.fam)
-                state0 = state0.replace(layers=state0.layers.replace(fam=fam), is_initial=state0.is_initial & ~use)
+                state0 = _seed_rows(state0, aged[:, pick], (ages > 0)[pick])
         denom = jnp.maximum(jnp.sum(batch["loss_mask"]), 1e-9)
         micro_batch = {key_: v for key_, v in batch.items() if key_ in
                        ("tokens", "targets", "loss_mask", "segment_start")}
