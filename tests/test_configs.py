@@ -76,11 +76,7 @@ def _vocab(cfg):
 ])
 def test_bad_field_is_named(field, value, message):
     cfg = _vocab(load("passkey_tiny"))
-    section, *rest = field.split(".")
-    node = cfg[section]
-    for part in rest[:-1]:
-        node = node[part]
-    node[rest[-1]] = value
+    cfg.update_from_flattened_dict({field: value})
     with pytest.raises(ValueError, match=r"(?s)invalid config:.*" + message.replace("[", r"\[").replace("]", r"\]")):
         validate(cfg)
 

@@ -25,3 +25,26 @@ def test_probe_reads_a_linearly_written_key_and_not_noise():
     xn, yn, ln = _data(600, 300, 0.0, seed=2)  # no key in the features: chance
     probe = fam_probe.best_probe(xn[:500], yn[:500], ln[:500], 10)
     assert fam_probe.digit_accuracy(fam_probe.predict(probe, xn[500:]), ln[500:], 10) < 0.2
+
+
+def test_oracle_streams_like_one_call_and_its_edits_act_only_on_the_fam():
+    """fam_oracle.Streamer: block by block equals one call (spec 7); an edit toward the batch's own statistics
+    changes nothing, toward another batch's it changes the predictions (so the edits reach the model)."""
+    import fam_oracle
+    from model_utils import make_model, random_tokens
+
+    model, cfg, _ = make_model(seed=0, attention="fam", block_size=4, memory_blocks=0, fam_len=3)
+    seq = random_tokens(1, 26, cfg.vocab_size, seed=1)
+    other = random_tokens(1, 26, cfg.vocab_size, seed=2)
+    run = fam_oracle.Streamer(model)
+    logits, _ = model(seq)
+    pred, stats = run(seq, tail=18)  # 8 tokens in one call, then 4 + 4 + 4 + 4 + 2
+    np.testing.assert_array_equal(pred, np.argmax(np.asarray(logits), -1)[:, -18:])
+    assert len(stats) == 5
+    for edit in ("recentred", "young_norm"):  # one row: its own mean and RMS give back its own FAM
+        np.testing.assert_array_equal(run(seq, 18, stats, edit)[0], pred)
+    _, other_stats = run(other, tail=18)
+    moved = [run(seq, 18, other_stats, edit)[0] for edit in ("recentred", "young_norm")]
+    assert all(np.any(m != pred) for m in moved)
+    hits = fam_oracle.digit_hits(pred, pred[:, -3:])
+    assert hits.shape == (1, 3) and hits.all()
