@@ -75,6 +75,11 @@ def get_config() -> ml_collections.ConfigDict:
     # block's tokens read S_t + c x (S_t - S_{t-1}), c ~ U(0, read_stretch) per row, the FAM extrapolated
     # toward where its own updates lead (docs/design.md). 0 = off.
     f.read_stretch = 0.0
+    # Training-only (not in the paper): each row draws c ~ U(0, inflate) and after every FAM update but the write
+    # from the initial FAM its FAM is multiplied by 1 + c (the extra part stop-gradient): it grows as large as an
+    # older FAM while its direction, all a pre-norm reader sees, is kept, so new writes (the question) meet the
+    # small relative weight they have in an old FAM (docs/design.md). 0 = off.
+    f.inflate = 0.0
     # Training-only regulariser (not in the paper): weight of the mean relative squared change
     # |S_t - S_{t-1}|^2 / |S_{t-1}|^2 of every FAM update after the write from the initial FAM, added to the
     # loss: asks a memory that has nothing new to store to stay where it is (docs/design.md). 0 = off.

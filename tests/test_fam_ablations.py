@@ -98,11 +98,11 @@ def test_fam_noise_is_added_after_each_update_relative_to_the_row():
         model(tokens[:, :15], fam_noise=jnp.zeros(shape))
 
 
-@pytest.mark.parametrize("field", ["stretch", "age"])
+@pytest.mark.parametrize("field", ["stretch", "age", "inflate"])
 def test_fam_stretch_and_age_change_every_update_but_the_first(field):
     """FamNoise.stretch c: a non-initial update S_{t-1} + u becomes S_{t-1} + (1 + c) u; FamNoise.age a: it
-    becomes S_{t-1} + u + a x (u averaged over the rows). The first update (the write from the initial FAM) is
-    never changed."""
+    becomes S_{t-1} + u + a x (u averaged over the rows); FamNoise.inflate c: (1 + c) x (S_{t-1} + u). The first
+    update (the write from the initial FAM) is never changed."""
     from famjax import ops
     model, cfg, _ = make_model(seed=4, **BASE)
     tokens = random_tokens(3, 16, cfg.vocab_size, seed=7)  # 4 whole blocks, 3 rows
@@ -126,7 +126,7 @@ def test_fam_stretch_and_age_change_every_update_but_the_first(field):
     _, state_2 = model(tokens[:, :12])  # S_2: the FAM before block 3 (chunked == one call)
     before, after = np.asarray(state_2.layers.fam), np.asarray(state.layers.fam)
     u = after - before
-    extra = u if field == "stretch" else u.mean(axis=1, keepdims=True)  # age: the mean over the rows
+    extra = {"stretch": u, "age": u.mean(axis=1, keepdims=True), "inflate": after}[field]  # age: mean over rows
     want = after + c[None, :, None, None] * extra
     np.testing.assert_allclose(np.asarray(changed.layers.fam), want, rtol=1e-4, atol=1e-4)
     # A change of block 1's update reaches the tokens of blocks 2 and 3 only.

@@ -1,4 +1,4 @@
-"""fam.noise, .stretch, .drift, .age, .read_age and .read_stretch: training-time FAM perturbations change the
+"""fam.noise, .stretch, .drift, .age, .read_age, .read_stretch and .inflate: training-time FAM perturbations change the
 training forward, are reproducible, and (all but the two ages) split over micro-batches so gradient accumulation
 changes nothing."""
 # ruff: noqa: F811  (pytest fixtures imported from test_train_common are redefined as arguments)
@@ -10,7 +10,7 @@ from test_train_norm_penalty import _config, _steps
 
 @pytest.mark.slow
 @pytest.mark.parametrize("field,value", [("noise", 0.5), ("stretch", 3.0), ("drift", 0.5), ("age", 3.0),
-                                         ("read_age", 3.0), ("read_stretch", 3.0)])
+                                         ("read_age", 3.0), ("read_stretch", 3.0), ("inflate", 1.0)])
 def test_fam_noise_changes_training_and_accumulates_exactly(passkey_dir, field, value):
     base = _config(passkey_dir, 0.0)
     data = [synthetic_batch(8, 128, base.model.vocab_size, 16, seed=i) for i in range(3)]
@@ -31,7 +31,7 @@ def test_fam_noise_changes_training_and_accumulates_exactly(passkey_dir, field, 
     np.testing.assert_allclose([m["fam_norm"] for m in accum], [m["fam_norm"] for m in noisy], rtol=1e-5)
 
 
-@pytest.mark.parametrize("field", ["noise", "stretch", "drift", "age", "read_age", "read_stretch",
+@pytest.mark.parametrize("field", ["noise", "stretch", "drift", "age", "read_age", "read_stretch", "inflate",
                                    "change_penalty", "norm_penalty"])
 def test_negative_fam_perturbation_is_a_config_error(passkey_dir, field):
     from famjax.train.config import validate
@@ -42,7 +42,7 @@ def test_negative_fam_perturbation_is_a_config_error(passkey_dir, field):
         validate(cfg)
 
 
-@pytest.mark.parametrize("field", ["stretch", "age"])
+@pytest.mark.parametrize("field", ["stretch", "age", "inflate"])
 def test_fam_stretch_or_age_with_keep_norm_is_a_config_error(passkey_dir, field):
     from famjax.train.config import validate
 
@@ -84,3 +84,9 @@ def test_draw_fam_noise_shapes_and_structure():
     both_reads = draw_fam_noise(key, shape, noise=0.0, stretch=0.0, drift=0.0, read_age=4.0, read_stretch=4.0)
     np.testing.assert_array_equal(np.asarray(both_reads.read_age), read_age)
     assert both_reads.eps is None and not np.allclose(np.asarray(both_reads.read_stretch), read_age)
+    inflated = draw_fam_noise(key, shape, noise=0.0, stretch=3.0, drift=0.0, inflate=4.0)
+    np.testing.assert_array_equal(np.asarray(inflated.stretch), stretch)
+    inflate = np.asarray(inflated.inflate)
+    assert inflate.shape == shape[:3] and np.all(inflate == inflate[:1, :, :1])
+    assert np.all((inflate >= 0) & (inflate <= 4))
+    assert not np.allclose(inflate / 4.0, stretch / 3.0)

@@ -447,7 +447,9 @@ PRESETS = {
     # Smaller blocks on the drift 0.1 recipe (tenth session): if the FAM's direction settles like that of
     # a + t g (a fixed start plus a steady update g per block), the change a reader must bridge between t_train
     # and 16 t_train shrinks like 1 / t_train, and B = 16 or 8 gives 2 or 4 x the updates in training. Fits
-    # what B = 64 (fewer updates) and N = 45 showed; 900 steps from scratch.
+    # what B = 64 (fewer updates) and N = 45 showed; 900 steps from scratch. Only B = 16 has a result
+    # (benchmarks/RESULTS.md: not learned, 25% at 1x); the B = 8 run was stopped at step 100 (about an hour of
+    # training here), so `--models=..._b8` is untested.
     "key_start_small_blocks": {
         "models": {f"fam_key_start_noise_0.3_drift_0.1_b{b}": (
             FAM[0], {**KEY_START_DRIFT, "model.block_size": b}) for b in (16, 8)},
@@ -553,6 +555,25 @@ PRESETS = {
         "models": {f"fam_key_start_noise_0.3_drift_0.1_pre_age_{k}_finetune": (
             FAM[0], {**KEY_START_DRIFT, "fam.pre_age": k, **CONSTANT_1E3},
             "runs/passkey_ks_drift/fam_key_start_noise_0.3_drift_0.1/stage1") for k in (4, 12)},
+        "stages": [{"steps": 600, **MAKE_TRAIN}],
+        "eval": EVAL_KEY_START,
+    },
+    # fam_oracle.py (twelfth session): an answer that continues past a block boundary is read through the FAM
+    # the question's block just updated, and that write is lost when the FAM is large (an old FAM, or a young
+    # one merely scaled up: the key itself survives a 30x scale). fam.inflate trains exactly that: after every
+    # update but the first the row's FAM is multiplied by 1 + c, c ~ U(0, A) per row, so by the question it is
+    # up to (1 + A)^3 x its size with its direction unchanged. From scratch (900 steps) and as a fine-tune of
+    # the drift 0.1 reference (600 steps at lr 1e-3 constant, same --out as passkey_ks_drift).
+    "key_start_inflate": {
+        "models": {f"fam_key_start_noise_0.3_drift_0.1_inflate_{a}": (
+            FAM[0], {**KEY_START_DRIFT, "fam.inflate": float(a)}) for a in (1, 3)},
+        "stages": SCRATCH_900,
+        "eval": EVAL_KEY_START,
+    },
+    "key_start_inflate_finetune": {
+        "models": {f"fam_key_start_noise_0.3_drift_0.1_inflate_{a}_finetune": (
+            FAM[0], {**KEY_START_DRIFT, "fam.inflate": float(a), **CONSTANT_1E3},
+            "runs/passkey_ks_drift/fam_key_start_noise_0.3_drift_0.1/stage1") for a in (1, 3)},
         "stages": [{"steps": 600, **MAKE_TRAIN}],
         "eval": EVAL_KEY_START,
     },

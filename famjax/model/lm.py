@@ -200,7 +200,8 @@ class FamLM(nnx.Module):
             parts = fam_noise if isinstance(fam_noise, ops.FamNoise) else ops.FamNoise(eps=fam_noise)
             for name, part, shape in (("eps", parts.eps, want), ("stretch", parts.stretch, want[:3]),
                                       ("age", parts.age, want[:3]), ("read_age", parts.read_age, want[:3]),
-                                      ("read_stretch", parts.read_stretch, want[:3])):
+                                      ("read_stretch", parts.read_stretch, want[:3]),
+                                      ("inflate", parts.inflate, want[:3])):
                 if part is not None and (not chunk.all_complete or tuple(jnp.shape(part)) != shape):
                     raise ValueError(f"fam_noise {name} needs a chunk of whole blocks from an aligned state and "
                                      f"shape {shape}, got {tuple(jnp.shape(part))}")

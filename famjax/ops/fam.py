@@ -28,13 +28,18 @@ class FamNoise(NamedTuple):
         extrapolation, fam.read_age);
     read_stretch: None or float [..., b, nb] >= 0: likewise read-only, along the row's own update: the next
         block's tokens read S_t + read_stretch x u (stop-gradient), S_t extrapolated as if the row went on
-        changing as it just did (fam.read_stretch). Leading axes [...] are the caller's (the layer stack's).
+        changing as it just did (fam.read_stretch);
+    inflate: None or float [..., b, nb] >= 0: after a non-initial update the row becomes (1 + inflate) x S_t (the
+        extra part stop-gradient): the FAM gets the size of an older one while its direction, all that a
+        pre-norm reader sees, is unchanged, so the next writes meet the small relative weight they have in an
+        old FAM (fam.inflate). Leading axes [...] are the caller's (the layer stack's).
     """
     eps: jax.Array | None = None
     stretch: jax.Array | None = None
     age: jax.Array | None = None
     read_age: jax.Array | None = None
     read_stretch: jax.Array | None = None
+    inflate: jax.Array | None = None
 
 
 def _shared_update(new, fam, is_initial):
@@ -113,10 +118,10 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
     stop_gradient: the FAM passed on to the next block carries no gradient back (the paper's ablation: the
     memory then learns nothing beyond one block);
     noise: None, float [b, nb, F, d] (= FamNoise(eps=noise)) or a FamNoise with eps [b, nb, F, d], stretch,
-    age, read_age and read_stretch [b, nb] (requires all_complete): after block j's update it is first
-    stretched and aged (FamNoise), then every FAM row gets eps[:, j] x its RMS (stop-gradient) added, before it
-    is passed on; with read_age / read_stretch the next block's tokens read that FAM moved on along the shared
-    / the row's own update (training-time perturbations);
+    age, read_age, read_stretch and inflate [b, nb] (requires all_complete): after block j's update it is
+    first stretched, aged and inflated (FamNoise), then every FAM row gets eps[:, j] x its RMS (stop-gradient)
+    added, before it is passed on; with read_age / read_stretch the next block's tokens read that FAM moved on
+    along the shared / the row's own update (training-time perturbations);
     keep_norm: the FAM update keeps row norms (fam_update's keep_norm): a noised row is rescaled to the norm it
     had before the noise, so noise turns rows and never grows them (stretch and age need keep_norm off).
     Returns carry after the chunk, (fam_k, fam_v) [b, nb, F, KV, hd]: what the tokens of block j read, and aux:
@@ -126,12 +131,13 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
         raise ValueError("FAM diagnostics, FAM change and FAM noise need a chunk of whole blocks from an aligned "
                          "state")
     noise = noise if isinstance(noise, FamNoise) or noise is None else FamNoise(eps=noise)
-    if noise is not None and (noise.stretch is not None or noise.age is not None) and keep_norm:
-        raise ValueError("a FAM stretch or age needs keep_norm off (keep_norm would undo it)")
+    if noise is not None and any(x is not None for x in (noise.stretch, noise.age, noise.inflate)) and keep_norm:
+        raise ValueError("a FAM stretch, age or inflate needs keep_norm off (keep_norm would undo it)")
     # With read_age / read_stretch the scan also carries what the next block's tokens read (the moved fam_k, fam_v).
     split_read = noise is not None and (noise.read_age is not None or noise.read_stretch is not None)
 
-    def update(state, k, v, done, index, eps=None, stretch=None, age=None, read_age=None, read_stretch=None):
+    def update(state, k, v, done, index, eps=None, stretch=None, age=None, read_age=None, read_stretch=None,
+               inflate=None):
         fam, is_initial, fk, fv = state[:4]
         new = update_fn(fam, is_initial, fk, fv, k, v, index)
         new, probs = new if collect else (new, None)
@@ -149,6 +155,8 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
         shared = _shared_update(new, fam, is_initial) if (age is not None or read_age is not None) else None
         if age is not None:
             new = new + per_row(age) * shared
+        if inflate is not None:
+            new = new + per_row(inflate) * jax.lax.stop_gradient(new)
         if eps is not None:
             rms = jax.lax.stop_gradient(jnp.sqrt(jnp.mean(jnp.square(new), axis=-1, keepdims=True)))
             noised = new + eps.astype(new.dtype) * rms
@@ -171,7 +179,7 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
         return state, (probs, change)
 
     def step(state, xs):
-        k, v, done, index, reset, eps, stretch, age, read_age, read_stretch = xs
+        k, v, done, index, reset, *perturb = xs
         if reset is not None:
             fam0, k0, v0 = initial
             r3, r4 = reset[:, None, None], reset[:, None, None, None]
@@ -180,7 +188,7 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
         read = state[4:] if split_read else state[2:]
         probs = change = None
         if all_complete:
-            state, (probs, change) = update(state, k, v, done, index, eps, stretch, age, read_age, read_stretch)
+            state, (probs, change) = update(state, k, v, done, index, *perturb)
         else:
             # Decode and small chunks rarely complete a block: skip the F-row layer unless one does.
             state = jax.lax.cond(jnp.any(done), lambda *a: update(*a)[0], lambda s, *_: s,

@@ -106,7 +106,7 @@ def validate(cfg: ml_collections.ConfigDict, *, process_count: int = 1) -> None:
     if not isinstance(fam.rpo, bool):
         err(f"fam.rpo must be True or False, got {fam.rpo!r}")
     for name in ("norm_penalty", "noise", "drift", "change_penalty", "stretch", "age", "read_age",
-                 "read_stretch"):  # training-only, 0 = off
+                 "read_stretch", "inflate"):  # training-only, 0 = off
         if float(fam.get(name, 0.0)) < 0:
             err(f"fam.{name} must be >= 0, got {fam[name]}")
     if int(fam.get("pre_age", 0)) < 0 or int(fam.get("pre_age_rows", 8)) < 1:
@@ -117,9 +117,9 @@ def validate(cfg: ml_collections.ConfigDict, *, process_count: int = 1) -> None:
     if int(fam.get("pre_age", 0)) and (int(cfg.data.passkey.get("chain", 1)) > 1 or cfg.data.batching == "stream"):
         err("fam.pre_age ages the first FAM of packed rows; data.passkey.chain > 1 or data.batching 'stream' "
             "streams documents instead")
-    for name in ("stretch", "age"):
+    for name, what in (("stretch", "stretch"), ("age", "age"), ("inflate", "inflation")):
         if float(fam.get(name, 0.0)) and fam.keep_norm:
-            err(f"fam.{name} needs fam.keep_norm off (keep_norm would undo the {name})")
+            err(f"fam.{name} needs fam.keep_norm off (keep_norm would undo the {what})")
 
     # data
     try:

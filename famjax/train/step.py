@@ -18,7 +18,7 @@ from famjax.train.optim import schedule
 from famjax.train.state import TrainState
 
 # Random streams per step: fold_in(fold_in(rng, step), purpose).
-_RPO, _RSP, _NOISE, _STRETCH, _DRIFT, _AGE, _READ_AGE, _READ_STRETCH, _PRE_AGE = 1, 2, 3, 4, 5, 6, 7, 8, 9
+_RPO, _RSP, _NOISE, _STRETCH, _DRIFT, _AGE, _READ_AGE, _READ_STRETCH, _PRE_AGE, _INFLATE = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
 
 
 def cross_entropy(logits, targets, mask, z_loss: float = 0.0):
@@ -105,18 +105,19 @@ def _merge_state(stacked: FamState) -> FamState:
 
 
 def draw_fam_noise(key, shape, *, noise: float, stretch: float, drift: float, age: float = 0.0,
-                   read_age: float = 0.0, read_stretch: float = 0.0) -> ops.FamNoise | None:
+                   read_age: float = 0.0, read_stretch: float = 0.0, inflate: float = 0.0) -> ops.FamNoise | None:
     """The training-time FAM perturbations of one step (fam.noise / .stretch / .drift / .age / .read_age /
-    .read_stretch), or None if all 0.
+    .read_stretch / .inflate), or None if all 0.
 
     shape: (L, rows, blocks, F, d). eps [L, rows, blocks, F, d] (relative to each FAM row's RMS) is fresh
     N(0, noise^2) noise per block plus, with drift, one N(0, drift^2) direction per layer, row and FAM row that
     is the same after every block; stretch [L, rows, blocks] is one U(0, stretch) factor per row, for all its
     layers and blocks (the row ages that much faster); age [L, rows, blocks] likewise one U(0, age) factor per
     row (the row moves that much further along the batch's shared update); read_age and read_stretch likewise,
-    for what the row's tokens read only.
+    for what the row's tokens read only; inflate likewise (the row's FAM grows by that factor after every
+    update).
     """
-    if not (noise or stretch or drift or age or read_age or read_stretch):
+    if not (noise or stretch or drift or age or read_age or read_stretch or inflate):
         return None
     eps = noise * jax.random.normal(jax.random.fold_in(key, _NOISE), shape, jnp.float32) if noise else None
     if drift:
@@ -131,7 +132,8 @@ def draw_fam_noise(key, shape, *, noise: float, stretch: float, drift: float, ag
         return jnp.broadcast_to(row[None, :, None], shape[:3])
 
     return ops.FamNoise(eps=eps, stretch=per_row(stretch, _STRETCH), age=per_row(age, _AGE),
-                        read_age=per_row(read_age, _READ_AGE), read_stretch=per_row(read_stretch, _READ_STRETCH))
+                        read_age=per_row(read_age, _READ_AGE), read_stretch=per_row(read_stretch, _READ_STRETCH),
+                        inflate=per_row(inflate, _INFLATE))
 
 
 def pre_aged_fam(model, filler, ages, block_size: int):
@@ -183,6 +185,7 @@ def make_train_step(cfg, graphdef, tx: optax.GradientTransformation, *, streamin
     fam_age = float(cfg.fam.get("age", 0.0)) if fam_on else 0.0
     fam_read_age = float(cfg.fam.get("read_age", 0.0)) if fam_on else 0.0
     fam_read_stretch = float(cfg.fam.get("read_stretch", 0.0)) if fam_on else 0.0
+    fam_inflate = float(cfg.fam.get("inflate", 0.0)) if fam_on else 0.0
     change_penalty = float(cfg.fam.get("change_penalty", 0.0)) if fam_on else 0.0
     pre_age = int(cfg.fam.get("pre_age", 0)) if fam_on else 0
     age_rows = int(cfg.fam.get("pre_age_rows", 8))
@@ -238,7 +241,7 @@ def make_train_step(cfg, graphdef, tx: optax.GradientTransformation, *, streamin
             offset = jnp.zeros((rows,), jnp.int32)
         shape = (mcfg.num_layers, rows, batch["tokens"].shape[1] // mcfg.block_size, mcfg.num_fam, mcfg.d_model)
         noise = draw_fam_noise(key, shape, noise=fam_noise, stretch=fam_stretch, drift=fam_drift, age=fam_age,
-                               read_age=fam_read_age, read_stretch=fam_read_stretch)
+                               read_age=fam_read_age, read_stretch=fam_read_stretch, inflate=fam_inflate)
 
         if k == 1:
             grads, (ce, zl, pen, change, correct, count, state) = grad_fn(ts.params, micro_batch, state0, offset,
