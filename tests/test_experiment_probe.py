@@ -29,7 +29,8 @@ def test_probe_reads_a_linearly_written_key_and_not_noise():
 
 def test_oracle_streams_like_one_call_and_its_edits_act_only_on_the_fam():
     """fam_oracle.Streamer: block by block equals one call (spec 7); an edit toward the batch's own statistics
-    changes nothing, toward another batch's it changes the predictions (so the edits reach the model)."""
+    changes nothing, toward another batch's it changes the predictions (so the edits reach the model); so does a
+    scaled FAM, and a scale of 1 does not."""
     import fam_oracle
     from model_utils import make_model, random_tokens
 
@@ -46,5 +47,7 @@ def test_oracle_streams_like_one_call_and_its_edits_act_only_on_the_fam():
     _, other_stats = run(other, tail=18)
     moved = [run(seq, 18, other_stats, edit)[0] for edit in ("recentred", "young_norm")]
     assert all(np.any(m != pred) for m in moved)
+    np.testing.assert_array_equal(run(seq, 18, scale=(2, 1.0))[0], pred)
+    assert np.any(run(seq, 18, scale=(1, 50.0))[0] != pred)  # a larger FAM weighs the later writes less
     hits = fam_oracle.digit_hits(pred, pred[:, -3:])
     assert hits.shape == (1, 3) and hits.all()

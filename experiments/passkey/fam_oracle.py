@@ -14,6 +14,10 @@ blocks (but the first) its FAM is edited (the model itself is unchanged):
   block - mean over the target prompts here), its own norm kept: the shared drift the probe found is undone;
 - recentred + young norm: the same, and every row rescaled to the reference's mean RMS at this block.
 
+With --scales, each young reference is also run with its FAM multiplied by each factor once, before tail block
+--scale_at (default 2: with the key at the start, after the key is written). A pre-norm reader sees the FAM only
+as a direction, so this changes only how much the later writes weigh in it, as the size of an old FAM does.
+
 Also reported: the in-block index of the last prompt token (the answer's first digit is predicted there) and
 the accuracy of each answer digit without edits, which says whether digits are lost before or after the block
 boundary that the answer may cross. Writes fam_oracle.md under --out.
@@ -49,9 +53,10 @@ class Streamer:
 
         self.model, self.step, self.block = model, step, model.cfg.block_size
 
-    def __call__(self, seq, tail: int, ref=None, edit: str = "plain"):
+    def __call__(self, seq, tail: int, ref=None, edit: str = "plain", scale=None):
         """Returns (argmax over the last `tail` positions [n, tail], [(mean normalised FAM [L, 1, F, d], mean RMS
-        [L, 1, F, 1]) before each of the tail's blocks]). ref: that list from a reference run, used by the edits."""
+        [L, 1, F, 1]) before each of the tail's blocks]). ref: that list from a reference run, used by the edits;
+        scale: None or (tail block j, factor): the FAM is multiplied by factor once, before block j."""
         import jax.numpy as jnp
 
         state = self.model.init_state(seq.shape[0])
@@ -64,6 +69,8 @@ class Streamer:
             hat = fam / rms(fam)
             mean = hat.mean(1, keepdims=True)
             stats.append((mean, rms(fam).mean(1, keepdims=True)))
+            if scale is not None and j == scale[0]:
+                state = state.replace(layers=state.layers.replace(fam=state.layers.fam * scale[1]), fresh=True)
             if edit != "plain" and j > 0:  # block 0 of the reference starts from the initial FAM: nothing to match
                 ref_mean, ref_rms = ref[j]
                 norm = ref_rms if edit == "young_norm" else rms(fam)
@@ -95,6 +102,8 @@ def main() -> None:
     p.add_argument("--multipliers", default="8,16,32", help="target lengths as multiples of N")
     p.add_argument("--offsets", default="0", help="filler tokens added to every k x N (e.g. 0,16: the exact "
                    "length and one half a block on)")
+    p.add_argument("--scales", default="", help="factors for the scaled young reference, e.g. 3,10,30")
+    p.add_argument("--scale_at", type=int, default=2, help="the young reference's block before which it scales")
     p.add_argument("--examples", type=int, default=128)
     p.add_argument("--seed", type=int, default=99)
     p.add_argument("--out", default="experiments/passkey/results")
@@ -118,6 +127,8 @@ def main() -> None:
             ref_pred, ref_stats = run(rs, tail)
             result = {"filler": filler, "ref": ref_filler, "index": (tp.shape[1] - 1) % b,
                       "ref_exact": digit_hits(ref_pred, ra).all(-1).mean()}
+            result["scaled"] = [(float(c), digit_hits(run(rs, tail, scale=(args.scale_at, float(c)))[0],
+                                                      ra).all(-1).mean()) for c in args.scales.split(",") if c]
             for edit in ("plain", "recentred", "young_norm"):
                 hits = digit_hits(run(ts, tail, ref_stats, edit)[0], ta)
                 result[edit] = hits.all(-1).mean()
@@ -127,12 +138,14 @@ def main() -> None:
             print(f"{filler} (ref {ref_filler}, last prompt token at in-block index {result['index']}): "
                   f"ref {100 * result['ref_exact']:.0f}%, plain {100 * result['plain']:.0f}%, recentred "
                   f"{100 * result['recentred']:.0f}%, + young norm {100 * result['young_norm']:.0f}%; digits "
-                  + " / ".join(f"{100 * d:.0f}" for d in result["digits"]), flush=True)
+                  + " / ".join(f"{100 * d:.0f}" for d in result["digits"])
+                  + "".join(f"; ref scaled {c:g}x: {100 * a:.0f}%" for c, a in result["scaled"]), flush=True)
     lines = ["| filler (young ref) | last prompt token's in-block index | young ref | plain | per digit, plain | "
-             "recentred every block | recentred + young norm |", "|---|---|---|---|---|---|---|"]
+             "recentred every block | recentred + young norm | young ref, FAM scaled |", "|---" * 8 + "|"]
     lines += [f"| {r['filler']} ({r['ref']}) | {r['index']} | {100 * r['ref_exact']:.0f}% | {100 * r['plain']:.0f}% "
               f"| {' / '.join(f'{100 * d:.0f}' for d in r['digits'])} | {100 * r['recentred']:.0f}% | "
-              f"{100 * r['young_norm']:.0f}% |" for r in rows]
+              f"{100 * r['young_norm']:.0f}% | {', '.join(f'{c:g}x {100 * a:.0f}%' for c, a in r['scaled']) or '-'} |"
+              for r in rows]
     table = "\n".join(lines) + "\n"
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "fam_oracle.md"), "w") as f:
