@@ -123,7 +123,7 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
     added, before it is passed on; with read_age / read_stretch the next block's tokens read that FAM moved on
     along the shared / the row's own update (training-time perturbations);
     keep_norm: the FAM update keeps row norms (fam_update's keep_norm): a noised row is rescaled to the norm it
-    had before the noise, so noise turns rows and never grows them (stretch and age need keep_norm off).
+    had before the noise, so noise turns rows and never grows them (stretch, age and inflate need keep_norm off).
     Returns carry after the chunk, (fam_k, fam_v) [b, nb, F, KV, hd]: what the tokens of block j read, and aux:
     the dict of what collect / measure_change asked for ({} when neither).
     """
