@@ -81,6 +81,20 @@ def test_bad_field_is_named(field, value, message):
         validate(cfg)
 
 
+@pytest.mark.parametrize("field,value", [("fam.drift", 0.1), ("fam.rsp_prob", 0.5), ("fam.pre_age", 4)])
+def test_fam_training_option_without_fam_is_named(field, value):
+    """A FAM training option on a model without FAM would be skipped silently by the step: a config error."""
+    cfg = _vocab(load("passkey_bswa_tiny"))
+    validate(cfg)
+    cfg.update_from_flattened_dict({field: value})
+    with pytest.raises(ValueError, match=f"{field} acts on the FAM, which model.attention 'bswa'"):
+        validate(cfg)
+    fam = _vocab(load("passkey_tiny"))
+    fam.update_from_flattened_dict({field: value, "fam.fam_len": 0})
+    with pytest.raises(ValueError, match=f"{field} acts on the FAM"):
+        validate(fam)
+
+
 def test_several_bad_fields_give_one_line_each():
     cfg = _vocab(load("passkey_tiny"))
     cfg.train.optimizer, cfg.checkpoint.keep, cfg.eval.batches = "sgd", 0, 0

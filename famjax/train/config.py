@@ -75,6 +75,11 @@ def from_json(text: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(tuples(json.loads(text)))
 
 
+# Training options that act on the FAM (0 = off); set on a model without FAM they are an error, not a no-op.
+_FAM_TRAINING_ONLY = ("rsp_prob", "norm_penalty", "noise", "drift", "change_penalty", "stretch", "age", "read_age",
+                      "read_stretch", "inflate", "pre_age")
+
+
 def validate(cfg: ml_collections.ConfigDict, *, process_count: int = 1) -> None:
     """Raises ValueError with one line per bad field ("section.field: what is wrong, allowed values")."""
     errors: list[str] = []
@@ -120,6 +125,11 @@ def validate(cfg: ml_collections.ConfigDict, *, process_count: int = 1) -> None:
     for name, what in (("stretch", "stretch"), ("age", "age"), ("inflate", "inflation")):
         if float(fam.get(name, 0.0)) and fam.keep_norm:
             err(f"fam.{name} needs fam.keep_norm off (keep_norm would undo the {what})")
+    if mcfg is not None and not mcfg.num_fam:  # the step would skip them silently
+        for name in _FAM_TRAINING_ONLY:
+            if float(fam.get(name, 0.0)):
+                err(f"fam.{name} acts on the FAM, which model.attention {cfg.model.attention!r} (or fam_len 0) "
+                    "does not have; set it to 0")
 
     # data
     try:
