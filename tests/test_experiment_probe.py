@@ -47,6 +47,8 @@ def test_oracle_streams_like_one_call_and_its_edits_act_only_on_the_fam():
     _, other_stats = run(other, tail=18)
     moved = [run(seq, 18, other_stats, edit)[0] for edit in ("recentred", "young_norm")]
     assert all(np.any(m != pred) for m in moved)
+    start = run.head(seq, 18)  # a shared head gives the same runs
+    np.testing.assert_array_equal(run(seq, 18, other_stats, "recentred", start=start)[0], moved[0])
     np.testing.assert_array_equal(run(seq, 18, scale=(2, 1.0))[0], pred)
     assert np.any(run(seq, 18, scale=(1, 50.0))[0] != pred)  # a larger FAM weighs the later writes less
     hits = fam_oracle.digit_hits(pred, pred[:, -3:])

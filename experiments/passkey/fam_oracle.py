@@ -32,11 +32,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from run import eval_examples  # noqa: E402
-
-
-def rms(x):
-    return np.sqrt(np.mean(np.square(x), -1, keepdims=True) + 1e-6)
+from fam_probe import prompts, rms  # noqa: E402
 
 
 class Streamer:
@@ -53,16 +49,24 @@ class Streamer:
 
         self.model, self.step, self.block = model, step, model.cfg.block_size
 
-    def __call__(self, seq, tail: int, ref=None, edit: str = "plain", scale=None):
-        """Returns (argmax over the last `tail` positions [n, tail], [(mean normalised FAM [L, 1, F, d], mean RMS
-        [L, 1, F, 1]) before each of the tail's blocks]). ref: that list from a reference run, used by the edits;
-        scale: None or (tail block j, factor): the FAM is multiplied by factor once, before block j."""
+    def head(self, seq, tail: int):
+        """Returns the state after all but the last `tail` tokens of seq [n, T], read in one call."""
         import jax.numpy as jnp
 
         state = self.model.init_state(seq.shape[0])
+        if seq.shape[1] > tail:
+            _, state = self.step(self.model, state, jnp.asarray(seq[:, :seq.shape[1] - tail]))
+        return state
+
+    def __call__(self, seq, tail: int, ref=None, edit: str = "plain", scale=None, start=None):
+        """Returns (argmax over the last `tail` positions [n, tail], [(mean normalised FAM [L, 1, F, d], mean RMS
+        [L, 1, F, 1]) before each of the tail's blocks]). ref: that list from a reference run, used by the edits;
+        scale: None or (tail block j, factor): the FAM is multiplied by factor once, before block j;
+        start: self.head(seq, tail), when several runs share it (default: computed here)."""
+        import jax.numpy as jnp
+
+        state = self.head(seq, tail) if start is None else start
         head = seq.shape[1] - tail
-        if head:
-            _, state = self.step(self.model, state, jnp.asarray(seq[:, :head]))
         preds, stats = [], []
         for j, i in enumerate(range(head, seq.shape[1], self.block)):
             fam = np.asarray(state.layers.fam)  # [L, n, F, d]
@@ -81,12 +85,9 @@ class Streamer:
         return np.concatenate(preds, 1), stats
 
 
-def prompts(cfg, filler: int, n: int, seed: int):
+def with_answers(cfg, filler: int, n: int, seed: int):
     """Returns (prompts [n, P], answers [n, A], prompt + answer[:-1] [n, P + A - 1]) of one filler length."""
-    exs = eval_examples(cfg.data, [filler], n, seed)[filler]
-    if len({len(p) for p, _, _ in exs}) != 1:
-        raise ValueError("prompts of one length differ in tokens; the oracle batches them as one array")
-    prompt, answer = np.stack([p for p, _, _ in exs]), np.stack([a for _, a, _ in exs])
+    prompt, answer = prompts(cfg, filler, n, seed)
     return prompt, answer, np.concatenate([prompt, answer[:, :-1]], 1)
 
 
@@ -121,16 +122,17 @@ def main() -> None:
         for mult in (int(m) for m in args.multipliers.split(",")):
             filler = n * mult + offset
             ref_filler = filler - ((filler - n) // b) * b
-            _, ra, rs = prompts(cfg, ref_filler, args.examples, args.seed)
-            tp, ta, ts = prompts(cfg, filler, args.examples, args.seed)
+            _, ra, rs = with_answers(cfg, ref_filler, args.examples, args.seed)
+            tp, ta, ts = with_answers(cfg, filler, args.examples, args.seed)
             tail = rs.shape[1]
             ref_pred, ref_stats = run(rs, tail)
             result = {"filler": filler, "ref": ref_filler, "index": (tp.shape[1] - 1) % b,
                       "ref_exact": digit_hits(ref_pred, ra).all(-1).mean()}
             result["scaled"] = [(float(c), digit_hits(run(rs, tail, scale=(args.scale_at, float(c)))[0],
                                                       ra).all(-1).mean()) for c in args.scales.split(",") if c]
+            start = run.head(ts, tail)  # the long part of the target, shared by the three runs
             for edit in ("plain", "recentred", "young_norm"):
-                hits = digit_hits(run(ts, tail, ref_stats, edit)[0], ta)
+                hits = digit_hits(run(ts, tail, ref_stats, edit, start=start)[0], ta)
                 result[edit] = hits.all(-1).mean()
                 if edit == "plain":
                     result["digits"] = hits.mean(0)

@@ -33,7 +33,20 @@ from run import eval_examples  # noqa: E402
 LAMBDAS = (1e-2, 1e-1, 1.0, 10.0, 100.0)
 
 
-def fam_and_digits(model, exs, batch: int):
+def rms(x):
+    """[..., 1]: the root mean square over the last axis (what an RMS pre-norm divides by)."""
+    return np.sqrt(np.mean(np.square(x), -1, keepdims=True) + 1e-6)
+
+
+def prompts(cfg, filler: int, n: int, seed: int):
+    """Returns (prompts [n, P], answers [n, A]): `n` fresh PassKey examples of one filler length."""
+    exs = eval_examples(cfg.data, [filler], n, seed)[filler]
+    if len({len(p) for p, _, _ in exs}) != 1:
+        raise ValueError("prompts of one length differ in tokens; they are batched as one array")
+    return np.stack([p for p, _, _ in exs]), np.stack([a for _, a, _ in exs])
+
+
+def fam_and_digits(model, prompts_, answers, batch: int):
     """Returns (features [n, L*F*d]: the normalised FAM after each prompt, model digit hits [n, A])."""
     import jax
     import jax.numpy as jnp
@@ -48,13 +61,11 @@ def fam_and_digits(model, exs, batch: int):
         return state.layers.fam, pred
 
     feats, hits = [], []
-    for i in range(0, len(exs), batch):
-        part = exs[i:i + batch]
-        prompt = np.stack([p for p, _, _ in part])
-        answer = np.stack([a for _, a, _ in part])
+    for i in range(0, len(prompts_), batch):
+        prompt, answer = prompts_[i:i + batch], answers[i:i + batch]
         fam, pred = jax.device_get(run(model, jnp.asarray(prompt), jnp.asarray(answer)))
-        fam = fam / np.sqrt(np.mean(np.square(fam), -1, keepdims=True) + 1e-6)  # [L, b, F, d]
-        feats.append(np.moveaxis(fam, 1, 0).reshape(len(part), -1))
+        fam = fam / rms(fam)  # [L, b, F, d]
+        feats.append(np.moveaxis(fam, 1, 0).reshape(len(prompt), -1))
         hits.append(pred == answer)
     return np.concatenate(feats), np.concatenate(hits)
 
@@ -106,15 +117,12 @@ def main() -> None:
     mults = [int(m) for m in args.multipliers.split(",")]
     rows, ref, ref_mean = [], None, None
     for mult in mults:
-        exs = eval_examples(cfg.data, [n * mult], args.examples, args.seed)[n * mult]
-        if len({len(pr) for pr, _, _ in exs}) != 1:
-            raise ValueError("prompts of one length differ in tokens; the probe batches them as one array")
-        x, hits = fam_and_digits(model, exs, args.batch)
-        answers = np.stack([a for _, a, _ in exs])
+        prompt, answers = prompts(cfg, n * mult, args.examples, args.seed)
+        x, hits = fam_and_digits(model, prompt, answers, args.batch)
         ids = np.unique(answers)
         labels = np.searchsorted(ids, answers)  # [n, A] class index of each digit
-        y1h = np.eye(len(ids))[labels].reshape(len(exs), -1)
-        cut = int(0.8 * len(exs))
+        y1h = np.eye(len(ids))[labels].reshape(len(answers), -1)
+        cut = int(0.8 * len(answers))
         probe = best_probe(x[:cut], y1h[:cut], labels[:cut], len(ids))
         here = digit_accuracy(predict(probe, x[cut:]), labels[cut:], len(ids))
         mean = x[:cut].mean(0)
