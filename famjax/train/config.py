@@ -76,8 +76,10 @@ def from_json(text: str) -> ml_collections.ConfigDict:
 
 
 # Training options that act on the FAM (0 = off); set on a model without FAM they are an error, not a no-op.
-_FAM_TRAINING_ONLY = ("rsp_prob", "norm_penalty", "noise", "drift", "change_penalty", "stretch", "age", "read_age",
-                      "read_stretch", "inflate", "pre_age")
+# The float weights and perturbations must be >= 0; rsp_prob and pre_age have checks of their own.
+_FAM_WEIGHTS = ("norm_penalty", "noise", "drift", "change_penalty", "stretch", "age", "read_age", "read_stretch",
+                "inflate")
+_FAM_TRAINING_ONLY = ("rsp_prob", "pre_age") + _FAM_WEIGHTS
 
 
 def validate(cfg: ml_collections.ConfigDict, *, process_count: int = 1) -> None:
@@ -110,8 +112,7 @@ def validate(cfg: ml_collections.ConfigDict, *, process_count: int = 1) -> None:
         err(f"fam.rpo_zero_prob must be in [0, 1], got {fam.rpo_zero_prob}")
     if not isinstance(fam.rpo, bool):
         err(f"fam.rpo must be True or False, got {fam.rpo!r}")
-    for name in ("norm_penalty", "noise", "drift", "change_penalty", "stretch", "age", "read_age",
-                 "read_stretch", "inflate"):  # training-only, 0 = off
+    for name in _FAM_WEIGHTS:
         if float(fam.get(name, 0.0)) < 0:
             err(f"fam.{name} must be >= 0, got {fam[name]}")
     if int(fam.get("pre_age", 0)) < 0 or int(fam.get("pre_age_rows", 8)) < 1:

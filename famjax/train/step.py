@@ -179,13 +179,9 @@ def make_train_step(cfg, graphdef, tx: optax.GradientTransformation, *, streamin
     rpo = bool(cfg.fam.rpo)
     norm_penalty = float(cfg.fam.get("norm_penalty", 0.0)) if mcfg.num_fam else 0.0
     fam_on = mcfg.num_fam and mcfg.attention == "fam"
-    fam_noise = float(cfg.fam.get("noise", 0.0)) if fam_on else 0.0
-    fam_stretch = float(cfg.fam.get("stretch", 0.0)) if fam_on else 0.0
-    fam_drift = float(cfg.fam.get("drift", 0.0)) if fam_on else 0.0
-    fam_age = float(cfg.fam.get("age", 0.0)) if fam_on else 0.0
-    fam_read_age = float(cfg.fam.get("read_age", 0.0)) if fam_on else 0.0
-    fam_read_stretch = float(cfg.fam.get("read_stretch", 0.0)) if fam_on else 0.0
-    fam_inflate = float(cfg.fam.get("inflate", 0.0)) if fam_on else 0.0
+    # draw_fam_noise's switches (fam.noise, .stretch, ...), 0 = off
+    perturb = {name: float(cfg.fam.get(name, 0.0)) if fam_on else 0.0
+               for name in ("noise", "stretch", "drift", "age", "read_age", "read_stretch", "inflate")}
     change_penalty = float(cfg.fam.get("change_penalty", 0.0)) if fam_on else 0.0
     pre_age = int(cfg.fam.get("pre_age", 0)) if fam_on else 0
     age_rows = int(cfg.fam.get("pre_age_rows", 8))
@@ -240,8 +236,7 @@ def make_train_step(cfg, graphdef, tx: optax.GradientTransformation, *, streamin
         if offset is None:
             offset = jnp.zeros((rows,), jnp.int32)
         shape = (mcfg.num_layers, rows, batch["tokens"].shape[1] // mcfg.block_size, mcfg.num_fam, mcfg.d_model)
-        noise = draw_fam_noise(key, shape, noise=fam_noise, stretch=fam_stretch, drift=fam_drift, age=fam_age,
-                               read_age=fam_read_age, read_stretch=fam_read_stretch, inflate=fam_inflate)
+        noise = draw_fam_noise(key, shape, **perturb)
 
         if k == 1:
             grads, (ce, zl, pen, change, correct, count, state) = grad_fn(ts.params, micro_batch, state0, offset,
