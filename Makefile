@@ -19,7 +19,7 @@ install: $(STAMP)
 # Two pytest workers (one per CI core): the suite is compile-bound, about 7 min instead of 14.
 PYTEST_ARGS ?= -n 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q tests experiments $(PYTEST_ARGS)
 
 # Trains the passkey_tiny preset into $(TRAIN_WORKDIR) (resuming if it holds checkpoints), then prints the
 # PassKey accuracy at the training length and the TensorBoard log path. Shrink it with e.g.

@@ -1,7 +1,8 @@
 """The paper's 1B shape: 18 layers, d 1536, 12 heads, FFN x8, B 1024, m 3, F 64, train length 8.5k tokens.
 
-Training recipe of the paper (section 9 of docs/fam-spec.md): Adafactor (b1 0.9, b2 0.99), constant LR 1e-4,
-batch 128, RSP p 0.8, RPO on. Meant for accelerators: bf16 compute, remat, fsdp over all devices.
+Training recipe of the paper (docs/fam.md, "The paper's settings and its PassKey task"): Adafactor (b1 0.9,
+b2 0.99), constant LR 1e-4, batch 128, RSP p 0.8, RPO on. Meant for accelerators: bf16 compute, remat, fsdp
+over all devices.
 """
 from famjax.train.config import sibling_config
 

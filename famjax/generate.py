@@ -90,7 +90,10 @@ def main(argv=None) -> None:
             text = f.read()
     else:
         text = args.prompt
-    model, config = infer.load.load_model(args.workdir or args.checkpoint)
+    try:
+        model, config = infer.load.load_model(args.workdir or args.checkpoint)
+    except (ValueError, FileNotFoundError) as e:  # a run this famjax cannot load: one line, no traceback
+        raise SystemExit(f"famjax.generate: {e}") from None
     tokenizer = infer.load.tokenizer_for(config)
     gen = run(model, tokenizer, text, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
               chunk_size=args.chunk_size, add_bos=not args.no_bos, stop_at_eos=not args.no_stop_at_eos)

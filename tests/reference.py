@@ -1,6 +1,6 @@
 """Slow, obviously-correct numpy (float64) reference of TransformerFAM.
 
-Written straight from docs/fam-spec.md (sections 2-5 and 7), independently of famjax, for parity tests.
+Written straight from the model's definition (docs/fam.md), independently of famjax, for parity tests.
 
 Public API:
     reference_logits(params, cfg, tokens, position_offset=None) -> [batch, T, vocab]
@@ -192,8 +192,6 @@ def _layer_row(x, s0, lp, cfg, offset):
         if F > 0 and end - start == B:
             keys = np.concatenate([kf, k[start:end]], axis=0)
             vals = np.concatenate([vf, v[start:end]], axis=0)
-            if getattr(cfg, "fam_null_slot", False):  # variant: one more key/value, both zero
-                keys, vals = (np.concatenate([a, np.zeros_like(a[:1])], axis=0) for a in (keys, vals))
             af = _attend(qf, keys, vals, lp, cfg)
             if not s_is_initial or not getattr(cfg, "fam_zero_residual", True):  # ablation: always a residual
                 af = af + s

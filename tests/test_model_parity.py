@@ -23,7 +23,6 @@ CASES = [
     ("fam_positions_zero", dict(block_size=4, memory_blocks=1, fam_len=3, fam_positions="zero"), 15),
     # not in the paper: the norm-keeping FAM (issue 6 experiment)
     ("fam_keep_norm", dict(block_size=4, memory_blocks=1, fam_len=3, fam_keep_norm=True), 15),
-    ("fam_null_slot", dict(block_size=4, memory_blocks=1, fam_len=3, fam_null_slot=True), 15),
 ]
 
 

@@ -1,6 +1,6 @@
 """Does the FAM drift over many updates? Norms and self-reads of a trained model's FAM along a long PassKey input.
 
-    .venv/bin/python experiments/passkey/fam_drift.py --workdir=runs/passkey_tiny --filler=11520 \
+    .venv/bin/python -m experiments.passkey.fam_drift --workdir=runs/passkey_tiny --filler=11520 \
         --out=experiments/passkey/results
 
 Streams `--examples` fresh PassKey prompts of `--filler` filler tokens through famjax.evals.inspect_fam and
@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from run import eval_examples  # noqa: E402
+from experiments.passkey.run import eval_examples
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m experiments.passkey.fam_drift", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="a trained FAM run (its newest checkpoint is used)")
     p.add_argument("--filler", type=int, default=11520, help="filler tokens of the inspected prompts")
     p.add_argument("--examples", type=int, default=4)
@@ -31,9 +29,9 @@ def main() -> None:
     args = p.parse_args()
 
     from famjax import evals
-    from famjax.train import restore_model
+    from famjax.infer.load import load_model
 
-    model, cfg = restore_model(args.workdir)
+    model, cfg = load_model(args.workdir)
     exs = eval_examples(cfg.data, [args.filler], args.examples, args.seed)[args.filler]
     n = min(len(prompt) for prompt, _, _ in exs)
     tokens = np.stack([prompt[:n] for prompt, _, _ in exs])
@@ -58,7 +56,7 @@ def main() -> None:
     with open(os.path.join(args.out, "fam_drift.md"), "w") as f:
         f.write(f"FAM after each block of {args.examples} PassKey prompts with {args.filler} filler tokens, "
                 f"model {args.workdir} (B {model.cfg.block_size}, F {F}); mean over rows and prompts\n\n" + table)
-    evals.save_png(evals.plots.plot_fam_norms(got["fam_norm"]), os.path.join(args.out, "fam_drift_norms.png"))
+    evals.save_png(evals.plot_fam_norms(got["fam_norm"]), os.path.join(args.out, "fam_drift_norms.png"))
 
 
 if __name__ == "__main__":

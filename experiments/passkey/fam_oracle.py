@@ -1,6 +1,6 @@
 """Where does a PassKey answer fail at k x N? Per-digit accuracy, and two oracle edits of the FAM.
 
-    .venv/bin/python experiments/passkey/fam_oracle.py --workdir=runs/passkey_ks_drift/<model>/stage1 \
+    .venv/bin/python -m experiments.passkey.fam_oracle --workdir=runs/passkey_ks_drift/<model>/stage1 \
         --multipliers=8,16,32 --offsets=0,16 --out=experiments/passkey/results
 
 For each target length k x N + offset (filler tokens, key where the run's data puts it) it also makes a young
@@ -26,13 +26,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from fam_probe import prompts, rms  # noqa: E402
+from experiments.passkey.fam_probe import prompts, rms
 
 
 class Streamer:
@@ -97,8 +94,17 @@ def digit_hits(pred, answer):
     return pred[:, -answer.shape[1]:] == answer
 
 
+def exact(pred, answer) -> float:
+    """Share of prompts whose whole answer is the argmax (famjax.evals.exact_match; teacher-forced, which for a
+    whole answer is the same as greedy decoding). pred, answer: as for digit_hits."""
+    from famjax import evals
+
+    return float(np.mean([evals.exact_match(p, a) for p, a in zip(pred[:, -answer.shape[1]:], answer)]))
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m experiments.passkey.fam_oracle", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="a trained FAM run (its newest checkpoint is used)")
     p.add_argument("--multipliers", default="8,16,32", help="target lengths as multiples of N")
     p.add_argument("--offsets", default="0", help="filler tokens added to every k x N (e.g. 0,16: the exact "
@@ -110,9 +116,9 @@ def main() -> None:
     p.add_argument("--out", default="experiments/passkey/results")
     args = p.parse_args()
 
-    from famjax.train import restore_model
+    from famjax.infer.load import load_model
 
-    model, cfg = restore_model(args.workdir)
+    model, cfg = load_model(args.workdir)
     if model.cfg.attention != "fam" or model.cfg.memory_blocks:
         raise ValueError(f"fam_oracle needs a FAM model with memory_blocks 0, got {args.workdir}")
     n, b = int(cfg.data.passkey.train_filler_max), model.cfg.block_size
@@ -127,15 +133,15 @@ def main() -> None:
             tail = rs.shape[1]
             ref_pred, ref_stats = run(rs, tail)
             result = {"filler": filler, "ref": ref_filler, "index": (tp.shape[1] - 1) % b,
-                      "ref_exact": digit_hits(ref_pred, ra).all(-1).mean()}
-            result["scaled"] = [(float(c), digit_hits(run(rs, tail, scale=(args.scale_at, float(c)))[0],
-                                                      ra).all(-1).mean()) for c in args.scales.split(",") if c]
+                      "ref_exact": exact(ref_pred, ra)}
+            result["scaled"] = [(float(c), exact(run(rs, tail, scale=(args.scale_at, float(c)))[0], ra))
+                                for c in args.scales.split(",") if c]
             start = run.head(ts, tail)  # the long part of the target, shared by the three runs
             for edit in ("plain", "recentred", "young_norm"):
-                hits = digit_hits(run(ts, tail, ref_stats, edit, start=start)[0], ta)
-                result[edit] = hits.all(-1).mean()
+                pred = run(ts, tail, ref_stats, edit, start=start)[0]
+                result[edit] = exact(pred, ta)
                 if edit == "plain":
-                    result["digits"] = hits.mean(0)
+                    result["digits"] = digit_hits(pred, ta).mean(0)
             rows.append(result)
             print(f"{filler} (ref {ref_filler}, last prompt token at in-block index {result['index']}): "
                   f"ref {100 * result['ref_exact']:.0f}%, plain {100 * result['plain']:.0f}%, recentred "

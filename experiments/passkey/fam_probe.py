@@ -1,6 +1,6 @@
 """Is the key still in the FAM far past the training length? A linear probe of the FAM after the prompt.
 
-    .venv/bin/python experiments/passkey/fam_probe.py --workdir=runs/passkey_tiny --multipliers=1,4,16 \
+    .venv/bin/python -m experiments.passkey.fam_probe --workdir=runs/passkey_tiny --multipliers=1,4,16 \
         --out=experiments/passkey/results
 
 For each length (multiples of N, the run's longest training filler) it makes `--examples` fresh prompts, runs
@@ -22,13 +22,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from run import eval_examples  # noqa: E402
+from experiments.passkey.run import eval_examples
 
 LAMBDAS = (1e-2, 1e-1, 1.0, 10.0, 100.0)
 
@@ -100,7 +97,8 @@ def best_probe(x, y1h, labels, classes: int):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m experiments.passkey.fam_probe", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="a trained FAM run (its newest checkpoint is used)")
     p.add_argument("--multipliers", default="1,4,16", help="lengths as multiples of N; the first one is the "
                    "reference for the transferred probe")
@@ -110,9 +108,9 @@ def main() -> None:
     p.add_argument("--out", default="experiments/passkey/results")
     args = p.parse_args()
 
-    from famjax.train import restore_model
+    from famjax.infer.load import load_model
 
-    model, cfg = restore_model(args.workdir)
+    model, cfg = load_model(args.workdir)
     n = int(cfg.data.passkey.train_filler_max)
     mults = [int(m) for m in args.multipliers.split(",")]
     rows, ref, ref_mean = [], None, None

@@ -1,6 +1,6 @@
 """PassKey exact match against where the question falls in its block, at a few lengths.
 
-    .venv/bin/python experiments/passkey/phase_sweep.py --workdir=runs/passkey_ks_drift/MODEL/stage1 \
+    .venv/bin/python -m experiments.passkey.phase_sweep --workdir=runs/passkey_ks_drift/MODEL/stage1 \
         --multipliers=1,8,16 --name=drift01 --out=experiments/passkey/results
 
 With m = 0 a token sees its own block and the FAM only, so an answer that starts near the end of a block is
@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from run import eval_examples  # noqa: E402
+from experiments.passkey.run import eval_examples
 
 
 def sweep(model, data_cfg, lengths, block_size: int, per_offset: int, seed: int, batch: int):
@@ -40,7 +37,8 @@ def sweep(model, data_cfg, lengths, block_size: int, per_offset: int, seed: int,
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m experiments.passkey.phase_sweep", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="a trained FAM run (its newest checkpoint is used)")
     p.add_argument("--multipliers", default="1,8,16")
     p.add_argument("--per_offset", type=int, default=8, help="examples per block offset and length")
@@ -51,9 +49,9 @@ def main() -> None:
     args = p.parse_args()
 
     from famjax import evals
-    from famjax.train import restore_model
+    from famjax.infer.load import load_model
 
-    model, cfg = restore_model(args.workdir)
+    model, cfg = load_model(args.workdir)
     n, bs = int(cfg.data.passkey.train_filler_max), int(cfg.model.block_size)
     mults = [int(m) for m in args.multipliers.split(",")]
     acc = sweep(model, cfg.data, [m * n for m in mults], bs, args.per_offset, args.seed, args.batch)

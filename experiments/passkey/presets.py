@@ -1,5 +1,11 @@
 """Presets of the PassKey extrapolation experiment (issue 6): which models, which curriculum, which eval.
 
+    .venv/bin/python -m experiments.passkey.run --preset=NAME --out=runs/...
+
+Presets whose models needed a training option removed in issue 20 (null_slot, stretch, age, read_age,
+read_stretch, inflate, norm_penalty, change_penalty, pre_age) are gone; check out fd01abd to rerun them
+(README.md lists them).
+
 A preset is a dict:
   models:  name -> (config file, {config override: value}[, init workdir]); every model gets the same
            curriculum; with an init workdir stage 1 fine-tunes from that run's newest checkpoint
@@ -51,7 +57,6 @@ EVAL_64X = {**EVAL, "examples": 64, "key_position": "uniform"}
 STREAMS = {"fam.keep_norm": True, "data.passkey.chain": 64}
 STREAMS_5100 = "runs/passkey_bounded_more2/fam_keep_norm_chain64_more2/stage1"
 CONSTANT_5E4 = {"train.learning_rate": 5e-4, "train.schedule": "constant"}
-CONSTANT_1E3 = {"train.learning_rate": 1e-3, "train.schedule": "constant"}
 # The spec's task (key before the filler) trained with state noise 0.3: the best holder (key_start_noise).
 KEY_START_NOISE = {"data.passkey.key_position": "start", "fam.noise": 0.3}
 KEY_START_NOISE_03 = "runs/passkey_key_start_noise/fam_key_start_noise_0.3/stage1"
@@ -111,29 +116,6 @@ PRESETS = {
         "stages": [{"steps": 600}],
         "eval": {**EVAL, "multipliers": (1, 2, 4, 8, 16), "examples": 32},
     },
-    # A bounded FAM (not in the paper): the ablations' 600-step recipe with fam.norm_penalty, the weight of
-    # mean(final FAM^2) in the loss. fam_drift.py found the FAM norm growing with every update; does keeping
-    # it small move the horizon? Compare with the `fam` row of `ablations`.
-    "norm_penalty": {
-        "models": {
-            "fam_norm_1e-3": (FAM[0], {"fam.norm_penalty": 1e-3}),
-            "fam_norm_1e-4": (FAM[0], {"fam.norm_penalty": 1e-4}),
-        },
-        "stages": [{"steps": 600}],
-        "eval": {**EVAL, "multipliers": (1, 2, 4, 8, 16), "examples": 32},
-    },
-    # The bounded FAM with random state passing: fine-tunes of `norm_penalty`'s fam_norm_1e-3 model (500 steps,
-    # lr 1e-3 constant, penalty kept on), with RSP p 0.9 (long state chains) and without (the control). The
-    # penalty alone kept the norm flat only over the 8 trained blocks; RSP shows the model older states.
-    "norm_rsp": {
-        "models": {
-            "fam_norm_ft": (FAM[0], {"fam.norm_penalty": 1e-3}, "runs/passkey_norm/fam_norm_1e-3/stage1"),
-            "fam_norm_ft_rsp_0.9": (FAM[0], {"fam.norm_penalty": 1e-3, "fam.rsp_prob": 0.9},
-                                    "runs/passkey_norm/fam_norm_1e-3/stage1"),
-        },
-        "stages": [{"steps": 500, "train.learning_rate": 1e-3, "train.schedule": "constant"}],
-        "eval": {**EVAL, "multipliers": (1, 2, 4, 8, 16), "examples": 32},
-    },
     # Document-stream training (data.passkey.chain): fine-tunes of the current `make train` model (N = 90)
     # where each row is a stream of 64 examples and the model state runs on across examples and steps, so
     # the FAM is trained after hundreds of updates (each new key must replace the old); the control is the
@@ -149,8 +131,8 @@ PRESETS = {
     # Variants of the FAM update that might hold the key longer, each the current `make train` recipe from
     # scratch (900 steps, filler 16-90, N = 90); `fam` is the spec (the control; the `make train` run itself
     # can stand in for it). fam.keep_norm (not in the paper): every update rescales each FAM row to its
-    # previous norm, so the recurrence cannot drift outward as fam_drift.py found. fam.null_slot (not in the
-    # paper): FAM queries also see a zero key/value, so a block of filler can leave the FAM nearly unchanged.
+    # previous norm, so the recurrence cannot drift outward as fam_drift.py found. (A fam_null_slot model, FAM
+    # queries that may read nothing, was here; the option was removed in issue 20, see README.md.)
     # fam_f32: the spec with F = 32 rows instead of 8 (the paper uses 64). fam.noise (training only, not in
     # the paper): Gaussian noise of that std relative to each FAM row's RMS after every update, so the memory
     # must store the key robustly and learn to correct small errors rather than merely hold them. fam_b16: the
@@ -162,7 +144,6 @@ PRESETS = {
         "models": {
             "fam": FAM,
             "fam_keep_norm": (FAM[0], {"fam.keep_norm": True}),
-            "fam_null_slot": (FAM[0], {"fam.null_slot": True}),
             "fam_f32": (FAM[0], {"fam.fam_len": 32}),
             "fam_noise_0.1": (FAM[0], {"fam.noise": 0.1}),
             "fam_noise_0.3": (FAM[0], {"fam.noise": 0.3}),
@@ -212,10 +193,6 @@ PRESETS = {
                                       "runs/passkey_variants/fam_keep_norm/stage1"),
             # the control: the same fine-tune on single examples
             "fam_keep_norm_ft": (FAM[0], {"fam.keep_norm": True}, "runs/passkey_variants/fam_keep_norm/stage1"),
-            # streams with the null slot switched on (it adds no weights): FAM queries may ignore a filler block
-            "fam_keep_norm_null_chain64": (FAM[0], {"fam.keep_norm": True, "fam.null_slot": True,
-                                                    "data.passkey.chain": 64},
-                                           "runs/passkey_variants/fam_keep_norm/stage1"),
         },
         "stages": [{"steps": 600, "train.learning_rate": 1e-3, **MAKE_TRAIN}],
         "eval": dict(EVAL_64X),
@@ -347,29 +324,6 @@ PRESETS = {
         "stages": [{"steps": 900, **MAKE_TRAIN, **CONSTANT_5E4}],
         "eval": EVAL_KEY_START,
     },
-    # Age augmentation (fam.stretch, not in the paper): fam_probe.py found the key still in the FAM at 32x, and
-    # that a probe fitted at 1x reads it again (97% of digits at 16x) once the mean FAM over prompts is moved
-    # back to 1x's: what ages is the example-independent part of the FAM, which the readout never saw old.
-    # With fam.stretch C each training row draws c ~ U(0, C) and every FAM update after the write counts
-    # 1 + c times, so the <= 3 updates of a training example give FAMs as old as (1 + C) x 3 updates.
-    # key_start_noise's recipe with stretch 8, from scratch and as a fine-tune of its noise 0.3 model (900 steps
-    # at lr 5e-4 constant).
-    "key_start_stretch": {
-        "models": {
-            "fam_key_start_noise_0.3_stretch_8": (FAM[0], {**KEY_START_NOISE, "fam.stretch": 8.0}),
-            "fam_key_start_noise_0.3_ft_stretch_8": (FAM[0], {**KEY_START_NOISE, "fam.stretch": 8.0,
-                                                              **CONSTANT_5E4}, KEY_START_NOISE_03),
-        },
-        "stages": SCRATCH_900,
-        "eval": EVAL_KEY_START,
-    },
-    # key_start_noise's recipe with the null slot (FAM queries may read nothing, so a filler block can leave the
-    # FAM almost as it was: less of the drift that fam_probe.py blames), 900 steps from scratch.
-    "key_start_noise_null": {
-        "models": {"fam_key_start_noise_0.3_null_slot": (FAM[0], {**KEY_START_NOISE, "fam.null_slot": True})},
-        "stages": SCRATCH_900,
-        "eval": EVAL_KEY_START,
-    },
     # key_start_noise's recipe at N = 180 (filler 16-180 in 27 rows of 288 tokens, about the same tokens per
     # step), 900 steps from scratch: does the hold scale with N (16x = 2880 filler tokens)?
     "key_start_noise_n180": {
@@ -397,39 +351,15 @@ PRESETS = {
         "eval": EVAL_KEY_START,
     },
     # key_start_drift's drift 0.2 model (the flattest curve: 80% at 1x, 48% at 16x, 28% at 64x) fine-tuned 900
-    # steps more at lr 1e-3 constant (drift and noise kept), and drift 0.2 with the null slot from scratch.
+    # steps more at lr 1e-3 constant (drift and noise kept). (Its second model, drift 0.2 with fam.null_slot,
+    # was removed with that option in issue 20.)
     "key_start_drift_more": {
         "models": {
             "fam_key_start_noise_0.3_drift_0.2_more": (
                 FAM[0], {**KEY_START_NOISE, "fam.drift": 0.2, "train.learning_rate": 1e-3,
                          "train.schedule": "constant"},
                 "runs/passkey_ks_drift/fam_key_start_noise_0.3_drift_0.2/stage1"),
-            "fam_key_start_noise_0.3_drift_0.2_null_slot": (FAM[0], {**KEY_START_NOISE, "fam.drift": 0.2,
-                                                                     "fam.null_slot": True}),
         },
-        "stages": SCRATCH_900,
-        "eval": EVAL_KEY_START,
-    },
-    # A still memory (fam.change_penalty, training only, not in the paper): fam_probe.py found that the key
-    # stays in an old FAM but the FAM as a whole keeps moving, so a readout fitted on young FAMs misreads old
-    # ones. The penalty charges every FAM update after the write its relative squared change, so blocks with
-    # nothing new to store should leave the memory where it is. key_start_noise's recipe (noise 0.3 kept)
-    # with weights 1 and 10, 900 steps from scratch.
-    "key_start_change": {
-        "models": {
-            "fam_key_start_noise_0.3_change_1": (FAM[0], {**KEY_START_NOISE, "fam.change_penalty": 1.0}),
-            "fam_key_start_noise_0.3_change_10": (FAM[0], {**KEY_START_NOISE, "fam.change_penalty": 10.0}),
-        },
-        "stages": SCRATCH_900,
-        "eval": EVAL_KEY_START,
-    },
-    # The same penalty without state noise, with the null slot (fam.change_penalty 1 and 3): noise asks every
-    # update to correct it, so it and a still memory pull apart; the null slot lets the FAM queries read nothing.
-    # If filler updates vanish, an old FAM looks like a young one and the hold has no horizon.
-    "key_start_still": {
-        "models": {f"fam_key_start_null_change_{w}": (FAM[0], {"data.passkey.key_position": "start",
-                                                               "fam.null_slot": True,
-                                                               "fam.change_penalty": float(w)}) for w in (1, 3)},
         "stages": SCRATCH_900,
         "eval": EVAL_KEY_START,
     },
@@ -453,28 +383,6 @@ PRESETS = {
     "key_start_small_blocks": {
         "models": {f"fam_key_start_noise_0.3_drift_0.1_b{b}": (
             FAM[0], {**KEY_START_DRIFT, "model.block_size": b}) for b in (16, 8)},
-        "stages": SCRATCH_900,
-        "eval": EVAL_KEY_START,
-    },
-    # The two best far-end changes together: drift 0.1 (98% at 8x N) and the null slot (34% at 16x, digits
-    # about 50% out to 64x), on key_start_noise's recipe (noise 0.3), 900 steps from scratch.
-    "key_start_drift_null": {
-        "models": {
-            "fam_key_start_noise_0.3_drift_0.1_null_slot": (
-                FAM[0], {**KEY_START_DRIFT, "fam.null_slot": True}),
-            # the same with init and shuffle seed 1 (`--models=fam_key_start_noise_0.3_drift_0.1_null_slot_seed1`)
-            "fam_key_start_noise_0.3_drift_0.1_null_slot_seed1": (
-                FAM[0], {**KEY_START_DRIFT, "fam.null_slot": True, "train.seed": 1, "data.seed": 1}),
-        },
-        "stages": SCRATCH_900,
-        "eval": EVAL_KEY_START,
-    },
-    # key_start_drift_null's recipe (noise 0.3, drift 0.1, null slot) with F = 4 and F = 16 FAM rows
-    # (`--models=NAME` runs one), 900 steps from scratch.
-    "key_start_drift_null_f": {
-        "models": {f"fam_key_start_noise_0.3_drift_0.1_null_slot_f{f}": (
-            FAM[0], {**KEY_START_DRIFT, "fam.null_slot": True, "fam.fam_len": f})
-            for f in (4, 16)},
         "stages": SCRATCH_900,
         "eval": EVAL_KEY_START,
     },
@@ -508,73 +416,6 @@ PRESETS = {
         "models": {"fam_key_start_noise_0.3_drift_0.1_l3": (
             FAM[0], {**KEY_START_DRIFT, "model.num_layers": 3})},
         "stages": SCRATCH_900,
-        "eval": EVAL_KEY_START,
-    },
-    # Shared-drift extrapolation (fam.age, training only, not in the paper): each training row moves its FAM
-    # on by U(0, A) x the batch's mean update after every block, so the readout meets FAMs whose shared part
-    # looks up to (1 + A) x older while the key is kept. key_start_drift's drift 0.1 recipe with A = 1, 3 and
-    # 8, 900 steps from scratch (`--models=NAME` runs one).
-    "key_start_age": {
-        "models": {f"fam_key_start_noise_0.3_drift_0.1_age_{a}": (
-            FAM[0], {**KEY_START_DRIFT, "fam.age": float(a)}) for a in (1, 3, 8)},
-        "stages": SCRATCH_900,
-        "eval": EVAL_KEY_START,
-    },
-    # Read-side extrapolation (tenth session; docs/design.md "Shared-drift extrapolation"): as key_start_age, but
-    # only what the next block's tokens read moves along the batch's shared update (a ~ U(0, A)); the recurrence
-    # is untouched, so nothing feeds back (fam.age 8 blew up). A = 40 covers the ~45 updates of 16x N.
-    "key_start_read_age": {
-        "models": {f"fam_key_start_noise_0.3_drift_0.1_read_age_{a}": (
-            FAM[0], {**KEY_START_DRIFT, "fam.read_age": float(a)}) for a in (10, 40)},
-        "stages": SCRATCH_900,
-        "eval": EVAL_KEY_START,
-    },
-    # Read-side extrapolation along the row's own update (fam.read_stretch): the next block's tokens read
-    # S_t + c (S_t - S_{t-1}), c ~ U(0, A). Under a steady filler S_t grows by about the same update every block,
-    # so its direction tends to that of the update; this shows the reader FAMs near that limit, key and all.
-    "key_start_read_stretch": {
-        "models": {f"fam_key_start_noise_0.3_drift_0.1_read_stretch_{a}": (
-            FAM[0], {**KEY_START_DRIFT, "fam.read_stretch": float(a)}) for a in (4, 16)},
-        "stages": SCRATCH_900,
-        "eval": EVAL_KEY_START,
-    },
-    # Random state passing from key-free history (fam.pre_age): every training row starts from a FAM that read
-    # U{0..K} blocks of filler (current weights, no gradient), so the reader learns FAMs as old as long inputs
-    # make them, while no key is held past N and no old key must be overwritten (what RSP asks and the tiny
-    # model could not learn). K = 12 blocks is ~4x N of filler, K = 48 ~16x N.
-    "key_start_pre_age": {
-        "models": {f"fam_key_start_noise_0.3_drift_0.1_pre_age_{k}": (
-            FAM[0], {**KEY_START_DRIFT, "fam.pre_age": k}) for k in (12, 48)},
-        "stages": SCRATCH_900,
-        "eval": EVAL_KEY_START,
-    },
-    # Both did not learn the task from scratch (0% at 1x): writing a key into an aged FAM is the hard part. So
-    # age a model that already reads and writes: the drift 0.1 reference (`key_start_drift`, same --out as
-    # passkey_ks_drift) fine-tuned 600 steps at lr 1e-3 constant with pre_age 4 (~1.4x N) or 12 (~4x N).
-    "key_start_pre_age_finetune": {
-        "models": {f"fam_key_start_noise_0.3_drift_0.1_pre_age_{k}_finetune": (
-            FAM[0], {**KEY_START_DRIFT, "fam.pre_age": k, **CONSTANT_1E3},
-            "runs/passkey_ks_drift/fam_key_start_noise_0.3_drift_0.1/stage1") for k in (4, 12)},
-        "stages": [{"steps": 600, **MAKE_TRAIN}],
-        "eval": EVAL_KEY_START,
-    },
-    # fam_oracle.py (twelfth session): an answer that continues past a block boundary is read through the FAM
-    # the question's block just updated, and that write is lost when the FAM is large (an old FAM, or a young
-    # one merely scaled up: the key itself survives a 30x scale). fam.inflate trains exactly that: after every
-    # update but the first the row's FAM is multiplied by 1 + c, c ~ U(0, A) per row, so by the question it is
-    # up to (1 + A)^3 x its size with its direction unchanged. From scratch (900 steps) and as a fine-tune of
-    # the drift 0.1 reference (600 steps at lr 1e-3 constant, same --out as passkey_ks_drift).
-    "key_start_inflate": {
-        "models": {f"fam_key_start_noise_0.3_drift_0.1_inflate_{a}": (
-            FAM[0], {**KEY_START_DRIFT, "fam.inflate": float(a)}) for a in (1, 3)},
-        "stages": SCRATCH_900,
-        "eval": EVAL_KEY_START,
-    },
-    "key_start_inflate_finetune": {
-        "models": {f"fam_key_start_noise_0.3_drift_0.1_inflate_{a}_finetune": (
-            FAM[0], {**KEY_START_DRIFT, "fam.inflate": float(a), **CONSTANT_1E3},
-            "runs/passkey_ks_drift/fam_key_start_noise_0.3_drift_0.1/stage1") for a in (1, 3)},
-        "stages": [{"steps": 600, **MAKE_TRAIN}],
         "eval": EVAL_KEY_START,
     },
     # The whole bounded-stream recipe in one command, from scratch (what bounded_stream -> _more -> _more2 ran

@@ -1,20 +1,20 @@
 """PassKey extrapolation experiment (issue 6): FAM vs BSWA, length curriculum, streaming eval to 64x.
 
-    .venv/bin/python experiments/passkey/run.py --preset=tiny --out=runs/passkey_exp
+    .venv/bin/python -m experiments.passkey.run --preset=tiny --out=runs/passkey_exp
 
-For every model of the preset (experiments/passkey/presets.py): trains stage 1 with the trainer
-(`python -m famjax.main`; stage 1
-starts from scratch or, with an init workdir / --fam_init, from that run's newest checkpoint), then
-fine-tunes each later stage from the previous stage's checkpoint (copied into the new stage's workdir
-without its data-iterator state, with train.steps = previous step + stage steps, so the trainer simply
-resumes with the new data/LR config). Then streams fresh PassKey prompts (generated here with the data
-layer's make_example, seed `eval.seed`, not from the training splits) of N x 1, 2, 4, ... filler tokens
-through famjax.evals.evaluate_passkey, where N is the longest filler of the last stage, and writes
-<out>/passkey.{json,csv,md,png}. Re-running skips stages whose workdir already holds the final step
-(use --retrain to redo them). Each model is evaluated right after its training and the table is
-rewritten, so an interrupted run keeps the models done so far. --eval_only --examples=K re-evaluates
-trained stages into passkey_Kex.*; --stages=K stops after (or evaluates) stage K, into passkey_stageK*; an
-eval with the key always at the start (the *_start presets) writes passkey*_key_start.*.
+Run from the repository root. For every model of the preset (experiments/passkey/presets.py): trains stage 1
+with the trainer (`python -m famjax.main`; stage 1 starts from scratch or, with an init workdir / --fam_init,
+from that run's newest checkpoint), then fine-tunes each later stage from the previous stage's checkpoint
+(copied into the new stage's workdir without its data-iterator state, with train.steps = previous step + stage
+steps, so the trainer simply resumes with the new data/LR config). Then streams fresh PassKey prompts
+(generated here with the data layer's make_pairs, seed `eval.seed`, not from the training splits) of N x 1, 2,
+4, ... filler tokens through famjax.evals.evaluate_passkey, where N is the longest filler of the last stage,
+and writes <out>/passkey.{json,csv,md,png} (famjax.evals.write_rows, plot_passkey_accuracy). Re-running skips
+stages whose workdir already holds the final step (use --retrain to redo them). Each model is evaluated right
+after its training and the table is rewritten, so an interrupted run keeps the models done so far.
+--eval_only --examples=K re-evaluates trained stages into passkey_Kex.*; --stages=K stops after (or
+evaluates) stage K, into passkey_stageK*; an eval with the key always at the start (the *_start presets)
+writes passkey*_key_start.*.
 """
 from __future__ import annotations
 
@@ -28,10 +28,9 @@ import time
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, HERE)
-from presets import PRESETS, stage_options  # noqa: E402
+from experiments.passkey.presets import PRESETS, stage_options
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _log(msg: str) -> None:
@@ -101,8 +100,8 @@ def eval_examples(data_cfg, lengths, count: int, seed: int, key_position: str | 
     examples are still reported under `length`); with m = 0 an answer that crosses a block boundary must be read
     through the FAM alone, so one exact length measures one offset only.
     """
+    from famjax.data import make_tokenizer
     from famjax.data import passkey as pk
-    from famjax.data.tokenizers import make_tokenizer
 
     tok = make_tokenizer(data_cfg)
     kw = dict(key_digits=int(data_cfg.passkey.key_digits), key_position=key_position or data_cfg.passkey.key_position)
@@ -116,6 +115,13 @@ def eval_examples(data_cfg, lengths, count: int, seed: int, key_position: str | 
                      for i, f in enumerate(fillers)]
         out[n] = [(prompt, answer, n) for prompt, answer in pairs]
     return out
+
+
+def digit_accuracy(scores) -> float:
+    """Mean share of answer digits the greedy answer got right (chance ~0.1), a finer signal than exact match.
+    scores: famjax.evals.PassKeyScore list."""
+    return float(np.mean([np.sum(s.predicted[:len(s.answer)] == s.answer[:len(s.predicted)]) / len(s.answer)
+                          for s in scores]))
 
 
 def output_stem(out: str, stages: int, examples: int, key_position: str | None, phases: bool = False) -> str:
@@ -142,8 +148,10 @@ def markdown(rows: list[dict], lengths: list[int], n: int) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p = argparse.ArgumentParser(prog="python -m experiments.passkey.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), metavar="NAME",
+                   help="a preset of experiments/passkey/presets.py: " + ", ".join(sorted(PRESETS)))
     p.add_argument("--out", default="runs/passkey_exp")
     p.add_argument("--models", default="", help="comma-separated subset of the preset's models, in order")
     p.add_argument("--fam_init", default=None,
@@ -177,7 +185,7 @@ def main() -> None:
     os.makedirs(out, exist_ok=True)
 
     from famjax import evals
-    from famjax.train import restore_model
+    from famjax.infer.load import load_model
 
     ev = dict(preset["eval"])
     if args.examples:
@@ -199,7 +207,7 @@ def main() -> None:
             wd, _, secs = train_model(name, config, overrides, preset["stages"], out, args.retrain,
                                       sys.executable, init_from, extra)
         train_s[name] = secs
-        model, cfg = restore_model(wd)
+        model, cfg = load_model(wd)
         if examples is None:
             examples = eval_examples(cfg.data, lengths, int(ev["examples"]), int(ev["seed"]), ev.get("key_position"),
                                      spread=int(cfg.model.block_size) if args.phases else 0)
@@ -209,10 +217,7 @@ def main() -> None:
             scores = evals.evaluate_passkey(model, examples[ln], chunk_size=int(ev["chunk_size"]),
                                             batch_size=int(ev["batch_size"]))
             acc = evals.accuracy_by_length(scores)[ln]
-            # share of answer digits right (chance: ~0.1), a finer signal than exact match
-            acc["digit_accuracy"] = float(np.mean([
-                np.sum(s.predicted[:len(s.answer)] == s.answer[:len(s.predicted)]) / len(s.answer)
-                for s in scores]))
+            acc["digit_accuracy"] = digit_accuracy(scores)
             rows.append({"model": name, "length": ln, **acc})
             _log(f"eval {name} filler {ln} ({ln // n}x): {100 * acc['accuracy']:.0f}% "
                  f"({acc['correct']}/{acc['count']}), digits {100 * acc['digit_accuracy']:.0f}% "

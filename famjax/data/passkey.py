@@ -1,4 +1,5 @@
-"""PassKey retrieval (paper section 4.3, spec section 9), generated locally as a TF-free tfds dataset.
+"""PassKey retrieval (paper section 4.3; docs/fam.md, "The paper's settings and its PassKey task"), generated
+locally as a TF-free tfds dataset.
 
 An example is `[bos] intro, key sentence, filler, question, answer [eos]` in token ids of one tokenizer.
 The filler length is counted in tokens of that tokenizer, so token ids (not text) are stored, and the cache
@@ -17,23 +18,19 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from famjax.data import tfds_util
+from famjax.data.passkey_text import (  # noqa: F401 (re-exported: passkey.INTRO, ...)
+    FILLER,
+    INTRO,
+    KEY_AFTER,
+    KEY_BEFORE,
+    KEY_MIDDLE,
+    QUESTION,
+    template_texts,
+)
 from famjax.data.tokenizers import Tokenizer
 
-INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
-         "I will quiz you about the important information there.")
-KEY_BEFORE = " The pass key is"
-KEY_MIDDLE = ". Remember it."
-KEY_AFTER = " is the pass key."
-QUESTION = " What is the pass key? The pass key is"
-FILLER = (" The grass is green.", " The sky is blue.", " The sun is yellow.", " Here we go.",
-          " There and back again.")
 KEY_POSITIONS = ("start", "uniform", "end")
 BUILDER_NAME = "famjax_passkey"
-
-
-def template_texts() -> list[str]:
-    """Returns every fixed text of the task (for building a word vocabulary that covers it)."""
-    return [INTRO, KEY_BEFORE, KEY_MIDDLE, KEY_AFTER, QUESTION, *FILLER]
 
 
 def eval_split_name(multiplier: int) -> str:

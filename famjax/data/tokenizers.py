@@ -16,6 +16,8 @@ from typing import Protocol
 
 import numpy as np
 
+from famjax.data.passkey_text import template_texts
+
 TOKENIZER_KINDS = ("byte", "word", "sentencepiece", "hf")
 
 
@@ -73,10 +75,8 @@ def split_words(text: str) -> list[str]:
 
 def passkey_vocab() -> list[str]:
     """Returns the built-in word vocabulary: every word of the PassKey templates, digits, punctuation."""
-    from famjax.data import passkey  # local import: passkey imports this module
-
     words: list[str] = []
-    for text in passkey.template_texts():
+    for text in template_texts():
         for w in split_words(text):
             if w not in words:
                 words.append(w)

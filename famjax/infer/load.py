@@ -1,18 +1,11 @@
-"""Loading a trained model and its tokenizer for the CLIs (the trainer owns the checkpoint format)."""
+"""Loading a trained model and its tokenizer for the CLIs (famjax.restore reads the checkpoint)."""
 from __future__ import annotations
 
 
 def load_model(path: str):
-    """Returns (model, run config) restored from a workdir or checkpoint folder.
+    """Returns (model, run config) restored from a workdir or checkpoint folder (famjax.restore; no trainer)."""
+    from famjax.restore import restore_model  # orbax is imported only when a model is loaded
 
-    Delegates to famjax.train.checkpoint.restore_model, imported here so that inference without the trainer
-    (an in-memory model) needs neither orbax nor the trainer's modules.
-    """
-    try:
-        from famjax.train.checkpoint import restore_model
-    except ImportError as e:
-        raise RuntimeError(f"cannot load {path!r}: famjax.train.checkpoint.restore_model is not available "
-                           f"({e})") from e
     return restore_model(path)
 
 

@@ -36,12 +36,11 @@ class ModelConfig:
     memory_blocks: int = 1            # m: previous blocks each token sees (bswa, fam)
     fam_len: int = 8                  # F: feedback rows per layer (fam; 0 = BSWA)
     max_len: int = 4096               # KV-cache capacity for streaming with attention="full"
-    # FAM switches for the paper's ablations; the defaults are the spec.
-    fam_zero_residual: bool = True    # the first update from the initial FAM gets no residual (spec 3.6)
-    fam_positions: str = "block"      # "block": the last F positions of the block read (spec 5) | "zero": all 0
+    # FAM switches for the paper's ablations; the defaults are the model of docs/fam.md.
+    fam_zero_residual: bool = True    # the first update from the initial FAM gets no residual
+    fam_positions: str = "block"      # "block": the last F positions of the block read | "zero": all 0
     fam_stop_gradient: bool = False   # True: no gradient through the FAM from one block to the next
     fam_keep_norm: bool = False       # True: every update keeps each FAM row's norm (not in the paper; bounds it)
-    fam_null_slot: bool = False       # True: FAM queries also see a zero key/value, so they can read nothing
 
     def __post_init__(self):
         errors = []
@@ -61,7 +60,7 @@ class ModelConfig:
                               ("dtype", DTYPES), ("param_dtype", DTYPES), ("fam_positions", FAM_POSITIONS)):
             value = getattr(self, name)
             check(value in allowed, f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-        for name in ("fam_zero_residual", "fam_stop_gradient", "fam_keep_norm", "fam_null_slot"):
+        for name in ("fam_zero_residual", "fam_stop_gradient", "fam_keep_norm"):
             value = getattr(self, name)
             check(isinstance(value, bool), f"{name} must be True or False, got {value!r}")
         if errors:

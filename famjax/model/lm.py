@@ -7,8 +7,8 @@ from flax import nnx
 
 from famjax import ops
 from famjax.model.config import ModelConfig
-from famjax.model.layer import Chunk, DecoderLayer
-from famjax.model.layers import Norm, normal, param
+from famjax.model.decoder import Chunk, DecoderLayer
+from famjax.model.modules import Norm, normal, param
 from famjax.model.sharding import constrain
 from famjax.model.state import FamState, LayerCache, reset_rows
 
@@ -20,7 +20,7 @@ _REMAT_POLICIES = {
 
 
 class FamLM(nnx.Module):
-    """Decoder-only LM; attention "full", "bswa" or "fam" (spec sections 3-7).
+    """Decoder-only LM; attention "full", "bswa" or "fam" (docs/fam.md).
 
     Parameters: token embedding, optional LM head, the layer stack (leading "layers" axis, so a scan over
     layers and an unrolled loop use the same checkpoint layout) and, for FAM, the learned initial-FAM table
@@ -78,7 +78,7 @@ class FamLM(nnx.Module):
     def start_from_fam(self, batch_size: int, fam) -> FamState:
         """Returns empty streams whose FAM is `fam` [L, F, d] (not the initial FAM: it carries context).
 
-        This is the spec's random state passing: a saved final FAM seeds the next sequences, with the normal
+        This is random state passing (RSP, docs/fam.md): a saved final FAM seeds the next sequences, with the normal
         residual on their first update. Positions still start at 0.
         """
         state = self.init_state(batch_size)
@@ -90,7 +90,7 @@ class FamLM(nnx.Module):
         return state.replace(layers=state.layers.replace(fam=fam), is_initial=jnp.zeros((batch_size,), bool))
 
     def _initial_fam(self):
-        """Returns the initial FAM of every layer, float32 [L, F, d] (spec section 4).
+        """Returns the initial FAM of every layer, float32 [L, F, d] (docs/fam.md, "The initial FAM").
 
         S_0^0 is the learned table; S_0^{l+1} is S_0^l through layer l on its own. It depends only on the
         parameters (its attention sees relative positions only), so it is computed once, unbatched.
@@ -109,8 +109,8 @@ class FamLM(nnx.Module):
 
     # ---------------------------------------------------------------- forward
     def __call__(self, tokens, state: FamState | None = None, *, segment_start=None, position_offset=None,
-                 fam_noise=None, fam_change: bool = False):
-        """Returns (logits float32 [b, T, vocab], state after the chunk[, FAM change]).
+                 fam_perturb: ops.Perturbation | None = None):
+        """Returns (logits float32 [b, T, vocab], state after the chunk).
 
         tokens: int [b, T], any T >= 1 (a whole sequence, a block, one token: one code path);
         state: from init_state or a previous call; None starts empty streams;
@@ -120,27 +120,18 @@ class FamLM(nnx.Module):
             from the initial FAM and its positions from 0;
         position_offset: int [b] added to every RoPE position of the row (training's random offset; pass the
             same value on every call of a stream);
-        fam_noise: None, or float [L, b, T / B, F, d] for a chunk of whole blocks from an aligned state (training):
-            after each block's update, FAM row r of layer l gets fam_noise[l, :, block, r] x its own RMS
-            (stop-gradient) added (training-time state noise, fam.noise; not in the paper); or an
-            ops.FamNoise(eps [L, b, T / B, F, d] or None, stretch, age, read_age, read_stretch [L, b, T / B] or
-            None) that may also stretch or age every non-initial update, or move only what the next block reads
-            (fam.stretch, fam.age, fam.read_age, fam.read_stretch; ops.fam_scan).
-        fam_change: also return float32 [L, b, T / B], the relative squared change of every FAM update
-            (ops.fam_scan's measure_change; 0 for writes from the initial FAM); needs attention "fam" and a
-            chunk of whole blocks from an aligned state (training's fam.change_penalty).
+        fam_perturb: None, or (training only, attention "fam", a chunk of whole blocks from an aligned state)
+            an ops.Perturbation whose data leaves are [L, b, T / B, ...]: after each block's update, layer l's
+            new FAM becomes fn(fam, data[l, :, block]) (e.g. famjax.train.perturb's state noise).
         """
-        if fam_change and (self.cfg.attention != "fam" or not self.cfg.num_fam):
-            raise ValueError(f"fam_change needs attention='fam' with fam_len > 0, got {self.cfg.attention!r}")
-        logits, state, diagnostics = self._forward(tokens, state, segment_start, position_offset, collect=False,
-                                                   fam_noise=fam_noise, measure_change=fam_change)
-        return (logits, state, diagnostics["fam_change"]) if fam_change else (logits, state)
+        logits, state, _ = self._forward(tokens, state, segment_start, position_offset, collect=False,
+                                         perturb=fam_perturb)
+        return logits, state
 
     def inspect(self, tokens, state: FamState | None = None, *, position_offset=None):
         """Returns per-block FAM diagnostics of one call (whole blocks, aligned state), each stacked over layers:
 
         fam_probs: float32 [L, b, nb, H, F, F + B] attention of FAM queries over [previous FAM, whole block]
-            (F + B + 1 with fam_null_slot: the zero slot last);
         token_fam_mass: float32 [L, b, nb, B, H] attention mass each block token puts on the previous FAM;
         fam_norm: float32 [L, b, nb, F] L2 norm of every FAM row after each block; plus logits and state.
         """
@@ -153,8 +144,7 @@ class FamLM(nnx.Module):
         logits, state, diagnostics = self._forward(tokens, state, None, position_offset, collect=True)
         return dict(diagnostics, logits=logits, state=state)
 
-    def _forward(self, tokens, state, segment_start, position_offset, collect, fam_noise=None,
-                 measure_change: bool = False):
+    def _forward(self, tokens, state, segment_start, position_offset, collect, perturb=None):
         cfg = self.cfg
         tokens = jnp.asarray(tokens)
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer) or tokens.shape[1] < 1:
@@ -190,21 +180,13 @@ class FamLM(nnx.Module):
             cache = cache.replace(fam=fam, fam_k=jnp.where(sel, fam_k, cache.fam_k),
                                   fam_v=jnp.where(sel, fam_v, cache.fam_v))
 
-        chunk, new_pos, is_initial, aligned_after = self._chunk(state, t, offset, fresh, inner_resets, collect,
-                                                                measure_change)
-        if measure_change and not chunk.all_complete:
-            raise ValueError(f"fam_change needs a chunk of whole blocks from an aligned state, got T={t} "
-                             f"(block_size={cfg.block_size}, aligned={state.aligned})")
-        if fam_noise is not None:
-            want = (cfg.num_layers, b, chunk.num_blocks, cfg.num_fam, cfg.d_model)
-            parts = fam_noise if isinstance(fam_noise, ops.FamNoise) else ops.FamNoise(eps=fam_noise)
-            for name, part, shape in (("eps", parts.eps, want), ("stretch", parts.stretch, want[:3]),
-                                      ("age", parts.age, want[:3]), ("read_age", parts.read_age, want[:3]),
-                                      ("read_stretch", parts.read_stretch, want[:3]),
-                                      ("inflate", parts.inflate, want[:3])):
-                if part is not None and (not chunk.all_complete or tuple(jnp.shape(part)) != shape):
-                    raise ValueError(f"fam_noise {name} needs a chunk of whole blocks from an aligned state and "
-                                     f"shape {shape}, got {tuple(jnp.shape(part))}")
+        chunk, new_pos, is_initial, aligned_after = self._chunk(state, t, offset, fresh, inner_resets, collect)
+        if perturb is not None:
+            want = (cfg.num_layers, b, chunk.num_blocks)
+            shapes = [tuple(jnp.shape(leaf)) for leaf in jax.tree.leaves(perturb.data)]
+            if not cfg.num_fam or not chunk.all_complete or any(s[:3] != want for s in shapes):
+                raise ValueError(f"fam_perturb needs attention 'fam', a chunk of whole blocks from an aligned state "
+                                 f"and data leaves [layers, batch, blocks, ...] = {want} + ..., got {shapes}")
         x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype)
         if cfg.embed_scale:
             x = x * jnp.asarray(cfg.d_model ** 0.5, cfg.compute_dtype)
@@ -212,10 +194,10 @@ class FamLM(nnx.Module):
             x = ops.to_grid(x, chunk.phase, chunk.num_blocks, cfg.block_size)
         x = constrain(x, "batch", None, "embed")
 
-        def body(layer, x, layer_cache, layer_initial_fam, layer_noise):
-            return layer(x, layer_cache, chunk, layer_initial_fam, layer_noise)
+        def body(layer, x, layer_cache, layer_initial_fam, layer_perturb):
+            return layer(x, layer_cache, chunk, layer_initial_fam, layer_perturb)
         per_layer_fam = initial_fam if inner_resets is not None else None
-        x, (cache, diagnostics) = self._scan_layers(body, x, cache, per_layer_fam, fam_noise, remat=True)
+        x, (cache, diagnostics) = self._scan_layers(body, x, cache, per_layer_fam, perturb, remat=True)
 
         h = self.final_norm(x if chunk.compact else ops.from_grid(x, chunk.phase, t), cfg.compute_dtype)
         head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
@@ -244,8 +226,7 @@ class FamLM(nnx.Module):
         resets = segment_start[:, ::B]
         return resets.at[:, 0].set(False)  # column 0 is a plain row reset
 
-    def _chunk(self, state: FamState, t: int, offset, fresh: bool, resets, collect: bool,
-               measure_change: bool = False):
+    def _chunk(self, state: FamState, t: int, offset, fresh: bool, resets, collect: bool):
         """Returns (Chunk for t new tokens, position after it, is_initial after it, static aligned after it)."""
         cfg = self.cfg
         pos = state.pos
@@ -298,8 +279,7 @@ class FamLM(nnx.Module):
                       block_index=first_block[:, None] + j - begin,
                       memory_visible=ops.memory_visible(first_block, begin, m), completes=completes,
                       next_block=next_block, all_complete=all_complete, fresh=fresh, start=pos,
-                      is_initial=state.is_initial, resets=resets, collect=collect,
-                      measure_change=measure_change)
+                      is_initial=state.is_initial, resets=resets, collect=collect)
         return chunk, pos + t - begin[:, -1] * B, is_initial, all_complete
 
     def _scan_layers(self, body, carry, *xs, remat: bool = False):

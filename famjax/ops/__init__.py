@@ -10,11 +10,11 @@ from famjax.ops.blocks import (
                                take_blocks,
                                to_grid,
 )
-from famjax.ops.fam import FamNoise, fam_positions, fam_scan, fam_update
+from famjax.ops.fam import Perturbation, fam_positions, fam_scan, fam_update, norm_ratio
 from famjax.ops.rope import apply_rope, rope_angles
 
 __all__ = [
-    "FamNoise", "apply_rope", "causal_mask", "fam_positions", "fam_scan", "fam_update", "from_grid",
-    "memory_visible", "memory_windows", "num_grid_blocks", "rope_angles", "segment_attention", "segment_begin_blocks",
-    "split_blocks", "take_blocks", "to_grid",
+    "Perturbation", "apply_rope", "causal_mask", "fam_positions", "fam_scan", "fam_update", "from_grid",
+    "memory_visible", "memory_windows", "norm_ratio", "num_grid_blocks", "rope_angles", "segment_attention",
+    "segment_begin_blocks", "split_blocks", "take_blocks", "to_grid",
 ]

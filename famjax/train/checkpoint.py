@@ -1,4 +1,4 @@
-"""Checkpoints (orbax CheckpointManager) and `restore_model(path) -> (model, config)` for inference tools.
+"""The trainer's checkpoints (orbax CheckpointManager); famjax.restore reads them back for inference.
 
 Layout of a workdir:
     <workdir>/config.json                      the resolved config of the run
@@ -19,93 +19,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
-from flax import nnx
-from jax.sharding import SingleDeviceSharding
 
-from famjax.model import FamLM
-from famjax.train.config import from_json, model_config, to_json
-from famjax.train.state import TrainState, abstract_model
+from famjax.restore import CHECKPOINT_DIR, CONFIG_FILE, load_config, restore_model, to_json
+from famjax.train.state import TrainState
 
-CONFIG_FILE = "config.json"
-CHECKPOINT_DIR = "checkpoints"
+__all__ = ["CHECKPOINT_DIR", "CONFIG_FILE", "Checkpointer", "load_config", "restore_model"]
 
 _LOG = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------- restore_model (stable API)
-def find_checkpoint(path: str) -> tuple[str, int | None, str | None]:
-    """Returns (checkpoints directory, step or None for the latest, workdir config.json path or None).
-
-    path: a workdir (holding config.json and checkpoints/), its checkpoints/ directory, or one step
-    directory checkpoints/<step>.
-    """
-    path = os.path.abspath(os.path.expanduser(path))
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"no such checkpoint or workdir: {path}")
-    if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
-        cfg = os.path.join(path, CONFIG_FILE)
-        return os.path.join(path, CHECKPOINT_DIR), None, cfg if os.path.exists(cfg) else None
-    base = os.path.basename(path)
-    if base.isdigit() and os.path.isdir(os.path.join(path, "params")):
-        parent = os.path.dirname(path)
-        cfg = os.path.join(os.path.dirname(parent), CONFIG_FILE)
-        return parent, int(base), cfg if os.path.exists(cfg) else None
-    cfg = os.path.join(os.path.dirname(path), CONFIG_FILE)
-    return path, None, cfg if os.path.exists(cfg) else None
-
-
-def load_config(path: str) -> ml_collections.ConfigDict:
-    """Returns the resolved config of a workdir, checkpoints dir or step dir (config.json or config item)."""
-    ckpt_dir, step, cfg_file = find_checkpoint(path)
-    if cfg_file is not None:
-        with open(cfg_file) as f:
-            return from_json(f.read())
-    steps = [step] if step is not None else sorted(_steps(ckpt_dir), reverse=True)
-    for s in steps:
-        item = os.path.join(ckpt_dir, str(s), "config", "metadata")
-        if os.path.exists(item):
-            with open(item) as f:
-                return from_json(f.read())
-    raise FileNotFoundError(f"no {CONFIG_FILE} and no config item found for {path}")
-
-
-def restore_model(path: str, step: int | None = None) -> tuple[FamLM, ml_collections.ConfigDict]:
-    """Returns (FamLM with the restored parameters, the run's resolved config).
-
-    path: a workdir, its checkpoints/ directory, or a step directory; step: which step (default: the one in
-    the path, else the newest readable one; a corrupt newest falls back to the previous with a warning).
-    Parameters land on the default device, in the dtype they were saved in (param_dtype).
-    """
-    ckpt_dir, path_step, _ = find_checkpoint(path)
-    cfg = load_config(path)
-    graphdef, abstract, _ = abstract_model(cfg)
-    device = SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
-    want = step if step is not None else path_step
-    steps = [want] if want is not None else sorted(_steps(ckpt_dir), reverse=True)
-    if not steps:
-        raise FileNotFoundError(f"no checkpoints in {ckpt_dir}")
-    with ocp.CheckpointManager(ckpt_dir, item_names=("params",),
-                               options=ocp.CheckpointManagerOptions(read_only=True, create=False)) as mngr:
-        for i, s in enumerate(steps):
-            try:
-                out = mngr.restore(s, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
-                break
-            except Exception as e:
-                if want is not None or i == len(steps) - 1:
-                    raise
-                _LOG.warning("checkpoint step %d in %s is unreadable (%s); falling back to step %d",
-                                s, ckpt_dir, e, steps[i + 1])
-    model = nnx.merge(graphdef, out["params"])
-    if model_config(cfg) != model.cfg:  # the graphdef was built from this config; a cheap sanity check
-        raise RuntimeError("restored model config differs from the saved config")
-    return model, cfg
-
-
-def _steps(ckpt_dir: str) -> list[int]:
-    if not os.path.isdir(ckpt_dir):
-        return []
-    return [int(d) for d in os.listdir(ckpt_dir) if d.isdigit() and os.path.isdir(os.path.join(ckpt_dir, d))]
 
 
 # ---------------------------------------------------------------- the trainer's checkpoints

@@ -7,7 +7,6 @@ field, one line each, in a single ValueError.
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import os
 from types import ModuleType
@@ -15,21 +14,15 @@ from types import ModuleType
 import ml_collections
 
 import famjax.data as fd
-from famjax.model.config import ModelConfig
+from famjax.restore import FAM_MODEL_FIELDS, check_model_fields, from_json, model_config, to_json
+
+__all__ = ["check_model_fields", "from_json", "model_config", "resolve", "sibling_config", "to_json", "validate"]
 
 SECTIONS = ("model", "fam", "data", "train", "mesh", "checkpoint", "eval")
 MESH_AXES = ("data", "fsdp", "tensor")
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("cosine", "constant")
 STREAM_MODES = ("auto", "on", "off")
-# ModelConfig fields that live in the config's `fam` section (name there -> ModelConfig field); the others
-# live in `model`. Configs written before a switch existed get the ModelConfig default (the spec).
-_FAM_FIELDS = {"fam_len": "fam_len", "zero_residual": "fam_zero_residual", "positions": "fam_positions",
-               "stop_gradient": "fam_stop_gradient", "keep_norm": "fam_keep_norm",
-               "null_slot": "fam_null_slot"}
-_MODEL_FIELDS = tuple(f for f in ModelConfig.__dataclass_fields__ if f not in _FAM_FIELDS.values())
-
-
 def sibling_config(file: str, name: str) -> ModuleType:
     """Returns the config module `name`.py next to `file` (how presets import configs/default.py).
 
@@ -42,14 +35,6 @@ def sibling_config(file: str, name: str) -> ModuleType:
     return module
 
 
-def model_config(cfg: ml_collections.ConfigDict) -> ModelConfig:
-    """Returns the ModelConfig of a (resolved) config: cfg.model fields plus the FAM fields of cfg.fam."""
-    fields = {k: cfg.model[k] for k in _MODEL_FIELDS if k in cfg.model}
-    fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in fields.items()}
-    fields.update({field: cfg.fam[name] for name, field in _FAM_FIELDS.items() if name in cfg.fam})
-    return ModelConfig(**fields)
-
-
 def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Returns a copy with derived fields filled: model.vocab_size 0 -> the tokenizer's vocabulary size."""
     cfg = ml_collections.ConfigDict(cfg.to_dict())
@@ -59,27 +44,9 @@ def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return cfg
 
 
-def to_json(cfg: ml_collections.ConfigDict) -> str:
-    """Returns the config as JSON (what the trainer writes to <workdir>/config.json)."""
-    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=list)
-
-
-def from_json(text: str) -> ml_collections.ConfigDict:
-    """Returns the ConfigDict of a config.json (lists become tuples, as the presets write them)."""
-    def tuples(x):
-        if isinstance(x, dict):
-            return {k: tuples(v) for k, v in x.items()}
-        if isinstance(x, list):
-            return tuple(tuples(v) for v in x)
-        return x
-    return ml_collections.ConfigDict(tuples(json.loads(text)))
-
-
 # Training options that act on the FAM (0 = off); set on a model without FAM they are an error, not a no-op.
-# The float weights and perturbations must be >= 0; rsp_prob and pre_age have checks of their own.
-_FAM_WEIGHTS = ("norm_penalty", "noise", "drift", "change_penalty", "stretch", "age", "read_age", "read_stretch",
-                "inflate")
-_FAM_TRAINING_ONLY = ("rsp_prob", "pre_age") + _FAM_WEIGHTS
+_FAM_PERTURBATIONS = ("noise", "drift")
+_FAM_TRAINING_ONLY = ("rsp_prob",) + _FAM_PERTURBATIONS
 
 
 def validate(cfg: ml_collections.ConfigDict, *, process_count: int = 1) -> None:
@@ -94,15 +61,16 @@ def validate(cfg: ml_collections.ConfigDict, *, process_count: int = 1) -> None:
         raise ValueError("\n".join(f"config: missing section {s!r}" for s in missing))
 
     # model / fam
+    mcfg = None
     try:
+        check_model_fields(cfg)
         mcfg = model_config(cfg if int(cfg.model.vocab_size) > 0 else _with_vocab(cfg, 1))
     except (ValueError, TypeError) as e:
         for part in str(e).split("; "):
-            for name, field in _FAM_FIELDS.items():
+            for name, field in FAM_MODEL_FIELDS.items():
                 if part.startswith(field + " ") and field != name:
                     part = f"fam.{name}" + part[len(field):]
-            err(part if part.startswith("fam.") else f"model: {part}")
-        mcfg = None
+            err(part if part.startswith(("fam.", "config:")) else f"model: {part}")
     if int(cfg.model.vocab_size) < 0:
         err(f"model.vocab_size must be >= 0 (0 = the tokenizer's), got {cfg.model.vocab_size}")
     fam = cfg.fam
@@ -112,20 +80,9 @@ def validate(cfg: ml_collections.ConfigDict, *, process_count: int = 1) -> None:
         err(f"fam.rpo_zero_prob must be in [0, 1], got {fam.rpo_zero_prob}")
     if not isinstance(fam.rpo, bool):
         err(f"fam.rpo must be True or False, got {fam.rpo!r}")
-    for name in _FAM_WEIGHTS:
+    for name in _FAM_PERTURBATIONS:
         if float(fam.get(name, 0.0)) < 0:
             err(f"fam.{name} must be >= 0, got {fam[name]}")
-    if int(fam.get("pre_age", 0)) < 0 or int(fam.get("pre_age_rows", 8)) < 1:
-        err(f"fam.pre_age must be >= 0 and fam.pre_age_rows >= 1, got {fam.get('pre_age')}, "
-            f"{fam.get('pre_age_rows')}")
-    if int(fam.get("pre_age", 0)) and cfg.data.dataset != "passkey":
-        err(f"fam.pre_age ages the FAM on the PassKey filler: needs data.dataset 'passkey', got {cfg.data.dataset!r}")
-    if int(fam.get("pre_age", 0)) and (int(cfg.data.passkey.get("chain", 1)) > 1 or cfg.data.batching == "stream"):
-        err("fam.pre_age ages the first FAM of packed rows; data.passkey.chain > 1 or data.batching 'stream' "
-            "streams documents instead")
-    for name, what in (("stretch", "stretch"), ("age", "age"), ("inflate", "inflation")):
-        if float(fam.get(name, 0.0)) and fam.keep_norm:
-            err(f"fam.{name} needs fam.keep_norm off (keep_norm would undo the {what})")
     if mcfg is not None and not mcfg.num_fam:  # the step would skip them silently
         for name in _FAM_TRAINING_ONLY:
             if float(fam.get(name, 0.0)):

@@ -23,7 +23,7 @@ import famjax.data as fd
 from famjax.train import mesh as meshlib
 from famjax.train import metrics as mlib
 from famjax.train.checkpoint import CONFIG_FILE, Checkpointer
-from famjax.train.config import from_json, model_config, resolve, to_json, validate
+from famjax.train.config import check_model_fields, from_json, model_config, resolve, to_json, validate
 from famjax.train.optim import make_optimizer
 from famjax.train.state import (
     abstract_model,
@@ -52,9 +52,17 @@ class Result:
 
 
 def prepare(cfg, workdir: str):
-    """Returns the resolved, validated config (written to <workdir>/config.json by process 0)."""
+    """Returns the resolved, validated config (written to <workdir>/config.json by process 0).
+
+    A workdir whose saved config.json has a model field this famjax does not know (a removed option) is
+    refused before anything is written: its checkpoints describe another model.
+    """
     cfg = resolve(cfg)
     validate(cfg, process_count=jax.process_count())
+    saved = os.path.join(workdir, CONFIG_FILE)
+    if os.path.isfile(saved):
+        with open(saved) as f:
+            check_model_fields(from_json(f.read()), saved)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
@@ -150,8 +158,12 @@ def _merge(graphdef, params):
     return nnx.merge(graphdef, params)
 
 
-def train(cfg, workdir: str, *, do_eval: bool = False) -> Result:
-    """Trains (resuming from <workdir>/checkpoints if there are any) and returns the Result."""
+def train(cfg, workdir: str, *, do_eval: bool = False, perturb=None) -> Result:
+    """Trains (resuming from <workdir>/checkpoints if there are any) and returns the Result.
+
+    perturb: None, or a FAM perturbation function used instead of fam.noise / fam.drift (research code's
+    extension point; see famjax.train.perturb).
+    """
     cfg = prepare(cfg, workdir)
     mcfg = model_config(cfg)
     mesh = meshlib.make_mesh(cfg.mesh)
@@ -210,7 +222,7 @@ def train(cfg, workdir: str, *, do_eval: bool = False) -> Result:
             gb = meshlib.global_batch({k: batch[k] for k in TRAIN_KEYS}, rules, mesh)
             if step_fn is None:
                 batch_sh = {k: v.sharding for k, v in gb.items()}
-                step_fn = jax.jit(make_train_step(cfg, graphdef, tx, streaming=streaming),
+                step_fn = jax.jit(make_train_step(cfg, graphdef, tx, streaming=streaming, perturb=perturb),
                                   in_shardings=(shardings, batch_sh),
                                   out_shardings=(shardings, meshlib.replicated(mesh)), donate_argnums=0)
             with meshlib.activation_rules(mesh, rules):  # the model's activation constraints apply
@@ -258,9 +270,9 @@ def train(cfg, workdir: str, *, do_eval: bool = False) -> Result:
     return Result(step=step, train=last_metrics, eval=eval_metrics, logdir=writer.logdir)
 
 
-def train_and_eval(cfg, workdir: str) -> Result:
+def train_and_eval(cfg, workdir: str, *, perturb=None) -> Result:
     """Trains with an evaluation every eval.every_steps and at the end."""
-    return train(cfg, workdir, do_eval=True)
+    return train(cfg, workdir, do_eval=True, perturb=perturb)
 
 
 def evaluate(cfg, workdir: str) -> Result:

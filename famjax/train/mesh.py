@@ -1,6 +1,6 @@
 """The device mesh (data, fsdp, tensor) and logical-axis rules -> shardings of params, batches and state.
 
-Parameters carry logical axis names ("vocab", "embed", "q_heads", ...; see famjax/model/layers.py); the
+Parameters carry logical axis names ("vocab", "embed", "q_heads", ...; see famjax/model/modules.py); the
 config's `mesh.rules` maps each name to a mesh axis, a tuple of axes, or None (replicated). Batches are
 sharded on their leading "batch" axis. The block axis of the FAM recurrence is sequential (each block's FAM
 depends on the previous one) and is never sharded; rows of the batch are the only data parallelism.

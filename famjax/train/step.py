@@ -11,14 +11,14 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from famjax import ops
 from famjax.model import FamState
+from famjax.train import perturb as perturblib
 from famjax.train.config import model_config, rope_offset_range
 from famjax.train.optim import schedule
 from famjax.train.state import TrainState
 
-# Random streams per step: fold_in(fold_in(rng, step), purpose).
-_RPO, _RSP, _NOISE, _STRETCH, _DRIFT, _AGE, _READ_AGE, _READ_STRETCH, _PRE_AGE, _INFLATE = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
+# Random streams per step: fold_in(fold_in(rng, step), purpose); famjax.train.perturb uses 3 and 5.
+_RPO, _RSP = 1, 2
 
 
 def cross_entropy(logits, targets, mask, z_loss: float = 0.0):
@@ -36,7 +36,8 @@ def cross_entropy(logits, targets, mask, z_loss: float = 0.0):
 
 
 def position_offsets(key, rows: int, cfg) -> jax.Array:
-    """Returns int32 [rows]: the spec's random position offset, uniform in [0, 2 pi rope_base), 0 w.p. p0."""
+    """Returns int32 [rows]: the random position offset (RPO, docs/fam.md), uniform in [0, 2 pi rope_base),
+    0 with probability fam.rpo_zero_prob."""
     k1, k2 = jax.random.split(key)
     off = jax.random.randint(k1, (rows,), 0, rope_offset_range(cfg), jnp.int32)
     keep = jax.random.uniform(k2, (rows,)) >= float(cfg.fam.rpo_zero_prob)
@@ -61,16 +62,14 @@ def passkey_exact(pred, targets, answer_mask, segment_start, block_size: int):
     return jnp.sum(any_answer & ~any_wrong), jnp.sum(any_answer)
 
 
-def _forward(graphdef, params, batch, state: FamState, offset, noise, *, streaming: bool, change: bool = False):
-    """Returns (logits, state after[, FAM change [L, b, nb]]) of one chunk of rows; noise: fam_noise of the
-    model call (or None); change: also return the model's fam_change."""
+def _forward(graphdef, params, batch, state: FamState, offset, perturb, *, streaming: bool):
+    """Returns (logits, state after) of one chunk of rows; perturb: the model call's fam_perturb (or None)."""
     model = nnx.merge(graphdef, params)
     ss = batch["segment_start"]
     if not streaming:
         # The row's first example starts from `state` (fresh, or the RSP FAM); later ones restart there.
         ss = ss.at[:, 0].set(False) if ss.ndim == 2 else None
-    return model(batch["tokens"], state, segment_start=ss, position_offset=offset, fam_noise=noise,
-                 fam_change=change)
+    return model(batch["tokens"], state, segment_start=ss, position_offset=offset, fam_perturb=perturb)
 
 
 def _rows(tree, k: int, axis_of):
@@ -104,50 +103,6 @@ def _merge_state(stacked: FamState) -> FamState:
     return jax.tree.map(lambda x, a: _unrows(x, lambda _: a), stacked, axes)
 
 
-def draw_fam_noise(key, shape, *, noise: float, stretch: float, drift: float, age: float = 0.0,
-                   read_age: float = 0.0, read_stretch: float = 0.0, inflate: float = 0.0) -> ops.FamNoise | None:
-    """The training-time FAM perturbations of one step (fam.noise / .stretch / .drift / .age / .read_age /
-    .read_stretch / .inflate), or None if all 0.
-
-    shape: (L, rows, blocks, F, d). eps [L, rows, blocks, F, d] (relative to each FAM row's RMS) is fresh
-    N(0, noise^2) noise per block plus, with drift, one N(0, drift^2) direction per layer, row and FAM row that
-    is the same after every block; stretch [L, rows, blocks] is one U(0, stretch) factor per row, for all its
-    layers and blocks (the row ages that much faster); age [L, rows, blocks] likewise one U(0, age) factor per
-    row (the row moves that much further along the batch's shared update); read_age and read_stretch likewise,
-    for what the row's tokens read only; inflate likewise (the row's FAM grows by that factor after every
-    update).
-    """
-    if not (noise or stretch or drift or age or read_age or read_stretch or inflate):
-        return None
-    eps = noise * jax.random.normal(jax.random.fold_in(key, _NOISE), shape, jnp.float32) if noise else None
-    if drift:
-        one = shape[:2] + (1,) + shape[3:]
-        d = drift * jax.random.normal(jax.random.fold_in(key, _DRIFT), one, jnp.float32)
-        eps = jnp.broadcast_to(d, shape) if eps is None else eps + d
-
-    def per_row(scale, salt):
-        if not scale:
-            return None
-        row = scale * jax.random.uniform(jax.random.fold_in(key, salt), (shape[1],))
-        return jnp.broadcast_to(row[None, :, None], shape[:3])
-
-    return ops.FamNoise(eps=eps, stretch=per_row(stretch, _STRETCH), age=per_row(age, _AGE),
-                        read_age=per_row(read_age, _READ_AGE), read_stretch=per_row(read_stretch, _READ_STRETCH),
-                        inflate=per_row(inflate, _INFLATE))
-
-
-def pre_aged_fam(model, filler, ages, block_size: int):
-    """Returns the FAM [L, A, F, d] of rows that read ages [A] blocks of filler from the initial FAM.
-
-    filler: int [A, T] (T a multiple of block_size); row a reads its last ages[a] blocks (a new segment starts
-    there). Rows with age 0 read all T tokens: callers keep the initial FAM for them.
-    """
-    a, t = filler.shape
-    start = t - ages * block_size
-    _, state = model(filler, model.init_state(a), segment_start=jnp.arange(t)[None, :] == start[:, None])
-    return state.layers.fam
-
-
 def _seed_rows(state: FamState, fam, use) -> FamState:
     """Returns state with the rows where use [b] is True starting from fam [L, b, F, d] (a FAM that carries
     context: the normal residual on its first update) instead of their own."""
@@ -155,52 +110,36 @@ def _seed_rows(state: FamState, fam, use) -> FamState:
     return state.replace(layers=state.layers.replace(fam=fam), is_initial=state.is_initial & ~use)
 
 
-def _pre_age_filler(cfg, blocks: int):
-    """Returns int32 [blocks x B] of PassKey filler in the run's tokenizer (fam.pre_age), or None."""
-    if not blocks:
-        return None
-    from famjax.data import make_tokenizer, passkey
-    return jnp.asarray(passkey.filler_ids(make_tokenizer(cfg.data), blocks * model_config(cfg).block_size))
-
-
-def make_train_step(cfg, graphdef, tx: optax.GradientTransformation, *, streaming: bool):
+def make_train_step(cfg, graphdef, tx: optax.GradientTransformation, *, streaming: bool, perturb=None):
     """Returns train_step(state, batch) -> (state, metrics); jit it with shardings and donation.
 
     Per step: the rows start from the carried stream state (streaming) or from fresh states, of which all
-    start from the saved final FAM with probability fam.rsp_prob (random state passing; stop-gradient) and,
-    with fam.pre_age, from FAMs aged on key-free filler (stop-gradient);
+    start from the saved final FAM with probability fam.rsp_prob (random state passing; stop-gradient);
     every row gets its random position offset (fam.rpo); the micro-batches' gradients of the loss
     sum(CE * mask) / sum(mask) over the whole batch are summed, so accumulation changes nothing but memory.
+    perturb: None (the config's fam.noise / fam.drift, if any) or a perturbation function
+    (key, (L, rows, blocks, F, d)) -> ops.Perturbation | None applied to every new FAM instead (FAM models
+    only; the config's noise and drift must then be 0; see famjax.train.perturb).
     """
     mcfg = model_config(cfg)
     k = int(cfg.train.grad_accum_steps)
     z_loss = float(cfg.train.z_loss)
     rsp_p = float(cfg.fam.rsp_prob) if mcfg.num_fam else 0.0
     rpo = bool(cfg.fam.rpo)
-    norm_penalty = float(cfg.fam.get("norm_penalty", 0.0)) if mcfg.num_fam else 0.0
-    fam_on = mcfg.num_fam and mcfg.attention == "fam"
-    # draw_fam_noise's switches (fam.noise, .stretch, ...), 0 = off
-    perturb = {name: float(cfg.fam.get(name, 0.0)) if fam_on else 0.0
-               for name in ("noise", "stretch", "drift", "age", "read_age", "read_stretch", "inflate")}
-    change_penalty = float(cfg.fam.get("change_penalty", 0.0)) if fam_on else 0.0
-    pre_age = int(cfg.fam.get("pre_age", 0)) if fam_on else 0
-    age_rows = int(cfg.fam.get("pre_age_rows", 8))
-    age_filler = _pre_age_filler(cfg, pre_age)
+    perturb_fn = perturblib.from_config(cfg)
+    if perturb is not None:
+        if perturb_fn is not None:
+            raise ValueError("a perturb function replaces fam.noise / fam.drift: set them to 0 or pass none")
+        perturb_fn = perturb
+    if perturb_fn is not None and not mcfg.num_fam:
+        raise ValueError(f"a FAM perturbation needs a FAM model, got attention {mcfg.attention!r} with "
+                         f"fam_len {mcfg.fam_len}")
     lr_fn = schedule(cfg.train)
 
-    def micro_loss(params, batch, state0, offset, noise, denom, rows):
-        out = _forward(graphdef, params, batch, state0, offset, noise, streaming=streaming,
-                       change=bool(change_penalty))
-        logits, state = out[:2]
+    def micro_loss(params, batch, state0, offset, fam_perturb, denom):
+        logits, state = _forward(graphdef, params, batch, state0, offset, fam_perturb, streaming=streaming)
         ce, zl, _, correct, count = cross_entropy(logits, batch["targets"], batch["loss_mask"], z_loss)
-        # fam.norm_penalty: mean(FAM^2) of each row's final FAM [L, b, F, d], averaged over the whole batch.
-        pen = (norm_penalty * jnp.sum(jnp.mean(jnp.square(state.layers.fam), axis=(0, 2, 3))) / rows
-               if norm_penalty else jnp.zeros(()))
-        # fam.change_penalty: each row's mean relative change of its FAM updates [L, b, nb] (writes from the
-        # initial FAM count 0), averaged over the whole batch.
-        change = jnp.sum(jnp.mean(out[2], axis=(0, 2))) / rows if change_penalty else jnp.zeros(())
-        pen = pen + change_penalty * change
-        return (ce + zl) / denom + pen, (ce, zl, pen, change, correct, count, state)
+        return (ce + zl) / denom, (ce, zl, correct, count, state)
 
     grad_fn = jax.grad(micro_loss, has_aux=True)
 
@@ -223,36 +162,32 @@ def make_train_step(cfg, graphdef, tx: optax.GradientTransformation, *, streamin
                 saved = jax.lax.stop_gradient(ts.rsp_fam)[:, None]
                 state0 = _seed_rows(state0, jnp.broadcast_to(saved, state0.layers.fam.shape),
                                     jnp.broadcast_to(use_rsp, (rows,)))
-            if pre_age:  # fam.pre_age: start row r from filler row r % age_rows, aged U{0..pre_age} blocks
-                ages = jax.random.randint(jax.random.fold_in(key, _PRE_AGE), (age_rows,), 0, pre_age + 1)
-                frozen = nnx.merge(graphdef, jax.lax.stop_gradient(ts.params))
-                aged = pre_aged_fam(frozen, jnp.broadcast_to(age_filler, (age_rows, age_filler.size)), ages,
-                                    mcfg.block_size)
-                pick = jnp.arange(rows) % age_rows
-                state0 = _seed_rows(state0, aged[:, pick], (ages > 0)[pick])
         denom = jnp.maximum(jnp.sum(batch["loss_mask"]), 1e-9)
         micro_batch = {key_: v for key_, v in batch.items() if key_ in
                        ("tokens", "targets", "loss_mask", "segment_start")}
         if offset is None:
             offset = jnp.zeros((rows,), jnp.int32)
-        shape = (mcfg.num_layers, rows, batch["tokens"].shape[1] // mcfg.block_size, mcfg.num_fam, mcfg.d_model)
-        noise = draw_fam_noise(key, shape, **perturb)
+        fam_perturb = None
+        if perturb_fn is not None:
+            shape = (mcfg.num_layers, rows, batch["tokens"].shape[1] // mcfg.block_size, mcfg.num_fam,
+                     mcfg.d_model)
+            fam_perturb = perturb_fn(key, shape)
 
         if k == 1:
-            grads, (ce, zl, pen, change, correct, count, state) = grad_fn(ts.params, micro_batch, state0, offset,
-                                                                           noise, denom, rows)
+            grads, (ce, zl, correct, count, state) = grad_fn(ts.params, micro_batch, state0, offset, fam_perturb,
+                                                             denom)
         else:
             xs = (_rows(micro_batch, k, lambda _: 0), _split_state(state0, k), _rows(offset, k, lambda _: 0),
-                  _rows(noise, k, lambda _: 1))
+                  _rows(fam_perturb, k, lambda _: 1))
 
             def body(acc, x):
-                mb, st, off, nz = x
-                g, aux = grad_fn(ts.params, mb, st, off, nz, denom, rows)
+                mb, st, off, fp = x
+                g, aux = grad_fn(ts.params, mb, st, off, fp, denom)
                 return jax.tree.map(jnp.add, acc, g), aux
 
             zero = jax.tree.map(jnp.zeros_like, ts.params)
-            grads, (ce, zl, pen, change, correct, count, states) = jax.lax.scan(body, zero, xs)
-            ce, zl, pen, change, correct, count = (a.sum() for a in (ce, zl, pen, change, correct, count))
+            grads, (ce, zl, correct, count, states) = jax.lax.scan(body, zero, xs)
+            ce, zl, correct, count = (a.sum() for a in (ce, zl, correct, count))
             state = _merge_state(states)
 
         updates, opt_state = tx.update(grads, ts.opt_state, ts.params)
@@ -263,7 +198,7 @@ def make_train_step(cfg, graphdef, tx: optax.GradientTransformation, *, streamin
         if streaming:
             new = new.replace(stream=jax.lax.stop_gradient(state), stream_offset=offset)
         metrics = {
-            "loss": ce / denom, "z_loss": zl / denom, "fam_penalty": pen, "fam_change": change,
+            "loss": ce / denom, "z_loss": zl / denom,
             "accuracy": correct / jnp.maximum(count, 1),
             "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params),
             "lr": lr_fn(ts.step), "rsp_used": use_rsp.astype(jnp.float32),

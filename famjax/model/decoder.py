@@ -1,8 +1,9 @@
 """One decoder layer serving full, BSWA and FAM attention from a single code path.
 
-The layer works on the block-aligned grid of a chunk (famjax.ops.blocks). Per layer (spec section 8):
-project Q/K/V of every slot at once; run the FAM recurrence over blocks carrying only the F rows; attend all
-blocks in parallel over [memory blocks, previous FAM, own block causal]; apply the FFN to every slot at once.
+The layer works on the block-aligned grid of a chunk (famjax.ops.blocks). Per layer (docs/fam.md, "How the
+code computes it"): project Q/K/V of every slot at once; run the FAM recurrence over blocks carrying only the
+F rows; attend all blocks in parallel over [memory blocks, previous FAM, own block causal]; apply the FFN to
+every slot at once.
 Full attention is the same path with one block per chunk whose memory is a linear KV cache.
 """
 import dataclasses
@@ -13,7 +14,7 @@ from flax import nnx
 
 from famjax import ops
 from famjax.model.config import ModelConfig
-from famjax.model.layers import MLP, AttentionProjections, Norm
+from famjax.model.modules import MLP, AttentionProjections, Norm
 from famjax.model.sharding import constrain
 from famjax.model.state import LayerCache
 
@@ -35,7 +36,6 @@ class Chunk:
     is_initial: bool [b] the row's FAM is the learned initial FAM (its first update gets no residual);
     resets: None or bool [b, nb], a new segment (packed example) starts at the grid block;
     collect: static, also return per-block diagnostics (model.inspect);
-    measure_change: static, also return each FAM update's relative change (training's fam.change_penalty);
     compact: static, the chunk fits in one grid block (decode, short chunks): queries, projections and FFN
         run on the T new tokens only and only keys/values are placed on the block, so decoding one token
         costs one token, not a block;
@@ -56,7 +56,6 @@ class Chunk:
     is_initial: jax.Array
     resets: object = None
     collect: bool = False
-    measure_change: bool = False
     compact: bool = False
     own_mask: object = None
 
@@ -99,12 +98,11 @@ class DecoderLayer(nnx.Module):
         a = fam + self.attn.out(heads).astype(jnp.float32)
         return a + self.ffn(a).astype(jnp.float32)
 
-    def __call__(self, x, cache: LayerCache, chunk: Chunk, initial_fam=None, fam_noise=None):
+    def __call__(self, x, cache: LayerCache, chunk: Chunk, initial_fam=None, perturb=None):
         """Returns (layer output [b, G, d], (cache after the chunk, diagnostics or None)).
 
         x: grid input [b, G, d]; initial_fam: this layer's initial FAM [F, d], needed for chunk.resets;
-        fam_noise: None, [b, nb, F, d] relative noise added to the FAM after each block, or an ops.FamNoise of
-            this layer (training only; see ops.fam_scan).
+        perturb: None or this layer's ops.Perturbation of every new FAM (training only; see ops.fam_scan).
         """
         cfg = self.cfg
         h = self.norm1(x, cfg.compute_dtype)
@@ -114,7 +112,7 @@ class DecoderLayer(nnx.Module):
         if cfg.attention == "full":
             heads, cache = self._full_attention(q, k, v, cache, chunk)
         else:
-            heads, cache, diagnostics = self._block_attention(q, k, v, cache, chunk, initial_fam, fam_noise)
+            heads, cache, diagnostics = self._block_attention(q, k, v, cache, chunk, initial_fam, perturb)
         a = x + self.attn.out(heads).astype(x.dtype)
         return constrain(a + self.ffn(a).astype(x.dtype), "batch", None, "embed"), (cache, diagnostics)
 
@@ -134,7 +132,7 @@ class DecoderLayer(nnx.Module):
                 buffer, new[:, None].astype(buffer.dtype), chunk.start)
         return heads, cache.replace(mem_k=write(cache.mem_k, k), mem_v=write(cache.mem_v, v))
 
-    def _block_attention(self, q, k, v, cache, chunk, initial_fam, fam_noise=None):
+    def _block_attention(self, q, k, v, cache, chunk, initial_fam, perturb=None):
         """BSWA (+ FAM) attention of every grid block in parallel; returns (heads [b, G, H, hd], cache,
         diagnostics or None)."""
         cfg = self.cfg
@@ -155,16 +153,14 @@ class DecoderLayer(nnx.Module):
                                                      ops.memory_windows(ext_v, m, nb)))]
         fam_state, diagnostics = (cache.fam, cache.fam_k, cache.fam_v), None
         if cfg.num_fam:
-            fam_state, fam_read, fam_aux = self._fam_scan(cache, kb, vb, chunk, initial_fam, fam_noise)
+            fam_state, fam_read, fam_aux = self._fam_scan(cache, kb, vb, chunk, initial_fam, perturb)
             segments.append((*fam_read, None))
         segments.append((kb, vb, chunk.own_mask))
         heads = ops.segment_attention(qb, segments, return_probs=chunk.collect)
         if chunk.collect:
             heads, probs = heads
             fam_mass = probs[..., m * B:m * B + cfg.num_fam].sum(-1)  # [b, nb, H, B]
-            diagnostics = dict(token_fam_mass=jnp.swapaxes(fam_mass, 2, 3))
-        if cfg.num_fam and (chunk.collect or chunk.measure_change):
-            diagnostics = dict(diagnostics or {}, **fam_aux)
+            diagnostics = dict(token_fam_mass=jnp.swapaxes(fam_mass, 2, 3), **(fam_aux if cfg.num_fam else {}))
         heads = heads.reshape(q.shape)
 
         if isinstance(chunk.next_block, int):  # aligned chunk of whole blocks: static slices
@@ -178,9 +174,9 @@ class DecoderLayer(nnx.Module):
         return heads, cache.replace(mem_k=mem_k, mem_v=mem_v, cur_k=cur_k, cur_v=cur_v,
                                     fam=fam, fam_k=fam_k, fam_v=fam_v), diagnostics
 
-    def _fam_scan(self, cache, kb, vb, chunk, initial_fam, noise=None):
+    def _fam_scan(self, cache, kb, vb, chunk, initial_fam, perturb=None):
         """FAM recurrence over the grid blocks; returns ((fam, fam_k, fam_v) after, FAM K/V each block read,
-        diagnostics: ops.fam_scan's aux, {} unless chunk.collect / chunk.measure_change)."""
+        diagnostics: ops.fam_scan's aux, {} unless chunk.collect)."""
         cfg = self.cfg
         dtype, offset = cfg.compute_dtype, chunk.offset
 
@@ -191,8 +187,7 @@ class DecoderLayer(nnx.Module):
                 return self.attn.query(self.norm1(s, dtype), prev_positions)
             return ops.fam_update(fam, is_initial, fam_k, fam_v, k, v, query_fn=query_fn, out_fn=self.attn.out,
                                   ffn_fn=self.ffn, return_probs=chunk.collect,
-                                  zero_residual=cfg.fam_zero_residual, keep_norm=cfg.fam_keep_norm,
-                                  null_slot=cfg.fam_null_slot)
+                                  zero_residual=cfg.fam_zero_residual, keep_norm=cfg.fam_keep_norm)
 
         def kv_fn(fam, index):
             return self.fam_key_value(fam, index, offset)
@@ -206,6 +201,5 @@ class DecoderLayer(nnx.Module):
         (fam, _, fam_k, fam_v), read, aux = ops.fam_scan(
             carry, kb, vb, chunk.completes, chunk.block_index, update_fn=update_fn, kv_fn=kv_fn,
             all_complete=chunk.all_complete, resets=chunk.resets, initial=initial, collect=chunk.collect,
-            stop_gradient=cfg.fam_stop_gradient, noise=noise, keep_norm=cfg.fam_keep_norm,
-            measure_change=chunk.measure_change)
+            stop_gradient=cfg.fam_stop_gradient, perturb=perturb)
         return (fam, fam_k, fam_v), read, aux

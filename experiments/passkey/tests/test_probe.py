@@ -1,12 +1,8 @@
-"""The linear probe of experiments/passkey/fam_probe.py reads a planted key and only that."""
-import os
-import sys
-
+"""The linear probe of fam_probe reads a planted key and only that; fam_oracle's streamer equals one call and its
+edits act only on the FAM."""
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
-                                "passkey"))
-import fam_probe  # noqa: E402
+from experiments.passkey import fam_oracle, fam_probe
 
 
 def _data(n, dims, signal, seed):
@@ -27,16 +23,24 @@ def test_probe_reads_a_linearly_written_key_and_not_noise():
     assert fam_probe.digit_accuracy(fam_probe.predict(probe, xn[500:]), ln[500:], 10) < 0.2
 
 
+def _model():
+    from flax import nnx
+
+    import famjax
+
+    cfg = famjax.ModelConfig(vocab_size=37, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=48,
+                             attention="fam", block_size=4, memory_blocks=0, fam_len=3)
+    return famjax.FamLM(cfg, rngs=nnx.Rngs(0)), cfg
+
+
 def test_oracle_streams_like_one_call_and_its_edits_act_only_on_the_fam():
     """fam_oracle.Streamer: block by block equals one call (spec 7); an edit toward the batch's own statistics
     changes nothing, toward another batch's it changes the predictions (so the edits reach the model); so does a
     scaled FAM, and a scale of 1 does not."""
-    import fam_oracle
-    from model_utils import make_model, random_tokens
-
-    model, cfg, _ = make_model(seed=0, attention="fam", block_size=4, memory_blocks=0, fam_len=3)
-    seq = random_tokens(1, 26, cfg.vocab_size, seed=1)
-    other = random_tokens(1, 26, cfg.vocab_size, seed=2)
+    model, cfg = _model()
+    rng = np.random.default_rng(1)
+    seq = rng.integers(0, cfg.vocab_size, (1, 26)).astype(np.int32)
+    other = rng.integers(0, cfg.vocab_size, (1, 26)).astype(np.int32)
     run = fam_oracle.Streamer(model)
     logits, _ = model(seq)
     pred, stats = run(seq, tail=18)  # 8 tokens in one call, then 4 + 4 + 4 + 4 + 2
@@ -53,3 +57,7 @@ def test_oracle_streams_like_one_call_and_its_edits_act_only_on_the_fam():
     assert np.any(run(seq, 18, scale=(1, 50.0))[0] != pred)  # a larger FAM weighs the later writes less
     hits = fam_oracle.digit_hits(pred, pred[:, -3:])
     assert hits.shape == (1, 3) and hits.all()
+    assert fam_oracle.exact(pred, pred[:, -3:]) == 1.0
+    wrong = pred[:, -3:].copy()
+    wrong[0, 1] += 1
+    assert fam_oracle.exact(pred, wrong) == 0.0
