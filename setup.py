@@ -25,11 +25,14 @@ setup(
         "tokenizers",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-xdist", "ruff"],
+        # `make test` installs dev: it runs the Hugging Face and GGUF conversion tests, so it includes hf (and
+        # accelerate, which transformers needs to load a GGUF; the SmolLM2 GGUF comes from the Makefile).
+        "dev": ["pytest>=8", "pytest-xdist", "ruff", "torch==2.13.0", "transformers>=5", "safetensors", "gguf",
+                "accelerate"],
         # tfrecord-format catalog datasets through tfds.load.
         "tf": ["tensorflow-cpu"],
         # Loading Hugging Face checkpoints for retrofitting, and parity tests.
-        "hf": ["transformers", "safetensors"],
+        "hf": ["torch==2.13.0", "transformers>=5", "safetensors", "gguf"],
         # PyTorch peer in benchmarks/ (the CPU wheel of this version ships on the dev machines).
         "bench": ["torch==2.13.0", "transformers"],
         "notebooks": ["jupyter"],

@@ -12,6 +12,10 @@ Conventions (0-based blocks t = 0, 1, ...; block t holds tokens t*B .. (t+1)*B -
     - token at index p has RoPE position p + offset[b];
     - S_t (FAM after complete block t) has positions (t+1)*B - F + f, f = 0..F-1 (+ offset[b]);
     - the initial FAM S_0^l ("S_{-1}" in 0-based block counting) has positions -F..-1 (+ offset[b]).
+Options of pretrained families, read with getattr and defaults (off): qkv_bias (q/k/v biases before RoPE),
+norm_offset (norms multiply by norm_offset + scale), post_norms (Gemma 2 sandwich norms on the attention and
+FFN outputs, FAM rows included), attn_softcap (scores c tanh(s / c) before the softmax), final_softcap
+(logits c tanh(logits / c)), query_scale (score scale; None = hd ** -0.5).
 Everything is computed one batch row at a time, one layer at a time, one block at a time and
 (for the block tokens) one query token at a time, with an explicit list of keys per query.
 """
@@ -26,7 +30,7 @@ import numpy as np
 def _norm(x, p, cfg):
     """x: [N, d]. RMSNorm or LayerNorm over the last axis."""
     eps = float(cfg.norm_eps)
-    scale = np.asarray(p["scale"], np.float64)
+    scale = np.asarray(p["scale"], np.float64) + float(getattr(cfg, "norm_offset", 0.0))
     if cfg.norm == "rms":
         ms = np.mean(x * x, axis=-1, keepdims=True)
         return x / np.sqrt(ms + eps) * scale
@@ -77,6 +81,8 @@ def _qkv(xn, positions, lp, cfg):
     q = np.einsum("nd,dhk->nhk", xn, lp["q"])
     k = np.einsum("nd,dhk->nhk", xn, lp["k"])
     v = np.einsum("nd,dhk->nhk", xn, lp["v"])
+    if getattr(cfg, "qkv_bias", False):  # biases before RoPE (Qwen2)
+        q, k, v = q + lp["q_bias"], k + lp["k_bias"], v + lp["v_bias"]
     q = _rope(q, positions, cfg.rope_base)
     k = _rope(k, positions, cfg.rope_base)
     return q, k, v
@@ -88,16 +94,28 @@ def _attend(q, k, v, lp, cfg):
     The caller passes exactly the keys each query may see (no mask here)."""
     H, KV, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     group = H // KV
+    scale = getattr(cfg, "query_scale", None)
+    cap = float(getattr(cfg, "attn_softcap", 0.0))
     out = np.zeros((q.shape[0], H, hd), np.float64)
     for h in range(H):
         kh = k[:, h // group, :]  # [Nk, hd]
         vh = v[:, h // group, :]
-        scores = q[:, h, :] @ kh.T / math.sqrt(hd)  # [Nq, Nk]
+        scores = q[:, h, :] @ kh.T  # [Nq, Nk]
+        scores = scores / math.sqrt(hd) if scale is None else scores * float(scale)
+        if cap:
+            scores = cap * np.tanh(scores / cap)
         scores = scores - scores.max(axis=-1, keepdims=True)
         w = np.exp(scores)
         w = w / w.sum(axis=-1, keepdims=True)
         out[:, h, :] = w @ vh
-    return np.einsum("nhk,hkd->nd", out, lp["o"])
+    out = np.einsum("nhk,hkd->nd", out, lp["o"])
+    return _norm(out, lp["norm_post_attn"], cfg) if getattr(cfg, "post_norms", False) else out
+
+
+def _ffn(a, lp, cfg):
+    """FFN(Norm2(a)) [N, d], normed again with post_norms (Gemma 2)."""
+    out = _mlp(_norm(a, lp["norm2"], cfg), lp["mlp"], cfg)
+    return _norm(out, lp["norm_post_ffn"], cfg) if getattr(cfg, "post_norms", False) else out
 
 
 def _fam_positions(t, cfg, F, offset):
@@ -141,7 +159,7 @@ def _initial_fams(params, cfg, offset):
         sn = _norm(s, lp["norm1"], cfg)
         q, k, v = _qkv(sn, positions, lp, cfg)
         a = _attend(q, k, v, lp, cfg) + s
-        s = _mlp(_norm(a, lp["norm2"], cfg), lp["mlp"], cfg) + a
+        s = _ffn(a, lp, cfg) + a
     return out
 
 
@@ -195,7 +213,7 @@ def _layer_row(x, s0, lp, cfg, offset):
             af = _attend(qf, keys, vals, lp, cfg)
             if not s_is_initial or not getattr(cfg, "fam_zero_residual", True):  # ablation: always a residual
                 af = af + s
-            new = _mlp(_norm(af, lp["norm2"], cfg), lp["mlp"], cfg) + af
+            new = _ffn(af, lp, cfg) + af
             if getattr(cfg, "fam_keep_norm", False):  # variant: every row keeps its previous norm
                 new = new * (np.linalg.norm(s, axis=-1, keepdims=True) / np.linalg.norm(new, axis=-1, keepdims=True))
             s = new
@@ -206,7 +224,7 @@ def _layer_row(x, s0, lp, cfg, offset):
 
 def _finish(x, attn_out, lp, cfg):
     a = attn_out + x
-    return _mlp(_norm(a, lp["norm2"], cfg), lp["mlp"], cfg) + a
+    return _ffn(a, lp, cfg) + a
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,6 +262,9 @@ def reference_forward(params, cfg, tokens, position_offset=None):
             logits[b] = hn @ embed.T
         else:
             logits[b] = hn @ np.asarray(params["lm_head"], np.float64)
+        cap = float(getattr(cfg, "final_softcap", 0.0))
+        if cap:
+            logits[b] = cap * np.tanh(logits[b] / cap)
     return logits, fams
 
 
@@ -269,8 +290,10 @@ def random_params(cfg, seed=0):
     def n(*shape, scale):
         return rng.normal(size=shape) * scale
 
+    offset = float(getattr(cfg, "norm_offset", 0.0))
+
     def norm_p():
-        p = {"scale": 1.0 + n(d, scale=0.1)}
+        p = {"scale": 1.0 - offset + n(d, scale=0.1)}  # the norm multiplies by about 1 whatever the offset
         if cfg.norm == "layer":
             p["bias"] = n(d, scale=0.1)
         return p
@@ -298,4 +321,16 @@ def random_params(cfg, seed=0):
         params["lm_head"] = n(d, V, scale=0.2)
     # drawn last, so configs that differ only in fam_len/attention share all other weights
     params["fam_init"] = n(F, d, scale=0.2)
+    # The options' extra weights come from their own generator, so the weights above do not depend on them.
+    extra = np.random.default_rng([seed, 1])
+    for lp in layers:
+        if getattr(cfg, "qkv_bias", False):
+            lp["q_bias"] = extra.normal(size=(H, hd)) * 0.3
+            lp["k_bias"] = extra.normal(size=(KV, hd)) * 0.3
+            lp["v_bias"] = extra.normal(size=(KV, hd)) * 0.3
+        if getattr(cfg, "post_norms", False):
+            for name in ("norm_post_attn", "norm_post_ffn"):
+                lp[name] = {"scale": 1.0 - offset + extra.normal(size=d) * 0.1}
+                if cfg.norm == "layer":
+                    lp[name]["bias"] = extra.normal(size=d) * 0.1
     return params

@@ -27,7 +27,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.prefetch_batches = 2  # batches assembled ahead in a background thread (0: none)
 
     c.tokenizer = ml_collections.ConfigDict()
-    c.tokenizer.kind = "byte"  # byte (no file), word, sentencepiece, or hf (tokenizer.json)
+    c.tokenizer.kind = "byte"  # byte (no file), word, sentencepiece, hf (tokenizer.json), gguf (a .gguf's vocabulary)
     c.tokenizer.path = ""  # model / vocabulary file; word without a path uses the PassKey vocabulary
     c.tokenizer.bos_token = ""  # hf only: name of the bos token if it is not a common one
     c.tokenizer.eos_token = ""  # hf only: name of the eos token if it is not a common one
@@ -73,7 +73,7 @@ def validate(cfg: ml_collections.ConfigDict, *, process_count: int | None = None
     _choice("tokenizer.kind", cfg.tokenizer.kind, TOKENIZER_KINDS)
     if not cfg.data_dir:
         raise ValueError("data.data_dir is required (where datasets are prepared or cached)")
-    if cfg.tokenizer.kind in ("sentencepiece", "hf") and not cfg.tokenizer.path:
+    if cfg.tokenizer.kind in ("sentencepiece", "hf", "gguf") and not cfg.tokenizer.path:
         raise ValueError(f"data.tokenizer.path is required for tokenizer.kind={cfg.tokenizer.kind!r}")
     for field in ("seq_len", "batch_size"):
         if int(cfg[field]) <= 0:

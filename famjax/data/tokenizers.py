@@ -1,4 +1,4 @@
-"""Tokenizers behind one small interface: byte-level, word-level, SentencePiece, Hugging Face.
+"""Tokenizers behind one small interface: byte-level, word-level, SentencePiece, Hugging Face, GGUF vocabulary.
 
 Every tokenizer has `encode(text) -> np.int32 [n]`, `decode(ids) -> str`, `vocab_size`, the special ids
 `pad_id`, `bos_id`, `eos_id` (`bos_id`/`eos_id` may be None where a model file has none), and a `fingerprint`
@@ -18,7 +18,7 @@ import numpy as np
 
 from famjax.data.passkey_text import template_texts
 
-TOKENIZER_KINDS = ("byte", "word", "sentencepiece", "hf")
+TOKENIZER_KINDS = ("byte", "word", "sentencepiece", "hf", "gguf")
 
 
 class Tokenizer(Protocol):
@@ -247,6 +247,204 @@ class HFTokenizer:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
+# llama.cpp's pre-tokenizer of a byte-level vocabulary (`tokenizer.ggml.pre`) -> how to split text before BPE,
+# as in llama.cpp's llama-vocab.cpp: "gpt2": GPT-2's regex; "digits": every digit alone first, then GPT-2's
+# regex (StarCoder-style vocabularies: SmolLM); "llama3": Llama 3's regex (BPE ignoring merges, as its
+# tokenizer.json does).
+_GGUF_PRE = {
+    "default": "gpt2", "gpt2": "gpt2", "mpt": "gpt2", "olmo": "gpt2",
+    "smollm": "digits", "starcoder": "digits", "refact": "digits", "command-r": "digits", "codeshell": "digits",
+    "llama3": "llama3", "llama-v3": "llama3", "llama-bpe": "llama3", "smaug-bpe": "llama3",
+}
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
+
+
+def _byte_level_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (the spelling of byte-level BPE vocabularies)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _gguf_byte_level_bpe(tokens, types, merges, pre: str):
+    """Returns the `tokenizers.Tokenizer` of a GGUF byte-level BPE vocabulary (tokenizer.ggml.model "gpt2")."""
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as _HF
+
+    spelling = _byte_level_alphabet()
+    alphabet = set(spelling.values())
+    # Tokens are stored in the byte-level spelling; respell any that is not (as transformers does).
+    spelled = [t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")) for t in tokens]
+    bpe = models.BPE(vocab={t: i for i, t in enumerate(spelled)}, merges=merges, dropout=None,
+                     continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False,
+                     ignore_merges=pre == "llama3")
+    tok = _HF(bpe)
+    if pre == "gpt2":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    elif pre == "digits":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    # A control token spelled outside the byte alphabet is a llama.cpp mislabel: skipped, as transformers does.
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(tokens, types) if ty == _GGUF_CONTROL and set(t) <= alphabet])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t, ty in zip(tokens, types) if ty == _GGUF_USER_DEFINED and set(t) <= alphabet])
+    return tok
+
+
+def _merges_from_scores(tokens, scores) -> list[tuple[str, str]]:
+    """Returns BPE merges that reproduce SentencePiece's highest-score-first merging: every split of a token into
+    two tokens, ranked by the merged token's score (ties: shorter left, then shorter right piece)."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for token, score in zip(tokens, scores):
+        local = [(token[:k], token[k:], score) for k in range(1, len(token))
+                 if token[:k] in vocab and token[k:] in vocab]
+        merges += sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]]))
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(left, right) for left, right, _ in merges]
+
+
+def _gguf_sentencepiece_bpe(tokens, types, merges, scores, add_space_prefix: bool):
+    """Returns the `tokenizers.Tokenizer` of a GGUF SentencePiece BPE vocabulary (tokenizer.ggml.model "llama":
+    Llama 2, Mistral, TinyLlama): "▁" for spaces (and before the text), byte fallback (<0x..> tokens)."""
+    from tokenizers import AddedToken, decoders, models, normalizers
+    from tokenizers import Tokenizer as _HF
+
+    if merges is None:
+        merges = _merges_from_scores(tokens, scores)
+    bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, dropout=None, fuse_unk=True,
+                     byte_fallback=True)
+    tok = _HF(bpe)
+    # As SentencePiece (and llama.cpp, and Llama 2's tokenizer.json): spaces become "▁" and one "▁" goes before
+    # the text, even one that starts with a space; no pre-tokenizer, BPE runs over the whole text.
+    steps = [normalizers.Prepend("▁")] if add_space_prefix else []
+    tok.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "▁")])
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if add_space_prefix else []))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(tokens, types) if ty == _GGUF_CONTROL])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t, ty in zip(tokens, types) if ty == _GGUF_USER_DEFINED])
+    return tok
+
+
+class GGUFTokenizer(HFTokenizer):
+    """The tokenizer stored inside a GGUF file (`tokenizer.ggml.*` metadata), as a `tokenizers` BPE.
+
+    Byte-level BPE vocabularies (`tokenizer.ggml.model` = "gpt2": SmolLM, Llama 3, ...) with their merges and
+    llama.cpp's pre-tokenizer for `tokenizer.ggml.pre`; control tokens (`token_type` 3) are special tokens, kept
+    whole in text and dropped by `decode`; user-defined ones (4) are kept whole too. Special ids come from
+    `tokenizer.ggml.{bos,eos,padding}_token_id` (no pad id: eos, else 0). `encode` adds no special tokens.
+    """
+
+    def __init__(self, path: str):
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise ValueError(f"tokenizer.path: GGUF file {path!r} does not exist")
+        try:
+            import gguf
+
+            reader = gguf.GGUFReader(path, "r")
+        except ImportError:
+            raise ImportError("reading GGUF files needs the `gguf` package: pip install gguf") from None
+        except Exception as e:  # noqa: BLE001  # ValueError/IndexError/KeyError on a damaged or foreign file
+            raise ValueError(f"tokenizer.path: {path!r} is not a readable GGUF file: {type(e).__name__}: {e}"
+                             ) from None
+        self._setup(reader, path)
+
+    @classmethod
+    def from_reader(cls, reader, path: str) -> GGUFTokenizer:
+        """Returns the tokenizer of an open `gguf.GGUFReader` (path only names the file in errors)."""
+        self = cls.__new__(cls)
+        self._setup(reader, os.fspath(path))
+        return self
+
+    def _setup(self, reader, path: str) -> None:
+        def field(key, default=None):
+            f = reader.fields.get(f"tokenizer.ggml.{key}")
+            if f is None:
+                return default
+            try:
+                return f.contents()
+            except Exception as e:  # noqa: BLE001
+                raise ValueError(f"{path}: cannot read GGUF field 'tokenizer.ggml.{key}': {e}") from None
+
+        model = field("model")
+        tokens = field("tokens")
+        if model is None or tokens is None:
+            missing = "tokenizer.ggml.model" if model is None else "tokenizer.ggml.tokens"
+            raise ValueError(f"{path}: GGUF file has no vocabulary ({missing} is missing)")
+        if model not in ("gpt2", "llama"):
+            raise ValueError(f"{path}: unsupported GGUF tokenizer.ggml.model {model!r}; famjax builds byte-level "
+                             "BPE ('gpt2') and SentencePiece BPE ('llama') vocabularies")
+        types = field("token_type") or [1] * len(tokens)
+        if len(types) != len(tokens):
+            raise ValueError(f"{path}: GGUF tokenizer.ggml.token_type has {len(types)} entries for "
+                             f"{len(tokens)} tokens")
+        merges = field("merges")
+        pairs = None
+        if merges is not None:
+            pairs = []
+            for i, m in enumerate(merges):
+                parts = m.split(" ")
+                if len(parts) != 2:
+                    raise ValueError(f"{path}: GGUF tokenizer.ggml.merges[{i}] = {m!r} is not two tokens")
+                pairs.append(tuple(parts))
+        pre_name = field("pre", "default")
+        scores, space = field("scores"), bool(field("add_space_prefix", True))
+        if model == "gpt2":
+            if pairs is None:
+                raise ValueError(f"{path}: GGUF byte-level vocabulary has no tokenizer.ggml.merges")
+            if pre_name not in _GGUF_PRE:
+                raise ValueError(f"{path}: unsupported GGUF tokenizer.ggml.pre {pre_name!r}; known: "
+                                 f"{', '.join(sorted(_GGUF_PRE))}")
+            tok = _gguf_byte_level_bpe(tokens, types, pairs, _GGUF_PRE[pre_name])
+        else:
+            if pairs is None and scores is None:
+                raise ValueError(f"{path}: GGUF SentencePiece vocabulary has neither tokenizer.ggml.merges nor "
+                                 "tokenizer.ggml.scores")
+            if scores is not None and len(scores) != len(tokens):
+                raise ValueError(f"{path}: GGUF tokenizer.ggml.scores has {len(scores)} entries for "
+                                 f"{len(tokens)} tokens")
+            tok = _gguf_sentencepiece_bpe(tokens, types, pairs, scores, space)
+        self.tok = tok
+        self.vocab_size = int(tok.get_vocab_size(with_added_tokens=True))
+
+        def special(key):
+            i = field(key)
+            if i is None:
+                return None
+            if not 0 <= int(i) < len(tokens):
+                raise ValueError(f"{path}: GGUF tokenizer.ggml.{key}={i} is outside the vocabulary "
+                                 f"({len(tokens)} tokens)")
+            return int(i)
+
+        self.bos_id, self.eos_id = special("bos_token_id"), special("eos_token_id")
+        pad = special("padding_token_id")
+        self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
+        digest = hashlib.sha1()
+        for part in (model, pre_name, str(space), "\n".join(tokens), "\n".join(merges or []),
+                     ",".join(map(str, types)), ",".join(map(str, scores or []))):
+            digest.update(part.encode("utf-8") + b"\0")
+        self.fingerprint = f"gguf-{digest.hexdigest()[:12]}"
+
+
 def make_tokenizer(data_cfg) -> Tokenizer:
     """Returns the tokenizer that `data_cfg.tokenizer` (or a tokenizer section itself) describes."""
     tcfg = data_cfg.tokenizer if hasattr(data_cfg, "tokenizer") else data_cfg
@@ -256,11 +454,13 @@ def make_tokenizer(data_cfg) -> Tokenizer:
         return ByteTokenizer()
     if kind == "word":
         return WordTokenizer.from_file(path) if path else WordTokenizer(passkey_vocab())
-    if kind in ("sentencepiece", "hf") and not path:
+    if kind in ("sentencepiece", "hf", "gguf") and not path:
         raise ValueError(f"tokenizer.path is required for tokenizer.kind={kind!r}")
     if kind == "sentencepiece":
         return SentencePieceTokenizer(path)
     if kind == "hf":
         return HFTokenizer(path, bos_token=tcfg.get("bos_token", ""), eos_token=tcfg.get("eos_token", ""),
                            pad_token=tcfg.get("pad_token", ""))
+    if kind == "gguf":
+        return GGUFTokenizer(path)
     raise ValueError(f"tokenizer.kind must be one of {TOKENIZER_KINDS}, got {kind!r}")

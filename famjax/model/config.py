@@ -1,5 +1,7 @@
 """ModelConfig: every architectural choice of a famjax model, validated on construction."""
 import dataclasses
+import math
+import numbers
 
 import jax.numpy as jnp
 
@@ -41,6 +43,17 @@ class ModelConfig:
     fam_positions: str = "block"      # "block": the last F positions of the block read | "zero": all 0
     fam_stop_gradient: bool = False   # True: no gradient through the FAM from one block to the next
     fam_keep_norm: bool = False       # True: every update keeps each FAM row's norm (not in the paper; bounds it)
+    # Conventions of pretrained families (famjax.convert); the defaults are the model of docs/fam.md.
+    qkv_bias: bool = False            # biases on the query/key/value projections, added before RoPE (Qwen2)
+    norm_offset: float = 0.0          # every norm multiplies by (norm_offset + scale), in float32; scale starts at
+                                      # 1 - norm_offset (Gemma stores w and uses 1 + w: 1.0)
+    post_norms: bool = False          # sandwich norms (Gemma 2): A = X + PostAttnNorm(Attn(Norm1(X))),
+                                      # out = A + PostFFNNorm(FFN(Norm2(A))); FAM rows get them too
+    attn_softcap: float = 0.0         # c > 0: every scaled attention score s -> c tanh(s / c), before mask and
+                                      # softmax (Gemma 2: 50); 0 = off
+    final_softcap: float = 0.0        # c > 0: logits -> c tanh(logits / c), in float32 (Gemma 2: 30); 0 = off
+    query_scale: float | None = None  # attention score scale; None = head_dim ** -0.5
+                                      # (Gemma 2: query_pre_attn_scalar ** -0.5)
 
     def __post_init__(self):
         errors = []
@@ -60,9 +73,18 @@ class ModelConfig:
                               ("dtype", DTYPES), ("param_dtype", DTYPES), ("fam_positions", FAM_POSITIONS)):
             value = getattr(self, name)
             check(value in allowed, f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-        for name in ("fam_zero_residual", "fam_stop_gradient", "fam_keep_norm"):
+        for name in ("fam_zero_residual", "fam_stop_gradient", "fam_keep_norm", "qkv_bias", "post_norms"):
             value = getattr(self, name)
             check(isinstance(value, bool), f"{name} must be True or False, got {value!r}")
+
+        def real(value):
+            return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+        check(real(self.norm_offset), f"norm_offset must be a finite number, got {self.norm_offset!r}")
+        for name in ("attn_softcap", "final_softcap"):
+            value = getattr(self, name)
+            check(real(value) and value >= 0, f"{name} must be a finite number >= 0 (0 = off), got {value!r}")
+        check(self.query_scale is None or (real(self.query_scale) and self.query_scale > 0),
+              f"query_scale must be a finite number > 0 or None (head_dim ** -0.5), got {self.query_scale!r}")
         if errors:
             raise ValueError("; ".join(errors))
 
@@ -87,6 +109,10 @@ class ModelConfig:
         object.__setattr__(self, "num_kv_heads", kv)
         object.__setattr__(self, "head_dim", head_dim)
         object.__setattr__(self, "mlp_dim", mlp)
+        for name in ("norm_offset", "attn_softcap", "final_softcap"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+        if self.query_scale is not None:
+            object.__setattr__(self, "query_scale", float(self.query_scale))
 
     @property
     def num_fam(self) -> int:

@@ -61,7 +61,11 @@ class Chunk:
 
 
 class DecoderLayer(nnx.Module):
-    """Pre-norm decoder layer: A = Attn(Norm1(X)) + X; out = FFN(Norm2(A)) + A; FAM rows share all weights."""
+    """Pre-norm decoder layer: A = Attn(Norm1(X)) + X; out = FFN(Norm2(A)) + A; FAM rows share all weights.
+
+    With cfg.post_norms (Gemma 2) the attention and FFN outputs are normed again before their residual:
+    A = X + PostAttnNorm(Attn(Norm1(X))), out = A + PostFFNNorm(FFN(Norm2(A))), FAM rows included.
+    """
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -69,10 +73,24 @@ class DecoderLayer(nnx.Module):
         self.attn = AttentionProjections(cfg, rngs)
         self.norm2 = Norm(cfg, rngs)
         self.mlp = MLP(cfg, rngs)
+        if cfg.post_norms:
+            self.norm_post_attn = Norm(cfg, rngs)
+            self.norm_post_ffn = Norm(cfg, rngs)
+
+    def attention(self, q, segments, return_probs: bool = False):
+        """ops.segment_attention with the model's score scale and softcap."""
+        return ops.segment_attention(q, segments, scale=self.cfg.query_scale, softcap=self.cfg.attn_softcap,
+                                     return_probs=return_probs)
+
+    def attn_out(self, heads):
+        """heads: [..., H, hd] -> the attention's contribution to the residual, [..., d] (PostAttnNorm(Wo h))."""
+        out = self.attn.out(heads)
+        return self.norm_post_attn(out, self.cfg.compute_dtype) if self.cfg.post_norms else out
 
     def ffn(self, a):
-        """a: [..., d] -> FFN(Norm2(a)) [..., d]."""
-        return self.mlp(self.norm2(a, self.cfg.compute_dtype))
+        """a: [..., d] -> FFN(Norm2(a)) [..., d] (PostFFNNorm(FFN(Norm2(a))) with post_norms)."""
+        out = self.mlp(self.norm2(a, self.cfg.compute_dtype))
+        return self.norm_post_ffn(out, self.cfg.compute_dtype) if self.cfg.post_norms else out
 
     def fam_positions(self, block_index, offset):
         """Positions int [..., F] of the FAM that compressed block block_index [...] (-1: the initial FAM), with
@@ -94,8 +112,8 @@ class DecoderLayer(nnx.Module):
         h = self.norm1(fam, self.cfg.compute_dtype)
         q = self.attn.query(h, positions)
         k, v = self.attn.key_value(h, positions)
-        heads = ops.segment_attention(q[None, None], [(k[None, None], v[None, None], None)])[0, 0]
-        a = fam + self.attn.out(heads).astype(jnp.float32)
+        heads = self.attention(q[None, None], [(k[None, None], v[None, None], None)])[0, 0]
+        a = fam + self.attn_out(heads).astype(jnp.float32)
         return a + self.ffn(a).astype(jnp.float32)
 
     def __call__(self, x, cache: LayerCache, chunk: Chunk, initial_fam=None, perturb=None):
@@ -113,7 +131,7 @@ class DecoderLayer(nnx.Module):
             heads, cache = self._full_attention(q, k, v, cache, chunk)
         else:
             heads, cache, diagnostics = self._block_attention(q, k, v, cache, chunk, initial_fam, perturb)
-        a = x + self.attn.out(heads).astype(x.dtype)
+        a = x + self.attn_out(heads).astype(x.dtype)
         return constrain(a + self.ffn(a).astype(x.dtype), "batch", None, "embed"), (cache, diagnostics)
 
     def _full_attention(self, q, k, v, cache, chunk):
@@ -125,7 +143,7 @@ class DecoderLayer(nnx.Module):
             visible = (jnp.arange(capacity)[None, :] < chunk.start[:, None])[:, None, None, :]
             segments.append((cache.mem_k, cache.mem_v, visible))
         segments.append((k[:, None], v[:, None], ops.causal_mask(t)[None, None]))
-        heads = ops.segment_attention(q[:, None], segments)[:, 0]
+        heads = self.attention(q[:, None], segments)[:, 0]
 
         def write(buffer, new):
             return jax.vmap(lambda row, val, s: jax.lax.dynamic_update_slice_in_dim(row, val, s, axis=1))(
@@ -156,7 +174,7 @@ class DecoderLayer(nnx.Module):
             fam_state, fam_read, fam_aux = self._fam_scan(cache, kb, vb, chunk, initial_fam, perturb)
             segments.append((*fam_read, None))
         segments.append((kb, vb, chunk.own_mask))
-        heads = ops.segment_attention(qb, segments, return_probs=chunk.collect)
+        heads = self.attention(qb, segments, return_probs=chunk.collect)
         if chunk.collect:
             heads, probs = heads
             fam_mass = probs[..., m * B:m * B + cfg.num_fam].sum(-1)  # [b, nb, H, B]
@@ -185,9 +203,10 @@ class DecoderLayer(nnx.Module):
 
             def query_fn(s):
                 return self.attn.query(self.norm1(s, dtype), prev_positions)
-            return ops.fam_update(fam, is_initial, fam_k, fam_v, k, v, query_fn=query_fn, out_fn=self.attn.out,
+            return ops.fam_update(fam, is_initial, fam_k, fam_v, k, v, query_fn=query_fn, out_fn=self.attn_out,
                                   ffn_fn=self.ffn, return_probs=chunk.collect,
-                                  zero_residual=cfg.fam_zero_residual, keep_norm=cfg.fam_keep_norm)
+                                  zero_residual=cfg.fam_zero_residual, keep_norm=cfg.fam_keep_norm,
+                                  scale=cfg.query_scale, softcap=cfg.attn_softcap)
 
         def kv_fn(fam, index):
             return self.fam_key_value(fam, index, offset)

@@ -203,6 +203,8 @@ class FamLM(nnx.Module):
         head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
         logits = jnp.dot(h.reshape(b * t, -1), head.astype(cfg.compute_dtype),
                          preferred_element_type=jnp.float32).reshape(b, t, -1)
+        if cfg.final_softcap:
+            logits = cfg.final_softcap * jnp.tanh(logits / cfg.final_softcap)
         logits = constrain(logits, "batch", None, "vocab")
         new_state = FamState(layers=cache, pos=new_pos, is_initial=is_initial, aligned=aligned_after,
                              fresh=False)

@@ -33,11 +33,16 @@ def dense(x, kernel, dtype):
 
 
 class Norm(nnx.Module):
-    """RMSNorm (scale) or LayerNorm (scale and bias) over the last axis, computed in float32."""
+    """RMSNorm (scale) or LayerNorm (scale and bias) over the last axis, computed in float32.
+
+    The output is multiplied by (cfg.norm_offset + scale); scale starts at 1 - norm_offset, so a fresh norm
+    multiplies by 1 whatever the offset (Gemma stores w and multiplies by 1 + w: norm_offset 1).
+    """
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.kind, self.eps = cfg.norm, cfg.norm_eps
-        self.scale = param(rngs, nnx.initializers.ones, (cfg.d_model,), ("embed",), cfg.weight_dtype)
+        self.kind, self.eps, self.offset = cfg.norm, cfg.norm_eps, cfg.norm_offset
+        init = nnx.initializers.ones if not self.offset else nnx.initializers.constant(1.0 - self.offset)
+        self.scale = param(rngs, init, (cfg.d_model,), ("embed",), cfg.weight_dtype)
         if cfg.norm == "layer":
             self.bias = param(rngs, nnx.initializers.zeros, (cfg.d_model,), ("embed",), cfg.weight_dtype)
 
@@ -47,14 +52,19 @@ class Norm(nnx.Module):
         if self.kind == "layer":
             x = x - x.mean(-1, keepdims=True)
         y = x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + self.eps)
-        y = y * self.scale[...].astype(jnp.float32)
+        scale = self.scale[...].astype(jnp.float32)
+        y = y * (scale + self.offset if self.offset else scale)
         if self.kind == "layer":
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(dtype)
 
 
 class AttentionProjections(nnx.Module):
-    """Query/key/value projections with RoPE, and the output projection (MHA, GQA, MQA)."""
+    """Query/key/value projections with RoPE, and the output projection (MHA, GQA, MQA).
+
+    With cfg.qkv_bias the query/key/value projections have biases q_bias [H, hd], k_bias and v_bias [KV, hd]
+    (zeros at init), added before RoPE.
+    """
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, h, kv, hd, pd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.weight_dtype
@@ -63,17 +73,29 @@ class AttentionProjections(nnx.Module):
         self.k = param(rngs, normal(d ** -0.5), (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd)
         self.v = param(rngs, normal(d ** -0.5), (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd)
         self.o = param(rngs, normal((h * hd) ** -0.5), (h, hd, d), ("q_heads", "head_dim", "embed"), pd)
+        self.use_bias = cfg.qkv_bias
+        if cfg.qkv_bias:  # zeros, drawing no key: the other weights of a fresh model are those without biases
+            def zeros(shape, names):
+                return nnx.Param(jnp.zeros(shape, pd), out_sharding=names, eager_sharding=False)
+            self.q_bias = zeros((h, hd), ("q_heads", "head_dim"))
+            self.k_bias = zeros((kv, hd), ("kv_heads", "head_dim"))
+            self.v_bias = zeros((kv, hd), ("kv_heads", "head_dim"))
 
-    def _project(self, kernel, x):
-        return dense(x, kernel, self.dtype)
+    def _project(self, kernel, x, bias=None):
+        y = dense(x, kernel, self.dtype)
+        return y if bias is None else y + bias[...].astype(self.dtype)
+
+    def _bias(self, name):
+        return getattr(self, name) if self.use_bias else None
 
     def query(self, x, positions):
         """x: [..., T, d] (normed), positions int [..., T] -> [..., T, H, hd] with RoPE."""
-        return apply_rope(self._project(self.q, x), positions, self.rope_base)
+        return apply_rope(self._project(self.q, x, self._bias("q_bias")), positions, self.rope_base)
 
     def key_value(self, x, positions):
         """x: [..., T, d] (normed) -> keys (with RoPE) and values, each [..., T, KV, hd]."""
-        return apply_rope(self._project(self.k, x), positions, self.rope_base), self._project(self.v, x)
+        k = apply_rope(self._project(self.k, x, self._bias("k_bias")), positions, self.rope_base)
+        return k, self._project(self.v, x, self._bias("v_bias"))
 
     def out(self, heads):
         """heads: [..., H, hd] -> [..., d]."""

@@ -18,13 +18,16 @@ def causal_mask(size: int):
     return jnp.tril(jnp.ones((size, size), dtype=bool))
 
 
-def segment_attention(q, segments, *, scale: float | None = None, return_probs: bool = False):
+def segment_attention(q, segments, *, scale: float | None = None, softcap: float = 0.0,
+                      return_probs: bool = False):
     """Returns softmax attention of q over the union of key segments, [b, n, Tq, H, hd] in q's dtype.
 
     q: [b, n, Tq, H, hd] (n: independent groups, e.g. blocks);
     segments: sequence of (k, v, mask); k, v: [b, n, S, KV, hd] with KV dividing H (GQA: query head h reads
         kv head h // (H // KV)); mask: None (all visible) or bool broadcastable to [b, n, Tq, S].
     Every query must see at least one key (in every mode it sees itself or a FAM row).
+    scale: score scale, None = hd ** -0.5; softcap: c > 0 caps every scaled score s to c tanh(s / c) (in
+        float32, before the mask and softmax; Gemma 2), 0 = off.
     return_probs: also return the attention weights, float32 [b, n, H, Tq, sum of S] (for inspection).
     """
     b, n, tq, h, hd = q.shape
@@ -34,6 +37,8 @@ def segment_attention(q, segments, *, scale: float | None = None, return_probs: 
     scores = []
     for k, _, mask in segments:
         s = jnp.einsum("bnqkgd,bnskd->bnkgqs", qg, k, preferred_element_type=jnp.float32) * scale
+        if softcap:
+            s = softcap * jnp.tanh(s / softcap)
         if mask is not None:
             s = jnp.where(mask[:, :, None, None], s, _MASKED)
         scores.append(s)

@@ -42,7 +42,8 @@ def norm_ratio(target, x):
 
 
 def fam_update(fam, is_initial, fam_k, fam_v, block_k, block_v, *, query_fn, out_fn, ffn_fn,
-               return_probs: bool = False, zero_residual: bool = True, keep_norm: bool = False):
+               return_probs: bool = False, zero_residual: bool = True, keep_norm: bool = False,
+               scale: float | None = None, softcap: float = 0.0):
     """Returns S_t, float32 [b, F, d]: the FAM after reading one complete block.
 
     fam: S_{t-1} [b, F, d]; is_initial: bool [b] (S_{t-1} is the learned initial FAM: zero residual);
@@ -53,11 +54,12 @@ def fam_update(fam, is_initial, fam_k, fam_v, block_k, block_v, *, query_fn, out
     return_probs: also return the FAM queries' attention over [S_{t-1}, block], [b, H, F, F + B];
     zero_residual: False gives the first update the normal residual too (an ablation of the paper's choice);
     keep_norm: rescale every row of S_t to the L2 norm of the same row of S_{t-1}, so the FAM keeps the norm of
-    the initial FAM forever (not in the paper: a parameter-free bound on the recurrence, docs/design.md).
+    the initial FAM forever (not in the paper: a parameter-free bound on the recurrence, docs/design.md);
+    scale, softcap: the attention's score scale and softcap (segment_attention).
     """
     q = query_fn(fam)[:, None]
     segments = [(fam_k[:, None], fam_v[:, None], None), (block_k[:, None], block_v[:, None], None)]
-    heads, probs = segment_attention(q, segments, return_probs=True)
+    heads, probs = segment_attention(q, segments, scale=scale, softcap=softcap, return_probs=True)
     residual = jnp.where(is_initial[:, None, None], 0.0, fam) if zero_residual else fam
     a = out_fn(heads[:, 0]).astype(jnp.float32) + residual
     new = a + ffn_fn(a).astype(jnp.float32)
