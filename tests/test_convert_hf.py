@@ -187,6 +187,28 @@ def test_initial_fam_table(hf_dirs):
     np.testing.assert_array_equal(np.asarray(model.fam_init[...]), custom)
 
 
+def test_named_fam_init(hf_dirs):
+    """fam_init="bos": every row is the bos token's embedding (x sqrt(d) for Gemma); "zeros"; "random": rows
+    of the embedding; an unknown name or a checkpoint without a bos id is a one-line ConvertError."""
+    for case, scale in (("llama_mqa_tied", 1.0), ("gemma_mqa", 32 ** 0.5)):
+        folder, hf_model, _ = hf_dirs[case]
+        emb = hf_model.model.embed_tokens.weight.detach().numpy()
+        bos = hf_model.config.bos_token_id
+        model, _ = fc.load_pretrained(folder, **FAM, fam_init="bos")
+        np.testing.assert_allclose(np.asarray(model.fam_init[...]), np.repeat(emb[bos][None] * scale, 4, 0),
+                                   rtol=1e-6)
+    model, _ = fc.load_pretrained(folder, **FAM, fam_init="zeros")
+    assert not np.any(np.asarray(model.fam_init[...]))
+    model, _ = fc.load_pretrained(folder, **FAM, fam_init="random", fam_seed=1)
+    rows = np.asarray(model.fam_init[...]) / scale
+    assert all(np.abs(emb - r).max(1).min() < 1e-5 for r in rows)
+    with pytest.raises(ConvertError, match="fam_init must be one of"):
+        fc.load_pretrained(folder, **FAM, fam_init="sink")
+    from famjax.convert.common import initial_fam_table
+    with pytest.raises(ConvertError, match="bos token id"):
+        initial_fam_table(emb, 4, embed_scale=False, init="bos", bos_id=None)
+
+
 def _make_tokenizer(folder):
     from tokenizers import Tokenizer, models, pre_tokenizers
 

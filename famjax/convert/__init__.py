@@ -24,9 +24,11 @@ def load_pretrained(path, *, mesh=None, rules=None, fam_init=None, fam_seed: int
     checkpoint as trained: attention "full", dtype and param_dtype the checkpoint's.
     mesh, rules: place each parameter with its logical sharding (famjax.model.sharding names; the trainer's
     mesh.rules); default: everything on the first local device.
-    fam_init: the initial FAM table [fam_len, d_model] for attention "fam"; default: the one exported beside
-    the checkpoint (fam_init.safetensors) if its shape fits, else the mean token embedding plus noise
-    (seeded by fam_seed; docs/design.md, "Pretrained checkpoints").
+    fam_init: the initial FAM table for attention "fam": an array [fam_len, d_model] or the name of a rule,
+    "mean" (the mean token embedding plus noise), "bos" (the BOS token's embedding in every row), "random"
+    (embeddings of random vocabulary tokens) or "zeros", seeded by fam_seed; default: the one exported beside
+    the checkpoint (fam_init.safetensors) if its shape fits, else "mean" (measured in benchmarks/RESULTS.md,
+    "Retrofit: the initial FAM of a pretrained model"; docs/design.md, "Pretrained checkpoints").
     The tokenizer is None when the folder has none.
     """
     path = os.path.expanduser(os.fspath(path))

@@ -294,24 +294,46 @@ def model_params(model: FamLM) -> dict[tuple, jax.Array]:
 
 
 # ------------------------------------------------------------------------------------------- FAM table
-FAM_NOISE = 0.1  # noise std of the initial FAM table, relative to the embeddings' per-coordinate std
+FAM_NOISE = 0.1  # noise std of the "mean" initial FAM table, relative to the embeddings' per-coordinate std
+FAM_INITS = ("mean", "bos", "random", "zeros")  # the named initial FAM tables; the first is the default
 
 
-def initial_fam_table(embed: np.ndarray, num_fam: int, *, embed_scale: bool, seed: int = 0) -> np.ndarray:
-    """Returns the initial FAM table [F, d] of a converted model (docs/design.md, "Pretrained checkpoints"):
-    the mean of the checkpoint's token embeddings plus Gaussian noise of FAM_NOISE times their
-    per-coordinate std, times sqrt(d) when the model scales its embeddings (Gemma: fam_init is not scaled).
-    Reads `embed` [V, d] (a memory map is fine) in chunks, in float64."""
+def initial_fam_table(embed: np.ndarray, num_fam: int, *, embed_scale: bool, seed: int = 0, init: str = "mean",
+                      bos_id: int | None = None) -> np.ndarray:
+    """Returns the initial FAM table [F, d] of a converted model (docs/design.md, "Pretrained checkpoints";
+    benchmarks/fam_init.py measures the choices), times sqrt(d) when the model scales its embeddings (Gemma:
+    fam_init is not scaled by the model):
+
+    - "mean" (default): the mean token embedding plus Gaussian noise of FAM_NOISE times the embeddings'
+      per-coordinate std;
+    - "bos": every row is the embedding of the checkpoint's bos token `bos_id`;
+    - "random": the embeddings of F distinct vocabulary tokens drawn at random;
+    - "zeros": all zeros.
+    Reads `embed` [V, d] (a memory map is fine) in chunks, in float64; seed: "mean" and "random" only.
+    """
     vocab, d = embed.shape
-    total, sq = np.zeros(d), np.zeros(d)
-    for start in range(0, vocab, 8192):
-        rows = np.asarray(embed[start:start + 8192], np.float64)
-        total += rows.sum(0)
-        sq += np.square(rows).sum(0)
-    mean = total / vocab
-    std = float(np.sqrt(max(np.mean(sq / vocab - mean ** 2), 0.0)))
-    noise = np.random.default_rng(seed).standard_normal((num_fam, d))
-    table = mean[None, :] + FAM_NOISE * std * noise
+    rng = np.random.default_rng(seed)
+    if init == "bos":
+        if bos_id is None or not 0 <= int(bos_id) < vocab:
+            raise ConvertError(f"fam_init='bos' needs the checkpoint's bos token id (bos_token_id), got {bos_id!r}; "
+                               f"pick another of {FAM_INITS} or pass a table")
+        table = np.repeat(np.asarray(embed[int(bos_id)], np.float64)[None], num_fam, axis=0)
+    elif init == "mean":
+        total, sq = np.zeros(d), np.zeros(d)
+        for start in range(0, vocab, 8192):
+            rows = np.asarray(embed[start:start + 8192], np.float64)
+            total += rows.sum(0)
+            sq += np.square(rows).sum(0)
+        mean = total / vocab
+        std = float(np.sqrt(max(np.mean(sq / vocab - mean ** 2), 0.0)))
+        table = mean[None, :] + FAM_NOISE * std * rng.standard_normal((num_fam, d))
+    elif init == "random":
+        ids = np.sort(rng.choice(vocab, size=num_fam, replace=num_fam > vocab))
+        table = np.stack([np.asarray(embed[int(i)], np.float64) for i in ids])
+    elif init == "zeros":
+        table = np.zeros((num_fam, d))
+    else:
+        raise ConvertError(f"fam_init must be one of {FAM_INITS} or an array [fam_len, d_model], got {init!r}")
     if embed_scale:
         table = table * d ** 0.5
     return table.astype(np.float32)

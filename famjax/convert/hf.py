@@ -373,13 +373,13 @@ def model_from_hf(hf: dict, source: TensorSource, *, where: str = "config.json",
 
     mesh, rules: place every parameter with its logical sharding (famjax.model.sharding; default: the first
     local device). fam_init: None (the checkpoint's own initial table when `fam_init.safetensors` sits beside
-    it with F rows, else `common.initial_fam_table`) or an array [F, d].
+    it with F rows, else `common.initial_fam_table`'s default), a name of `common.FAM_INITS` or an array [F, d].
     """
-    return _build(config_from_hf(hf, where, **overrides), hf["model_type"], source, where, mesh, rules, fam_init,
-                  fam_seed)
+    return _build(config_from_hf(hf, where, **overrides), hf, source, where, mesh, rules, fam_init, fam_seed)
 
 
-def _build(cfg, model_type, source, where, mesh, rules, fam_init, fam_seed) -> FamLM:
+def _build(cfg, hf, source, where, mesh, rules, fam_init, fam_seed) -> FamLM:
+    model_type = hf["model_type"]
     plan = check_tensors(cfg, model_type, source, where)
     leaves = {}
     for e in plan:
@@ -388,13 +388,16 @@ def _build(cfg, model_type, source, where, mesh, rules, fam_init, fam_seed) -> F
         else:
             leaves[e.path] = ("whole", lambda e=e: e.to_famjax(source.read(e.name)))
     if cfg.num_fam:
-        table = _fam_table(cfg, source, fam_init, fam_seed)
+        table = _fam_table(cfg, source, fam_init, fam_seed, hf.get("bos_token_id"))
         leaves[("fam_init",)] = ("whole", lambda: table)
     return build_model(cfg, leaves, mesh=mesh, rules=rules)
 
 
-def _fam_table(cfg: ModelConfig, source: TensorSource, fam_init, seed: int) -> np.ndarray:
+def _fam_table(cfg: ModelConfig, source: TensorSource, fam_init, seed: int, bos_id) -> np.ndarray:
     want = (cfg.num_fam, cfg.d_model)
+    if isinstance(fam_init, str):
+        return initial_fam_table(source.read("model.embed_tokens.weight"), cfg.num_fam, embed_scale=cfg.embed_scale,
+                                 seed=seed, init=fam_init, bos_id=bos_id)
     if fam_init is not None:
         table = np.asarray(fam_init, np.float32)
         if table.shape != want:
@@ -411,7 +414,7 @@ def _fam_table(cfg: ModelConfig, source: TensorSource, fam_init, seed: int) -> n
         _LOG.warning("%s holds a table of shape %s, the model wants %s: initialising a new one", path,
                      list(stored.entries["fam_init"][1]), list(want))
     return initial_fam_table(source.read("model.embed_tokens.weight"), cfg.num_fam, embed_scale=cfg.embed_scale,
-                             seed=seed)
+                             seed=seed, bos_id=bos_id)
 
 
 def load_hf(folder: str, *, mesh=None, rules=None, fam_init=None, fam_seed: int = 0, **overrides):
@@ -426,7 +429,7 @@ def load_hf(folder: str, *, mesh=None, rules=None, fam_init=None, fam_seed: int 
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         _LOG.warning("%s: the tokenizer has %d tokens, more than the model's vocab_size=%d", folder,
                      tokenizer.vocab_size, cfg.vocab_size)
-    model = _build(cfg, hf["model_type"], source, where, mesh, rules, fam_init, fam_seed)
+    model = _build(cfg, hf, source, where, mesh, rules, fam_init, fam_seed)
     return model, tokenizer
 
 
@@ -439,7 +442,11 @@ def export_hf(model: FamLM, out_dir: str, tokenizer=None, *, max_shard_bytes: in
     """Writes a famjax model as a Hugging Face folder; returns out_dir (see famjax.convert.export_pretrained).
 
     Weights previously exported to out_dir (model*.safetensors, the index, fam_init.safetensors) are replaced.
+    A model with LoRA adapters is exported merged (famjax.model.lora.merge_lora).
     """
+    if getattr(model.cfg, "lora_rank", 0):
+        from famjax.model.lora import merge_lora
+        model = merge_lora(model)
     cfg = model.cfg
     hf = config_to_hf(cfg, tokenizer)  # raises before anything is written
     if tokenizer is not None:
