@@ -35,6 +35,20 @@ def get_config() -> ml_collections.ConfigDict:
     m.block_size = 32  # B: tokens per block
     m.memory_blocks = 0  # m: previous blocks each token attends to (besides the FAM)
     m.max_len = 4096  # KV-cache capacity for attention="full" streaming
+    # Conventions of pretrained families (famjax.convert sets them; with train.init_from they come from the
+    # checkpoint like every architecture field above).
+    m.qkv_bias = False  # biases on the query/key/value projections (Qwen2)
+    m.norm_offset = 0.0  # norms multiply by (norm_offset + scale) (Gemma: 1.0)
+    m.post_norms = False  # sandwich norms after attention and FFN (Gemma 2)
+    m.attn_softcap = 0.0  # c tanh(score / c) on attention scores; 0 = off (Gemma 2: 50)
+    m.final_softcap = 0.0  # c tanh(logit / c) on the logits; 0 = off (Gemma 2: 30)
+    m.query_scale = config_dict.placeholder(float)  # attention score scale; None = head_dim ** -0.5
+    # LoRA (famjax/model/lora.py): rank-r adapters beside the targeted projections, y = x W + (alpha / r)(x A) B,
+    # A ~ N(0, 1/in), B = 0 at the start (the model computes exactly its base). FAM rows use them too.
+    m.lora_rank = 0  # r; 0 = no adapters (nothing added to the parameters or the computation)
+    m.lora_alpha = 16.0  # the adapters' output scale is lora_alpha / lora_rank
+    m.lora_dropout = 0.0  # dropout on the adapters' input during training steps (not at eval/inference)
+    m.lora_targets = ("q", "k", "v", "o", "gate", "up", "down")  # projections with adapters (the paper: all)
 
     c.fam = f = ml_collections.ConfigDict()
     f.fam_len = 8  # F: feedback-memory rows per layer (ignored unless model.attention == "fam")
@@ -88,6 +102,18 @@ def get_config() -> ml_collections.ConfigDict:
     t.log_every = 25  # console line + TensorBoard scalars every N steps
     t.peak_flops = 0.0  # peak FLOP/s of the whole job for MFU; 0 = measure a matmul at start
     t.debug_step_delay_s = 0.0  # sleep after every step (tests use it to kill a run mid-way); keep 0
+    # Fine-tuning a pretrained checkpoint (docs/design.md, "Pretrained checkpoints").
+    t.init_from = ""  # "" = initialise from train.seed; or a Hugging Face folder / .gguf file loaded with
+    # famjax.convert.load_pretrained: the architecture fields of `model` then come from the checkpoint (set at
+    # resolve), the config keeps attention, block_size, memory_blocks, max_len, dtype, param_dtype, scan_layers,
+    # remat, the fam section's model switches and the lora_* fields; with model.lora_rank > 0 adapters are added
+    # (seeded by train.seed)
+    t.init_fam = ""  # the initial FAM table of train.init_from: "" = famjax.convert's default, or one of its
+    # choices (bos | mean | random | zeros; docs/design.md, "Pretrained checkpoints"); seeded by train.seed
+    t.trainable = "all"  # which parameters train: all | lora (LoRA adapters + fam_init) | lora_norms (+ every
+    # norm's scale/bias). With lora*: gradients and optimizer state exist for those leaves only, the rest is the
+    # frozen base of train.init_from (required), and checkpoints hold the trained leaves plus the base's path
+    # and sha256; resuming on a base with another hash is refused.
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (-1, 1, 1)  # sizes of the (data, fsdp, tensor) axes; one -1 fills with the devices left
@@ -102,6 +128,7 @@ def get_config() -> ml_collections.ConfigDict:
         ("head_dim", None),
         ("mlp", "tensor"),
         ("fam", None),
+        ("lora", None),  # LoRA rank r: small, replicated
         ("layers", None),
         ("blocks", None),
     )

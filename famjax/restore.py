@@ -30,6 +30,11 @@ FAM_MODEL_FIELDS = {"fam_len": "fam_len", "zero_residual": "fam_zero_residual", 
 # The training options of the `fam` section (configs/default.py documents them).
 FAM_TRAINING_FIELDS = ("rsp_prob", "rpo", "rpo_zero_prob", "noise", "drift")
 MODEL_FIELDS = tuple(f for f in ModelConfig.__dataclass_fields__ if f not in FAM_MODEL_FIELDS.values())
+# A run fine-tuned from a pretrained source (train.init_from): the ModelConfig fields its config decides; every
+# other field of `model` comes from the source.
+OVERRIDE_FIELDS = ("attention", "block_size", "memory_blocks", "max_len", "dtype", "param_dtype", "scan_layers",
+                   "remat") + tuple(FAM_MODEL_FIELDS.values())
+LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
 
 _LOG = logging.getLogger(__name__)
 
@@ -72,6 +77,44 @@ def model_config(cfg: ml_collections.ConfigDict) -> ModelConfig:
     fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in fields.items()}
     fields.update({field: cfg.fam[name] for name, field in FAM_MODEL_FIELDS.items() if name in cfg.fam})
     return ModelConfig(**fields)
+
+
+def init_from(cfg) -> str:
+    """The run config's pretrained source, train.init_from ("" = none), with ~ expanded."""
+    train = cfg.get("train", {})
+    path = str(train.get("init_from", "") or "")
+    return os.path.expanduser(path) if path else ""
+
+
+def source_overrides(cfg) -> dict:
+    """The ModelConfig fields a run config gives load_pretrained (OVERRIDE_FIELDS, from `model` and `fam`)."""
+    out = {k: cfg.model[k] for k in OVERRIDE_FIELDS if k in cfg.model}
+    out.update({field: cfg.fam[name] for name, field in FAM_MODEL_FIELDS.items() if name in cfg.fam})
+    return out
+
+
+def base_model(cfg, mesh=None):
+    """Returns the FamLM a run with train.init_from starts from: the pretrained source loaded with the config's
+    overrides (placed with cfg.mesh.rules on mesh) and the config's LoRA adapters added (seeded by train.seed).
+
+    Raises ValueError (one line) if the result is not the config's model (the source changed since resolve).
+    """
+    from famjax.convert import load_pretrained
+    from famjax.model import lora
+
+    rules = cfg.mesh.rules if mesh is not None else None
+    seed = int(cfg.train.seed)
+    model, _ = load_pretrained(init_from(cfg), mesh=mesh, rules=rules, fam_init=cfg.train.get("init_fam") or None,
+                               fam_seed=seed, **source_overrides(cfg))
+    want = model_config(cfg)
+    if want.lora_rank:
+        model = lora.add_lora(model, want.lora_rank, want.lora_alpha, want.lora_dropout, want.lora_targets,
+                              seed=seed, mesh=mesh, rules=rules)
+    if model.cfg != want:
+        diff = [f for f in ModelConfig.__dataclass_fields__ if getattr(model.cfg, f) != getattr(want, f)]
+        raise ValueError(f"train.init_from {init_from(cfg)}: the checkpoint's model differs from the config's in "
+                         f"{', '.join(diff)} (resolve the config again: model fields come from the checkpoint)")
+    return model
 
 
 def find_checkpoint(path: str) -> tuple[str, int | None, str | None]:
@@ -143,13 +186,21 @@ def restore_model(path: str, step: int | None = None):
 
     ckpt_dir, path_step, _ = find_checkpoint(path)
     cfg = load_config(path)
-    graphdef, abstract = abstract_params(model_config(cfg))
-    device = SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
     want = step if step is not None else path_step
     steps = [want] if want is not None else sorted(checkpoint_steps(ckpt_dir), reverse=True)
     if not steps:
         raise FileNotFoundError(f"no checkpoints in {ckpt_dir}")
+    base = None
+    if os.path.isdir(os.path.join(ckpt_dir, str(steps[0]), "base")):
+        # A run that trained some leaves of a pretrained base (train.trainable): its checkpoints hold those only.
+        base = base_model(cfg)
+        check_base_source(_read_json_item(ckpt_dir, steps[0], "base"), cfg, f"{ckpt_dir}/{steps[0]}")
+        graphdef, full = nnx.split(base)
+        frozen, saved = _split_saved(nnx.to_pure_dict(full), _read_json_item(ckpt_dir, steps[0], "base"))
+    else:
+        graphdef, saved = abstract_params(model_config(cfg))
+    device = SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), saved)
     with ocp.CheckpointManager(ckpt_dir, item_names=("params",),
                                options=ocp.CheckpointManagerOptions(read_only=True, create=False)) as mngr:
         for i, s in enumerate(steps):
@@ -161,4 +212,33 @@ def restore_model(path: str, step: int | None = None):
                     raise
                 _LOG.warning("checkpoint step %d in %s is unreadable (%s); falling back to step %d",
                              s, ckpt_dir, e, steps[i + 1])
-    return nnx.merge(graphdef, out["params"]), cfg
+    params = out["params"]
+    if base is not None:
+        from famjax.model import lora
+        params = lora.combine(frozen, params)
+    return nnx.merge(graphdef, params), cfg
+
+
+def check_base_source(stored: dict, cfg, where: str) -> None:
+    """Raises ValueError (one line naming both hashes) unless the pretrained source of cfg (train.init_from) has
+    the content hash a checkpoint's base pointer `stored` recorded."""
+    from famjax.convert.source import source_hash
+
+    have = source_hash(init_from(cfg))
+    if stored.get("sha256") != have:
+        raise ValueError(f"{where}: the checkpoint was trained on base {stored.get('source')} "
+                         f"({stored.get('sha256')}), but train.init_from {init_from(cfg)} has {have}")
+
+
+def _read_json_item(ckpt_dir: str, step: int, item: str) -> dict:
+    with open(os.path.join(ckpt_dir, str(step), item, "metadata")) as f:
+        return json.load(f)
+
+
+def _split_saved(full: dict, stored: dict) -> tuple[dict, dict]:
+    """(frozen, saved): the parameters a frozen-base checkpoint leaves to its base, and those it holds (by its
+    base pointer's trainable mode)."""
+    from famjax.model import lora
+
+    saved, frozen = lora.split(full, lora.trainable_mask(full, norms=stored.get("trainable") == "lora_norms"))
+    return frozen, saved

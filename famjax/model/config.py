@@ -11,6 +11,7 @@ MLP_ACTIVATIONS = ("swiglu", "geglu", "gelu")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 FAM_POSITIONS = ("block", "zero")
 DTYPES = ("float32", "bfloat16", "float16")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # every attention and MLP projection
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +55,13 @@ class ModelConfig:
     final_softcap: float = 0.0        # c > 0: logits -> c tanh(logits / c), in float32 (Gemma 2: 30); 0 = off
     query_scale: float | None = None  # attention score scale; None = head_dim ** -0.5
                                       # (Gemma 2: query_pre_attn_scalar ** -0.5)
+    # LoRA (famjax.model.lora): unmerged rank-r adapters beside the targeted kernels, y = x W + s (x A) B with
+    # s = lora_alpha / lora_rank; B starts at 0, so a fresh adapter changes nothing. FAM rows use them too.
+    lora_rank: int = 0                # r; 0 = no adapters (no parameters, no computation)
+    lora_alpha: float = 16.0          # the adapters' output is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0         # dropout on the adapters' input, only in calls given a dropout_key
+    lora_targets: tuple = LORA_TARGETS  # projections that get adapters: q, k, v, o, gate, up, down ("gate" is
+                                      # skipped by the ungated "gelu" MLP)
 
     def __post_init__(self):
         errors = []
@@ -85,6 +93,20 @@ class ModelConfig:
             check(real(value) and value >= 0, f"{name} must be a finite number >= 0 (0 = off), got {value!r}")
         check(self.query_scale is None or (real(self.query_scale) and self.query_scale > 0),
               f"query_scale must be a finite number > 0 or None (head_dim ** -0.5), got {self.query_scale!r}")
+        check(isinstance(self.lora_rank, int) and not isinstance(self.lora_rank, bool) and self.lora_rank >= 0,
+              f"lora_rank must be an integer >= 0 (0 = no LoRA), got {self.lora_rank!r}")
+        check(real(self.lora_alpha) and self.lora_alpha > 0,
+              f"lora_alpha must be a finite number > 0, got {self.lora_alpha!r}")
+        check(real(self.lora_dropout) and 0 <= self.lora_dropout < 1,
+              f"lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
+        targets = self.lora_targets
+        if isinstance(targets, str) or not isinstance(targets, (tuple, list)):
+            errors.append(f"lora_targets must be a tuple of names from {', '.join(LORA_TARGETS)}, got {targets!r}")
+        else:
+            bad = [t for t in targets if t not in LORA_TARGETS]
+            check(not bad, f"lora_targets: unknown projection(s) {bad}; allowed {', '.join(LORA_TARGETS)}")
+            check(len(set(targets)) == len(targets), f"lora_targets has duplicates: {tuple(targets)!r}")
+            check(bool(targets) or not self.lora_rank, "lora_targets must name at least one projection")
         if errors:
             raise ValueError("; ".join(errors))
 
@@ -109,8 +131,9 @@ class ModelConfig:
         object.__setattr__(self, "num_kv_heads", kv)
         object.__setattr__(self, "head_dim", head_dim)
         object.__setattr__(self, "mlp_dim", mlp)
-        for name in ("norm_offset", "attn_softcap", "final_softcap"):
+        for name in ("norm_offset", "attn_softcap", "final_softcap", "lora_alpha", "lora_dropout"):
             object.__setattr__(self, name, float(getattr(self, name)))
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         if self.query_scale is not None:
             object.__setattr__(self, "query_scale", float(self.query_scale))
 
@@ -118,6 +141,15 @@ class ModelConfig:
     def num_fam(self) -> int:
         """F actually used: fam_len in "fam" mode, 0 otherwise."""
         return self.fam_len if self.attention == "fam" else 0
+
+    def lora_on(self, target: str) -> bool:
+        """Whether projection `target` ("q", ..., "down") carries a LoRA adapter."""
+        return bool(self.lora_rank) and target in self.lora_targets
+
+    @property
+    def lora_scale(self) -> float:
+        """The adapters' output scale lora_alpha / lora_rank (0 without LoRA)."""
+        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
 
     @property
     def compute_dtype(self):

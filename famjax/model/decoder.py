@@ -14,7 +14,7 @@ from flax import nnx
 
 from famjax import ops
 from famjax.model.config import ModelConfig
-from famjax.model.modules import MLP, AttentionProjections, Norm
+from famjax.model.modules import MLP, AttentionProjections, Norm, row_keys, sub_key
 from famjax.model.sharding import constrain
 from famjax.model.state import LayerCache
 
@@ -65,7 +65,11 @@ class DecoderLayer(nnx.Module):
 
     With cfg.post_norms (Gemma 2) the attention and FFN outputs are normed again before their residual:
     A = X + PostAttnNorm(Attn(Norm1(X))), out = A + PostFFNNorm(FFN(Norm2(A))), FAM rows included.
+
+    `key` arguments are LoRA dropout keys (None: no dropout); every call site folds in its own id (SITE_*), the
+    FAM recurrence also the block index, so no two uses of the adapters share a mask.
     """
+    SITE_TOKENS, SITE_FAM_UPDATE, SITE_FAM_KV, SITE_INITIAL_FAM, SITE_STATE_FAM_KV = range(5)
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -76,20 +80,23 @@ class DecoderLayer(nnx.Module):
         if cfg.post_norms:
             self.norm_post_attn = Norm(cfg, rngs)
             self.norm_post_ffn = Norm(cfg, rngs)
+        if cfg.lora_rank:  # after every base weight: the base draws the same keys with or without LoRA
+            self.attn.init_lora(cfg, rngs)
+            self.mlp.init_lora(cfg, rngs)
 
     def attention(self, q, segments, return_probs: bool = False):
         """ops.segment_attention with the model's score scale and softcap."""
         return ops.segment_attention(q, segments, scale=self.cfg.query_scale, softcap=self.cfg.attn_softcap,
                                      return_probs=return_probs)
 
-    def attn_out(self, heads):
+    def attn_out(self, heads, key=None):
         """heads: [..., H, hd] -> the attention's contribution to the residual, [..., d] (PostAttnNorm(Wo h))."""
-        out = self.attn.out(heads)
+        out = self.attn.out(heads, key)
         return self.norm_post_attn(out, self.cfg.compute_dtype) if self.cfg.post_norms else out
 
-    def ffn(self, a):
+    def ffn(self, a, key=None):
         """a: [..., d] -> FFN(Norm2(a)) [..., d] (PostFFNNorm(FFN(Norm2(a))) with post_norms)."""
-        out = self.mlp(self.norm2(a, self.cfg.compute_dtype))
+        out = self.mlp(self.norm2(a, self.cfg.compute_dtype), key)
         return self.norm_post_ffn(out, self.cfg.compute_dtype) if self.cfg.post_norms else out
 
     def fam_positions(self, block_index, offset):
@@ -100,39 +107,44 @@ class DecoderLayer(nnx.Module):
             return jnp.zeros(jnp.shape(block_index) + (cfg.num_fam,), jnp.int32)
         return ops.fam_positions(block_index, cfg.block_size, cfg.num_fam) + offset[..., None]
 
-    def fam_key_value(self, fam, block_index, offset):
+    def fam_key_value(self, fam, block_index, offset, key=None):
         """Keys/values [b, F, KV, hd] of a FAM [b, F, d] that compressed absolute block block_index [b]."""
         positions = self.fam_positions(block_index, offset)
-        return self.attn.key_value(self.norm1(fam, self.cfg.compute_dtype), positions)
+        return self.attn.key_value(self.norm1(fam, self.cfg.compute_dtype), positions, key)
 
-    def initial_fam_step(self, fam):
+    def initial_fam_step(self, fam, key=None):
         """Returns S_0 of the next layer from this layer's S_0 [F, d]: the F rows alone, like a block with
         no tokens (full attention among themselves at positions -F..-1, normal residual, FFN)."""
+        key = sub_key(key, self.SITE_INITIAL_FAM)
         positions = self.fam_positions(jnp.asarray(-1), jnp.asarray(0))
         h = self.norm1(fam, self.cfg.compute_dtype)
-        q = self.attn.query(h, positions)
-        k, v = self.attn.key_value(h, positions)
+        q = self.attn.query(h, positions, key)
+        k, v = self.attn.key_value(h, positions, key)
         heads = self.attention(q[None, None], [(k[None, None], v[None, None], None)])[0, 0]
-        a = fam + self.attn_out(heads).astype(jnp.float32)
-        return a + self.ffn(a).astype(jnp.float32)
+        a = fam + self.attn_out(heads, key).astype(jnp.float32)
+        return a + self.ffn(a, key).astype(jnp.float32)
 
-    def __call__(self, x, cache: LayerCache, chunk: Chunk, initial_fam=None, perturb=None):
+    def __call__(self, x, cache: LayerCache, chunk: Chunk, initial_fam=None, perturb=None, dropout_key=None):
         """Returns (layer output [b, G, d], (cache after the chunk, diagnostics or None)).
 
         x: grid input [b, G, d]; initial_fam: this layer's initial FAM [F, d], needed for chunk.resets;
-        perturb: None or this layer's ops.Perturbation of every new FAM (training only; see ops.fam_scan).
+        perturb: None or this layer's ops.Perturbation of every new FAM (training only; see ops.fam_scan);
+        dropout_key: None or this layer's LoRA dropout key (training only).
         """
         cfg = self.cfg
+        key = sub_key(dropout_key, self.SITE_TOKENS)
         h = self.norm1(x, cfg.compute_dtype)
-        q = constrain(self.attn.query(h, chunk.positions), "batch", None, "q_heads", "head_dim")
-        k, v = (constrain(a, "batch", None, "kv_heads", "head_dim") for a in self.attn.key_value(h, chunk.positions))
+        q = constrain(self.attn.query(h, chunk.positions, key), "batch", None, "q_heads", "head_dim")
+        k, v = (constrain(a, "batch", None, "kv_heads", "head_dim")
+                for a in self.attn.key_value(h, chunk.positions, key))
         diagnostics = None
         if cfg.attention == "full":
             heads, cache = self._full_attention(q, k, v, cache, chunk)
         else:
-            heads, cache, diagnostics = self._block_attention(q, k, v, cache, chunk, initial_fam, perturb)
-        a = x + self.attn_out(heads).astype(x.dtype)
-        return constrain(a + self.ffn(a).astype(x.dtype), "batch", None, "embed"), (cache, diagnostics)
+            heads, cache, diagnostics = self._block_attention(q, k, v, cache, chunk, initial_fam, perturb,
+                                                              dropout_key)
+        a = x + self.attn_out(heads, key).astype(x.dtype)
+        return constrain(a + self.ffn(a, key).astype(x.dtype), "batch", None, "embed"), (cache, diagnostics)
 
     def _full_attention(self, q, k, v, cache, chunk):
         """Causal attention over [KV cache, chunk]; writes the chunk's keys/values into the cache."""
@@ -150,7 +162,7 @@ class DecoderLayer(nnx.Module):
                 buffer, new[:, None].astype(buffer.dtype), chunk.start)
         return heads, cache.replace(mem_k=write(cache.mem_k, k), mem_v=write(cache.mem_v, v))
 
-    def _block_attention(self, q, k, v, cache, chunk, initial_fam, perturb=None):
+    def _block_attention(self, q, k, v, cache, chunk, initial_fam, perturb=None, dropout_key=None):
         """BSWA (+ FAM) attention of every grid block in parallel; returns (heads [b, G, H, hd], cache,
         diagnostics or None)."""
         cfg = self.cfg
@@ -171,7 +183,7 @@ class DecoderLayer(nnx.Module):
                                                      ops.memory_windows(ext_v, m, nb)))]
         fam_state, diagnostics = (cache.fam, cache.fam_k, cache.fam_v), None
         if cfg.num_fam:
-            fam_state, fam_read, fam_aux = self._fam_scan(cache, kb, vb, chunk, initial_fam, perturb)
+            fam_state, fam_read, fam_aux = self._fam_scan(cache, kb, vb, chunk, initial_fam, perturb, dropout_key)
             segments.append((*fam_read, None))
         segments.append((kb, vb, chunk.own_mask))
         heads = self.attention(qb, segments, return_probs=chunk.collect)
@@ -192,7 +204,7 @@ class DecoderLayer(nnx.Module):
         return heads, cache.replace(mem_k=mem_k, mem_v=mem_v, cur_k=cur_k, cur_v=cur_v,
                                     fam=fam, fam_k=fam_k, fam_v=fam_v), diagnostics
 
-    def _fam_scan(self, cache, kb, vb, chunk, initial_fam, perturb=None):
+    def _fam_scan(self, cache, kb, vb, chunk, initial_fam, perturb=None, dropout_key=None):
         """FAM recurrence over the grid blocks; returns ((fam, fam_k, fam_v) after, FAM K/V each block read,
         diagnostics: ops.fam_scan's aux, {} unless chunk.collect)."""
         cfg = self.cfg
@@ -200,16 +212,24 @@ class DecoderLayer(nnx.Module):
 
         def update_fn(fam, is_initial, fam_k, fam_v, k, v, index):
             prev_positions = self.fam_positions(index - 1, offset)
+            key = row_keys(sub_key(dropout_key, self.SITE_FAM_UPDATE), index)
 
             def query_fn(s):
-                return self.attn.query(self.norm1(s, dtype), prev_positions)
-            return ops.fam_update(fam, is_initial, fam_k, fam_v, k, v, query_fn=query_fn, out_fn=self.attn_out,
-                                  ffn_fn=self.ffn, return_probs=chunk.collect,
+                return self.attn.query(self.norm1(s, dtype), prev_positions, key)
+            out_fn, ffn_fn = self.attn_out, self.ffn
+            if key is not None:
+                def out_fn(heads):
+                    return self.attn_out(heads, key)
+
+                def ffn_fn(a):
+                    return self.ffn(a, key)
+            return ops.fam_update(fam, is_initial, fam_k, fam_v, k, v, query_fn=query_fn, out_fn=out_fn,
+                                  ffn_fn=ffn_fn, return_probs=chunk.collect,
                                   zero_residual=cfg.fam_zero_residual, keep_norm=cfg.fam_keep_norm,
                                   scale=cfg.query_scale, softcap=cfg.attn_softcap)
 
         def kv_fn(fam, index):
-            return self.fam_key_value(fam, index, offset)
+            return self.fam_key_value(fam, index, offset, row_keys(sub_key(dropout_key, self.SITE_FAM_KV), index))
 
         initial = None
         if chunk.resets is not None:

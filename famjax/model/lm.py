@@ -8,7 +8,7 @@ from flax import nnx
 from famjax import ops
 from famjax.model.config import ModelConfig
 from famjax.model.decoder import Chunk, DecoderLayer
-from famjax.model.modules import Norm, normal, param
+from famjax.model.modules import Norm, normal, param, sub_key
 from famjax.model.sharding import constrain
 from famjax.model.state import FamState, LayerCache, reset_rows
 
@@ -24,7 +24,8 @@ class FamLM(nnx.Module):
 
     Parameters: token embedding, optional LM head, the layer stack (leading "layers" axis, so a scan over
     layers and an unrolled loop use the same checkpoint layout) and, for FAM, the learned initial-FAM table
-    `fam_init` [F, d]: the only parameter FAM adds.
+    `fam_init` [F, d]: the only parameter FAM adds. With cfg.lora_rank > 0 the targeted projections of every
+    layer also hold LoRA adapters (famjax.model.lora: add_lora, merge_lora, trainable_mask).
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -89,27 +90,47 @@ class FamLM(nnx.Module):
         fam = jnp.broadcast_to(fam[:, None], state.layers.fam.shape)
         return state.replace(layers=state.layers.replace(fam=fam), is_initial=jnp.zeros((batch_size,), bool))
 
-    def _initial_fam(self):
+    def _initial_fam(self, dropout_key=None):
         """Returns the initial FAM of every layer, float32 [L, F, d] (docs/fam.md, "The initial FAM").
 
         S_0^0 is the learned table; S_0^{l+1} is S_0^l through layer l on its own. It depends only on the
         parameters (its attention sees relative positions only), so it is computed once, unbatched.
         """
-        def body(layer, s):
-            return layer.initial_fam_step(s), s
-        return self._scan_layers(body, self.fam_init[...].astype(jnp.float32))[1]
+        def body(layer, s, index):
+            return layer.initial_fam_step(s, self._layer_key(dropout_key, index)), s
+        return self._scan_layers(body, self.fam_init[...].astype(jnp.float32), self._layer_ids(dropout_key))[1]
 
-    def _fam_key_value(self, fam, pos, offset):
+    def _fam_key_value(self, fam, pos, offset, dropout_key=None):
         """Returns keys/values [L, b, F, KV, hd] of the FAMs fam [L, b, F, d] held before position pos [b]."""
         block = pos // self.cfg.block_size - 1
 
-        def body(layer, _, fam_l):
-            return None, layer.fam_key_value(fam_l, block, offset)
-        return self._scan_layers(body, None, fam)[1]
+        def body(layer, _, fam_l, index):
+            key = sub_key(self._layer_key(dropout_key, index), layer.SITE_STATE_FAM_KV)
+            return None, layer.fam_key_value(fam_l, block, offset, key)
+        return self._scan_layers(body, None, fam, self._layer_ids(dropout_key))[1]
+
+    def _dropout_key(self, key):
+        """Returns the LoRA dropout key of a call as a typed key, or None when it would change nothing."""
+        if key is None or not (self.cfg.lora_rank and self.cfg.lora_dropout):
+            return None
+        key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+        if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+            key = jax.random.wrap_key_data(key)
+        if key.shape != ():
+            raise ValueError(f"dropout_key must be one PRNG key, got shape {key.shape}")
+        return key
+
+    def _layer_ids(self, dropout_key):
+        """The layer indices scanned beside the layers when there is a dropout key (else None: nothing)."""
+        return None if dropout_key is None else jnp.arange(self.cfg.num_layers)
+
+    @staticmethod
+    def _layer_key(dropout_key, index):
+        return None if dropout_key is None else jax.random.fold_in(dropout_key, index)
 
     # ---------------------------------------------------------------- forward
     def __call__(self, tokens, state: FamState | None = None, *, segment_start=None, position_offset=None,
-                 fam_perturb: ops.Perturbation | None = None):
+                 fam_perturb: ops.Perturbation | None = None, dropout_key=None):
         """Returns (logits float32 [b, T, vocab], state after the chunk).
 
         tokens: int [b, T], any T >= 1 (a whole sequence, a block, one token: one code path);
@@ -122,10 +143,12 @@ class FamLM(nnx.Module):
             same value on every call of a stream);
         fam_perturb: None, or (training only, attention "fam", a chunk of whole blocks from an aligned state)
             an ops.Perturbation whose data leaves are [L, b, T / B, ...]: after each block's update, layer l's
-            new FAM becomes fn(fam, data[l, :, block]) (e.g. famjax.train.perturb's state noise).
+            new FAM becomes fn(fam, data[l, :, block]) (e.g. famjax.train.perturb's state noise);
+        dropout_key: None (inference, evaluation) or a PRNG key: the LoRA adapters' dropout is applied (training;
+            layer l folds in l, every call site and projection its own id). Ignored without LoRA dropout.
         """
         logits, state, _ = self._forward(tokens, state, segment_start, position_offset, collect=False,
-                                         perturb=fam_perturb)
+                                         perturb=fam_perturb, dropout_key=dropout_key)
         return logits, state
 
     def inspect(self, tokens, state: FamState | None = None, *, position_offset=None):
@@ -144,8 +167,9 @@ class FamLM(nnx.Module):
         logits, state, diagnostics = self._forward(tokens, state, None, position_offset, collect=True)
         return dict(diagnostics, logits=logits, state=state)
 
-    def _forward(self, tokens, state, segment_start, position_offset, collect, perturb=None):
+    def _forward(self, tokens, state, segment_start, position_offset, collect, perturb=None, dropout_key=None):
         cfg = self.cfg
+        dropout_key = self._dropout_key(dropout_key)
         tokens = jnp.asarray(tokens)
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer) or tokens.shape[1] < 1:
             raise ValueError(f"tokens must be int [batch, T] with T >= 1, got {tokens.dtype} {tokens.shape}")
@@ -169,13 +193,14 @@ class FamLM(nnx.Module):
             state = reset_rows(state, jnp.broadcast_to(segment_start, (b,)))
         cache = state.layers
         restart = cfg.num_fam and (fresh or segment_start is not None)
-        initial_fam = self._initial_fam() if restart else None  # F rows through L layers: not per decode step
+        # F rows through L layers: not per decode step
+        initial_fam = self._initial_fam(dropout_key) if restart else None
         if restart:
             # Rows flagged initial read the initial FAM of the current parameters (so it gets gradients);
             # a fresh state also gets its FAM keys here, at this call's position offset.
             refresh = jnp.ones_like(state.is_initial) if fresh else state.is_initial
             fam = jnp.where(state.is_initial[None, :, None, None], initial_fam[:, None], cache.fam)
-            fam_k, fam_v = self._fam_key_value(fam, state.pos, offset)
+            fam_k, fam_v = self._fam_key_value(fam, state.pos, offset, dropout_key)
             sel = refresh[None, :, None, None, None]
             cache = cache.replace(fam=fam, fam_k=jnp.where(sel, fam_k, cache.fam_k),
                                   fam_v=jnp.where(sel, fam_v, cache.fam_v))
@@ -194,10 +219,11 @@ class FamLM(nnx.Module):
             x = ops.to_grid(x, chunk.phase, chunk.num_blocks, cfg.block_size)
         x = constrain(x, "batch", None, "embed")
 
-        def body(layer, x, layer_cache, layer_initial_fam, layer_perturb):
-            return layer(x, layer_cache, chunk, layer_initial_fam, layer_perturb)
+        def body(layer, x, layer_cache, layer_initial_fam, layer_perturb, index):
+            return layer(x, layer_cache, chunk, layer_initial_fam, layer_perturb, self._layer_key(dropout_key, index))
         per_layer_fam = initial_fam if inner_resets is not None else None
-        x, (cache, diagnostics) = self._scan_layers(body, x, cache, per_layer_fam, perturb, remat=True)
+        x, (cache, diagnostics) = self._scan_layers(body, x, cache, per_layer_fam, perturb,
+                                                    self._layer_ids(dropout_key), remat=True)
 
         h = self.final_norm(x if chunk.compact else ops.from_grid(x, chunk.phase, t), cfg.compute_dtype)
         head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]

@@ -1,14 +1,14 @@
 """The sublayers of a decoder layer: norms, attention projections, MLP (Flax NNX).
 
-Parameters carry logical axis names ("embed", "q_heads", "kv_heads", "head_dim", "mlp", "vocab"; the layer
-stack adds "layers"), which the trainer maps to mesh axes. Compute happens in `cfg.dtype`, parameters are
+Parameters carry logical axis names ("embed", "q_heads", "kv_heads", "head_dim", "mlp", "vocab", "lora"; the
+layer stack adds "layers"), which the trainer maps to mesh axes. Compute happens in `cfg.dtype`, parameters are
 stored in `cfg.param_dtype`, and norms and softmax run in float32.
 """
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from famjax.model.config import ModelConfig
+from famjax.model.config import LORA_TARGETS, ModelConfig
 from famjax.ops import apply_rope
 
 
@@ -30,6 +30,77 @@ def dense(x, kernel, dtype):
     lead, out = x.shape[:-1], kernel.shape[1:]
     y = x.reshape(-1, x.shape[-1]).astype(dtype) @ kernel[...].astype(dtype).reshape(kernel.shape[0], -1)
     return y.reshape(*lead, *out)
+
+
+def fold(key, i):
+    """Returns jax.random.fold_in(key, i) for a typed key [] or a batch of typed keys [b] (one per row)."""
+    if key.ndim == 0:
+        return jax.random.fold_in(key, i)
+    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(key, i)
+
+
+def sub_key(key, *ids):
+    """Returns the typed key folded with every static id in turn, or None when key is None (no dropout)."""
+    if key is None:
+        return None
+    for i in ids:
+        key = fold(key, i)
+    return key
+
+
+def row_keys(key, index):
+    """Returns one key per row [b]: key folded with the row's index[r] (int [b]) and with r, or None."""
+    if key is None:
+        return None
+    rows = jnp.arange(index.shape[0])
+    return jax.vmap(lambda i, r: jax.random.fold_in(jax.random.fold_in(key, i), r))(index, rows)
+
+
+def dropout(x, key, rate: float):
+    """Inverted dropout of x [...] with a typed key [] (one mask), or keys [b] (a mask per row of x [b, ...])."""
+    if key.ndim == 0:
+        keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    else:
+        keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - rate, x.shape[1:]))(key)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
+class LoRA:
+    """Mixin of the projection modules: rank-r adapters `<name>_lora_a` [*in, r] and `<name>_lora_b` [r, *out]
+    beside kernel `<name>` [*in, *out], and their contribution scale * (dropout(x) A) B (famjax.model.lora).
+
+    A ~ N(0, 1 / in), B = 0: a fresh adapter adds exact zeros. W + A B is never formed. Dropout acts on the
+    adapter's input only, and only in a call given a key (training), with a mask per projection.
+    """
+
+    def _init_lora(self, cfg: ModelConfig, rngs: nnx.Rngs, kernels: dict) -> None:
+        """kernels: {name: (input shape, output shape, input axis names, output axis names)} of the projections
+        this module has; creates the adapters of those in cfg.lora_targets (after every base weight, so a
+        fresh model draws the same base weights with or without LoRA)."""
+        self.lora_names = tuple(n for n in kernels if cfg.lora_on(n))
+        self.lora_scale, self.lora_dropout = cfg.lora_scale, cfg.lora_dropout
+        r, pd = cfg.lora_rank, cfg.weight_dtype
+        for name in self.lora_names:
+            ins, outs, in_names, out_names = kernels[name]
+            fan_in = 1
+            for n in ins:
+                fan_in *= n
+            setattr(self, f"{name}_lora_a",
+                    param(rngs, normal(fan_in ** -0.5), (*ins, r), (*in_names, "lora"), pd))
+            setattr(self, f"{name}_lora_b", nnx.Param(jnp.zeros((r, *outs), pd), out_sharding=("lora", *out_names),
+                                                      eager_sharding=False))
+
+    def _lora(self, name, x, y, key, dtype):
+        """Returns y [..., *out] plus the adapter of projection `name` applied to x [..., in] (flattened input),
+        or y itself when the projection has none."""
+        if name not in getattr(self, "lora_names", ()):
+            return y
+        a, b = getattr(self, f"{name}_lora_a")[...], getattr(self, f"{name}_lora_b")[...]
+        x = x.astype(dtype)
+        if key is not None and self.lora_dropout:
+            x = dropout(x, fold(key, LORA_TARGETS.index(name)), self.lora_dropout)
+        h = dense(x, a.reshape(-1, a.shape[-1]), dtype) * jnp.asarray(self.lora_scale, dtype)
+        return y + dense(h, b, dtype).reshape(y.shape)
 
 
 class Norm(nnx.Module):
@@ -59,11 +130,12 @@ class Norm(nnx.Module):
         return y.astype(dtype)
 
 
-class AttentionProjections(nnx.Module):
+class AttentionProjections(nnx.Module, LoRA):
     """Query/key/value projections with RoPE, and the output projection (MHA, GQA, MQA).
 
     With cfg.qkv_bias the query/key/value projections have biases q_bias [H, hd], k_bias and v_bias [KV, hd]
-    (zeros at init), added before RoPE.
+    (zeros at init), added before RoPE. With cfg.lora_rank, the targeted projections get LoRA adapters
+    (init_lora; `key` arguments: the call site's dropout key, None outside training).
     """
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
@@ -81,30 +153,40 @@ class AttentionProjections(nnx.Module):
             self.k_bias = zeros((kv, hd), ("kv_heads", "head_dim"))
             self.v_bias = zeros((kv, hd), ("kv_heads", "head_dim"))
 
-    def _project(self, kernel, x, bias=None):
-        y = dense(x, kernel, self.dtype)
+    def init_lora(self, cfg: ModelConfig, rngs: nnx.Rngs) -> None:
+        d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self._init_lora(cfg, rngs, {
+            "q": ((d,), (h, hd), ("embed",), ("q_heads", "head_dim")),
+            "k": ((d,), (kv, hd), ("embed",), ("kv_heads", "head_dim")),
+            "v": ((d,), (kv, hd), ("embed",), ("kv_heads", "head_dim")),
+            "o": ((h, hd), (d,), ("q_heads", "head_dim"), ("embed",))})
+
+    def _project(self, name, x, key, bias=None):
+        y = self._lora(name, x, dense(x, getattr(self, name), self.dtype), key, self.dtype)
         return y if bias is None else y + bias[...].astype(self.dtype)
 
     def _bias(self, name):
         return getattr(self, name) if self.use_bias else None
 
-    def query(self, x, positions):
+    def query(self, x, positions, key=None):
         """x: [..., T, d] (normed), positions int [..., T] -> [..., T, H, hd] with RoPE."""
-        return apply_rope(self._project(self.q, x, self._bias("q_bias")), positions, self.rope_base)
+        return apply_rope(self._project("q", x, key, self._bias("q_bias")), positions, self.rope_base)
 
-    def key_value(self, x, positions):
+    def key_value(self, x, positions, key=None):
         """x: [..., T, d] (normed) -> keys (with RoPE) and values, each [..., T, KV, hd]."""
-        k = apply_rope(self._project(self.k, x, self._bias("k_bias")), positions, self.rope_base)
-        return k, self._project(self.v, x, self._bias("v_bias"))
+        k = apply_rope(self._project("k", x, key, self._bias("k_bias")), positions, self.rope_base)
+        return k, self._project("v", x, key, self._bias("v_bias"))
 
-    def out(self, heads):
+    def out(self, heads, key=None):
         """heads: [..., H, hd] -> [..., d]."""
         o = self.o[...]
-        return dense(heads.reshape(*heads.shape[:-2], -1), o.reshape(-1, o.shape[-1]), self.dtype)
+        flat = heads.reshape(*heads.shape[:-2], -1)
+        return self._lora("o", flat, dense(flat, o.reshape(-1, o.shape[-1]), self.dtype), key, self.dtype)
 
 
-class MLP(nnx.Module):
-    """Gated (SwiGLU, GeGLU) or plain GELU feed-forward; GELU uses the tanh approximation."""
+class MLP(nnx.Module, LoRA):
+    """Gated (SwiGLU, GeGLU) or plain GELU feed-forward; GELU uses the tanh approximation. With cfg.lora_rank
+    the targeted projections get LoRA adapters (init_lora; `key`: the dropout key, None outside training)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, f, pd = cfg.d_model, cfg.mlp_dim, cfg.weight_dtype
@@ -114,13 +196,23 @@ class MLP(nnx.Module):
         self.up = param(rngs, normal(d ** -0.5), (d, f), ("embed", "mlp"), pd)
         self.down = param(rngs, normal(f ** -0.5), (f, d), ("mlp", "embed"), pd)
 
-    def __call__(self, x):
+    def init_lora(self, cfg: ModelConfig, rngs: nnx.Rngs) -> None:
+        d, f = cfg.d_model, cfg.mlp_dim
+        kernels = {"up": ((d,), (f,), ("embed",), ("mlp",)), "down": ((f,), (d,), ("mlp",), ("embed",))}
+        if cfg.mlp_activation != "gelu":
+            kernels = {"gate": ((d,), (f,), ("embed",), ("mlp",)), **kernels}
+        self._init_lora(cfg, rngs, kernels)
+
+    def _project(self, name, x, key):
+        return self._lora(name, x, dense(x, getattr(self, name), self.dtype), key, self.dtype)
+
+    def __call__(self, x, key=None):
         """x: [..., d] -> [..., d]."""
-        up = dense(x, self.up, self.dtype)
+        up = self._project("up", x, key)
         if self.activation == "gelu":
             hidden = jax.nn.gelu(up, approximate=True)
         else:
-            gate = dense(x, self.gate, self.dtype)
+            gate = self._project("gate", x, key)
             act = jax.nn.silu if self.activation == "swiglu" else lambda g: jax.nn.gelu(g, approximate=True)
             hidden = act(gate) * up
-        return dense(hidden, self.down, self.dtype)
+        return self._project("down", hidden, key)

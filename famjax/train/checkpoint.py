@@ -6,6 +6,9 @@ Layout of a workdir:
     <workdir>/checkpoints/<step>/train/        step, optimizer, RNG, RSP saved FAM, carried stream state
     <workdir>/checkpoints/<step>/data/         data iterator state, process_<i>-of-<n>.json (grain handler)
     <workdir>/checkpoints/<step>/config/       the resolved config again, so a step directory stands alone
+    <workdir>/checkpoints/<step>/base/         runs with train.trainable != "all" only: the frozen base's path,
+                                               sha256 and the trainable mode; params/ then holds only the
+                                               trainable leaves (LoRA adapters, fam_init, [norms])
 A step directory appears only once complete (orbax writes a temporary directory and renames it: atomic).
 """
 from __future__ import annotations
@@ -20,8 +23,10 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
+from famjax.model.lora import combine
 from famjax.restore import CHECKPOINT_DIR, CONFIG_FILE, load_config, restore_model, to_json
-from famjax.train.state import TrainState
+from famjax.train import pretrained
+from famjax.train.state import TrainState, trainable_params
 
 __all__ = ["CHECKPOINT_DIR", "CONFIG_FILE", "Checkpointer", "load_config", "restore_model"]
 
@@ -74,15 +79,21 @@ class Checkpointer:
     """Async, keep-N orbax checkpoints of the train state + data iterator state, with fallback on restore.
 
     Save errors (including those of a background save) raise from `save` or `wait`; they are never dropped.
+    With train.trainable != "all" only the trainable parameters are saved, with the base pointer
+    (famjax.train.pretrained.base_info, its hash computed here once); restore checks it and needs the frozen
+    leaves of that base.
     """
 
     def __init__(self, workdir: str, ckpt_cfg, config: ml_collections.ConfigDict):
         self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+        self._cfg = config
         self._config = json.loads(to_json(config))
+        self.base = pretrained.base_info(config)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=int(ckpt_cfg.keep), enable_async_checkpointing=bool(ckpt_cfg.async_save), create=True)
         handlers = {"params": ocp.StandardCheckpointHandler(), "train": ocp.StandardCheckpointHandler(),
-                    "data": gcp.CheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
+                    "data": gcp.CheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
+                    "base": ocp.JsonCheckpointHandler()}
         self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=tuple(handlers),
                                            item_handlers=handlers)
 
@@ -92,8 +103,11 @@ class Checkpointer:
     def save(self, ts: TrainState, data_state: dict | None) -> int:
         """Starts saving `ts` (and the data iterator state) at step ts.step; returns the step."""
         step = int(jax.device_get(ts.step))
-        items = {"params": ocp.args.StandardSave(ts.params), "train": ocp.args.StandardSave(_train_tree(ts)),
+        params = ts.params if self.base is None else trainable_params(self._cfg, ts.params)
+        items = {"params": ocp.args.StandardSave(params), "train": ocp.args.StandardSave(_train_tree(ts)),
                  "config": ocp.args.JsonSave(self._config)}
+        if self.base is not None:
+            items["base"] = ocp.args.JsonSave(self.base)
         if data_state is not None:
             items["data"] = gcp.CheckpointSave(_DataSnapshot(data_state))
         saved = self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
@@ -106,23 +120,45 @@ class Checkpointer:
         self._mngr.wait_until_finished()
         self._mngr.check_for_errors()
 
-    def restore(self, abstract: TrainState, *, with_data: bool = True) -> tuple[TrainState, dict | None, int] | None:
+    def stored_base(self, step: int) -> dict | None:
+        """The base pointer saved with a step (None: a checkpoint of every parameter)."""
+        if not os.path.isdir(os.path.join(self.directory, str(step), "base")):
+            return None
+        return self._mngr.restore(step, args=ocp.args.Composite(base=ocp.args.JsonRestore()))["base"]
+
+    def check_base(self) -> None:
+        """Raises ValueError (one line naming both hashes) if a checkpoint was trained on another base, or with
+        another train.trainable, than this run's."""
+        for s in sorted(self._mngr.all_steps(), reverse=True):
+            pretrained.check_base(self.stored_base(s), self.base, f"checkpoint step {s} in {self.directory}")
+
+    def restore(self, abstract: TrainState, *, with_data: bool = True, frozen: dict | None = None
+                ) -> tuple[TrainState, dict | None, int] | None:
         """Returns (state, data iterator state or None, step) of the newest readable checkpoint, or None.
 
         `abstract` carries the target shardings (ShapeDtypeStructs). An unreadable newest checkpoint logs a
         warning and the previous one is tried; if every checkpoint is unreadable this raises.
+        With train.trainable != "all": `frozen` is the base's frozen leaves (pure dict, placed), which the
+        restored state's params get besides the saved trainable ones; a checkpoint of another base or
+        trainable mode raises ValueError before anything is read.
         """
+        self.check_base()
+        if self.base is not None and frozen is None:
+            raise ValueError("restoring a checkpoint of a frozen-base run needs the base's frozen parameters")
+        params_target = abstract.params if self.base is None else trainable_params(self._cfg, abstract.params)
         steps = sorted(self._mngr.all_steps(), reverse=True)
         errors = []
         for s in steps:
             try:
-                items = {"params": ocp.args.StandardRestore(abstract.params),
+                items = {"params": ocp.args.StandardRestore(params_target),
                          "train": ocp.args.StandardRestore(_train_tree(abstract))}
                 has_data = with_data and os.path.isdir(os.path.join(self.directory, str(s), "data"))
                 target = _DataTarget()
                 if has_data:
                     items["data"] = gcp.CheckpointRestore(target)
                 ts = self._restore_step(s, items, abstract)
+                if frozen is not None:
+                    ts = ts.replace(params=combine(ts.params, frozen))
                 if int(jax.device_get(ts.step)) != s:
                     raise ValueError(f"step directory {s} holds a state of step {int(ts.step)}")
                 return ts, target.state, s

@@ -36,8 +36,15 @@ def sibling_config(file: str, name: str) -> ModuleType:
 
 
 def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Returns a copy with derived fields filled: model.vocab_size 0 -> the tokenizer's vocabulary size."""
+    """Returns a copy with derived fields filled: with train.init_from, the architecture fields of `model`
+    from the checkpoint (famjax.train.pretrained.resolve_model_fields); model.vocab_size 0 -> the tokenizer's
+    vocabulary size."""
+    from famjax.train import pretrained
+
     cfg = ml_collections.ConfigDict(cfg.to_dict())
+    if pretrained.init_from(cfg):
+        with cfg.unlocked():
+            pretrained.resolve_model_fields(cfg)
     if int(cfg.model.vocab_size) == 0:
         with cfg.unlocked():
             cfg.model.vocab_size = int(fd.make_tokenizer(cfg.data).vocab_size)
@@ -127,6 +134,16 @@ def validate(cfg: ml_collections.ConfigDict, *, process_count: int = 1) -> None:
         err(f"train.log_every must be >= 1, got {t.log_every}")
     if float(t.peak_flops) < 0:
         err(f"train.peak_flops must be >= 0 (0 = measure at start), got {t.peak_flops}")
+    from famjax.train.pretrained import TRAINABLE, init_from
+    mode = t.get("trainable", "all")
+    if mode not in TRAINABLE:
+        err(f"train.trainable must be one of {TRAINABLE}, got {mode!r}")
+    elif mode != "all":
+        if not init_from(cfg):
+            err(f"train.trainable {mode!r} freezes the base weights: set train.init_from to the pretrained "
+                "checkpoint (Hugging Face folder or .gguf) they come from")
+        if mcfg is not None and not (mcfg.lora_rank or mcfg.num_fam or mode == "lora_norms"):
+            err(f"train.trainable {mode!r} leaves nothing to train: set model.lora_rank > 0 (or use a FAM model)")
 
     # mesh
     shape = tuple(cfg.mesh.shape)

@@ -3,6 +3,8 @@
 Every process runs the same loop on its own rows; arrays are global (jax.make_array_from_process_local_data)
 and jitted with explicit in/out shardings. Resume is automatic: the newest readable checkpoint in
 <workdir>/checkpoints restores params, optimizer, step, RNG, RSP/stream state and the data iterator.
+With train.init_from a new run starts from that pretrained checkpoint (+ LoRA adapters); with
+train.trainable != "all" the frozen base is loaded again from it on resume, after its hash is checked.
 """
 from __future__ import annotations
 
@@ -20,8 +22,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 import famjax.data as fd
+from famjax.model.lora import select
 from famjax.train import mesh as meshlib
 from famjax.train import metrics as mlib
+from famjax.train import pretrained
 from famjax.train.checkpoint import CONFIG_FILE, Checkpointer
 from famjax.train.config import check_model_fields, from_json, model_config, resolve, to_json, validate
 from famjax.train.optim import make_optimizer
@@ -68,6 +72,19 @@ def prepare(cfg, workdir: str):
         with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
             f.write(to_json(cfg))
     return cfg
+
+
+def _restore(cfg, ckpt: Checkpointer, tx, mesh, *, stream: bool, with_data: bool = True):
+    """Returns (ckpt.restore's (state, data state, step) or None, shardings) of a run's newest checkpoint. A
+    frozen-base run loads its base (train.init_from) after the checkpoint's base hash is checked."""
+    abstract, shardings = abstract_train_state(cfg, tx, mesh, stream=stream)
+    frozen = None
+    if ckpt.base is not None:
+        ckpt.check_base()  # before the base is loaded: a different base costs one line, not a load
+        base = pretrained.load_base(cfg, mesh)
+        frozen = jax.device_put(select(base, pretrained.trainable_mask(cfg, base), keep=False),
+                                select(shardings.params, pretrained.trainable_mask(cfg, base), keep=False))
+    return ckpt.restore(abstract, with_data=with_data, frozen=frozen), shardings
 
 
 def _streaming(cfg, batching: str) -> bool:
@@ -175,8 +192,7 @@ def train(cfg, workdir: str, *, do_eval: bool = False, perturb=None) -> Result:
     writer = mlib.Writer(workdir)
     restored = None
     if ckpt is not None and ckpt.steps():
-        abstract, shardings = abstract_train_state(cfg, tx, mesh, stream=streaming)
-        restored = ckpt.restore(abstract)
+        restored, shardings = _restore(cfg, ckpt, tx, mesh, stream=streaming)
     if restored is not None:
         ts, data_state, start = restored
         if streaming and ts.stream is None:  # a packed-rows checkpoint continued as document streams
@@ -185,7 +201,11 @@ def train(cfg, workdir: str, *, do_eval: bool = False, perturb=None) -> Result:
             train_it.set_state(data_state)
         mlib.log(f"resumed from step {start} ({ckpt.directory})")
     else:
-        ts, shardings = create_train_state(cfg, tx, mesh, stream=streaming)
+        params = None
+        if pretrained.init_from(cfg):
+            params = pretrained.load_base(cfg, mesh)
+            mlib.log(f"initialised from {pretrained.init_from(cfg)} (train.trainable {pretrained.trainable_mode(cfg)})")
+        ts, shardings = create_train_state(cfg, tx, mesh, stream=streaming, params=params)
         start = 0
     graphdef, _, _ = abstract_model(cfg)
     steps = int(cfg.train.steps)
@@ -286,8 +306,7 @@ def evaluate(cfg, workdir: str) -> Result:
     probe.close()
     ckpt = Checkpointer(workdir, cfg.checkpoint, cfg)
     try:
-        abstract, _ = abstract_train_state(cfg, tx, mesh, stream=streaming)
-        restored = ckpt.restore(abstract, with_data=False)
+        restored, _ = _restore(cfg, ckpt, tx, mesh, stream=streaming, with_data=False)
     finally:
         ckpt.close()
     if restored is None:

@@ -23,12 +23,22 @@ def _decay_mask(params):
     return jax.tree.map(lambda p: p.ndim >= 2 and p.shape[-1] > 1, params)
 
 
+def _decay_mask_by_name(params):
+    # As _decay_mask, and never a norm's scale/bias (stacked over layers they are [L, d] matrices): used for
+    # the frozen-base runs (train.trainable != "all"), where lora_norms trains pretrained norms.
+    def keep(path, p):
+        names = [str(getattr(k, "key", "")) for k in path]
+        return p.ndim >= 2 and p.shape[-1] > 1 and not any(n == "final_norm" or n.startswith("norm") for n in names)
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
 def make_optimizer(train_cfg) -> optax.GradientTransformation:
     """Returns clip(global norm) -> AdamW or Adafactor, with the schedule of `schedule(train_cfg)`."""
     lr = schedule(train_cfg)
+    mask = _decay_mask if train_cfg.get("trainable", "all") == "all" else _decay_mask_by_name
     if train_cfg.optimizer == "adamw":
         opt = optax.adamw(lr, b1=float(train_cfg.b1), b2=float(train_cfg.b2), eps=float(train_cfg.eps),
-                          weight_decay=float(train_cfg.weight_decay), mask=_decay_mask)
+                          weight_decay=float(train_cfg.weight_decay), mask=mask)
     elif train_cfg.optimizer == "adafactor":
         # The paper: Adafactor with momentum b1 and decay b2; weight decay as a decoupled rate.
         opt = optax.adafactor(lr, decay_rate=float(train_cfg.b2), momentum=float(train_cfg.b1) or None,

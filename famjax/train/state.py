@@ -14,19 +14,23 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from famjax.model import FamLM, FamState
+from famjax.model.lora import select
 from famjax.train import mesh as meshlib
 from famjax.train.config import model_config
+from famjax.train.pretrained import trainable_mask
 
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything a step reads and writes; all of it is checkpointed.
+    """Everything a step reads and writes; all of it is checkpointed (but the frozen base of a LoRA run).
 
-    step: int32 []; params: pure dict of parameter arrays (nnx.merge(graphdef, params) gives the model);
-    opt_state: optax state; rng: uint32 [2] base key (step keys are fold_in(rng, step), so a resumed run draws
-    the same numbers); rsp_fam: float32 [L, F, d] final FAM of row 0 of the previous step (random state
-    passing); rsp_valid: bool [] whether rsp_fam holds a real FAM yet; stream: FamState of every row carried
-    across steps (document streams) or None; stream_offset: int32 [b] each stream's position offset or None.
+    step: int32 []; params: pure dict of parameter arrays (nnx.merge(graphdef, params) gives the model), the
+    frozen base included when train.trainable is not "all"; opt_state: optax state of the trainable leaves
+    (`trainable_params`; all of params for "all"); rng: uint32 [2] base key (step keys are
+    fold_in(rng, step), so a resumed run draws the same numbers); rsp_fam: float32 [L, F, d] final FAM of
+    row 0 of the previous step (random state passing); rsp_valid: bool [] whether rsp_fam holds a real FAM
+    yet; stream: FamState of every row carried across steps (document streams) or None; stream_offset:
+    int32 [b] each stream's position offset or None.
     """
     step: jax.Array
     params: dict
@@ -36,6 +40,12 @@ class TrainState:
     rsp_valid: jax.Array
     stream: FamState | None = None
     stream_offset: jax.Array | None = None
+
+
+def trainable_params(cfg, params: dict) -> dict:
+    """The sub-tree of params that trains (train.trainable): the whole tree for "all"."""
+    mask = trainable_mask(cfg, params)
+    return params if mask is None else select(params, mask)
 
 
 def init_stream_state(model: FamLM, batch_size: int) -> FamState:
@@ -65,17 +75,22 @@ def abstract_model(cfg) -> tuple[nnx.GraphDef, dict, dict]:
 
 
 def make_init_fn(cfg, tx: optax.GradientTransformation, *, stream: bool):
-    """Returns init() -> TrainState (pure; call under jit or eval_shape)."""
+    """Returns init(params=None) -> TrainState (pure; call under jit or eval_shape): the parameters drawn from
+    train.seed, or `params` (a pure dict of the model's parameters, e.g. a pretrained checkpoint's)."""
     mcfg = model_config(cfg)
     seed, rows = int(cfg.train.seed), int(cfg.data.batch_size)
 
-    def init() -> TrainState:
-        model = FamLM(mcfg, rngs=nnx.Rngs(seed))
-        _, state = nnx.split(model)
-        params = nnx.to_pure_dict(state)
+    def init(params=None) -> TrainState:
+        if params is None:
+            model = FamLM(mcfg, rngs=nnx.Rngs(seed))
+            _, state = nnx.split(model)
+            params = nnx.to_pure_dict(state)
+        else:
+            graphdef, _, _ = abstract_model(cfg)
+            model = nnx.merge(graphdef, params)
         L, F, d = mcfg.num_layers, mcfg.num_fam, mcfg.d_model
         return TrainState(
-            step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(trainable_params(cfg, params)),
             rng=jax.random.key_data(jax.random.PRNGKey(seed)), rsp_fam=jnp.zeros((L, F, d), jnp.float32),
             rsp_valid=jnp.zeros((), bool),
             stream=init_stream_state(model, rows) if stream else None,
@@ -90,7 +105,7 @@ def state_shardings(cfg, abstract: TrainState, tx, mesh) -> TrainState:
     _, _, specs = abstract_model(cfg)
     params = meshlib.tree_shardings(specs, abstract.params, rules, mesh)
     repl = meshlib.replicated(mesh)
-    opt = optax.tree_utils.tree_map_params(tx, lambda _, s: s, abstract.opt_state, params,
+    opt = optax.tree_utils.tree_map_params(tx, lambda _, s: s, abstract.opt_state, trainable_params(cfg, params),
                                            transform_non_params=lambda _: repl)
     stream = stream_offset = None
     if abstract.stream is not None:
@@ -100,12 +115,17 @@ def state_shardings(cfg, abstract: TrainState, tx, mesh) -> TrainState:
                       stream=stream, stream_offset=stream_offset)
 
 
-def create_train_state(cfg, tx, mesh, *, stream: bool) -> tuple[TrainState, TrainState]:
-    """Returns (state, shardings): a freshly initialised TrainState created sharded on `mesh`."""
+def create_train_state(cfg, tx, mesh, *, stream: bool, params: dict | None = None
+                       ) -> tuple[TrainState, TrainState]:
+    """Returns (state, shardings): a freshly initialised TrainState created sharded on `mesh`; with `params`
+    (e.g. famjax.train.pretrained.load_base; donated) those parameters instead of train.seed's."""
     init = make_init_fn(cfg, tx, stream=stream)
     abstract = jax.eval_shape(init)
     shardings = state_shardings(cfg, abstract, tx, mesh)
-    return jax.jit(init, out_shardings=shardings)(), shardings
+    if params is None:
+        return jax.jit(init, out_shardings=shardings)(), shardings
+    params = jax.device_put(params, shardings.params)  # a no-op for leaves already placed by the rules
+    return jax.jit(init, out_shardings=shardings, donate_argnums=0)(params), shardings
 
 
 def fresh_streams(cfg, ts: TrainState, shardings: TrainState) -> TrainState:

@@ -12,13 +12,15 @@ import optax
 from flax import nnx
 
 from famjax.model import FamState
+from famjax.model.lora import combine, split
 from famjax.train import perturb as perturblib
 from famjax.train.config import model_config, rope_offset_range
 from famjax.train.optim import schedule
+from famjax.train.pretrained import trainable_mask
 from famjax.train.state import TrainState
 
 # Random streams per step: fold_in(fold_in(rng, step), purpose); famjax.train.perturb uses 3 and 5.
-_RPO, _RSP = 1, 2
+_RPO, _RSP, _DROPOUT = 1, 2, 4
 
 
 def cross_entropy(logits, targets, mask, z_loss: float = 0.0):
@@ -62,14 +64,16 @@ def passkey_exact(pred, targets, answer_mask, segment_start, block_size: int):
     return jnp.sum(any_answer & ~any_wrong), jnp.sum(any_answer)
 
 
-def _forward(graphdef, params, batch, state: FamState, offset, perturb, *, streaming: bool):
-    """Returns (logits, state after) of one chunk of rows; perturb: the model call's fam_perturb (or None)."""
+def _forward(graphdef, params, batch, state: FamState, offset, perturb, *, streaming: bool, dropout_key=None):
+    """Returns (logits, state after) of one chunk of rows; perturb: the model call's fam_perturb (or None);
+    dropout_key: the LoRA dropout key (training) or None."""
     model = nnx.merge(graphdef, params)
     ss = batch["segment_start"]
     if not streaming:
         # The row's first example starts from `state` (fresh, or the RSP FAM); later ones restart there.
         ss = ss.at[:, 0].set(False) if ss.ndim == 2 else None
-    return model(batch["tokens"], state, segment_start=ss, position_offset=offset, fam_perturb=perturb)
+    return model(batch["tokens"], state, segment_start=ss, position_offset=offset, fam_perturb=perturb,
+                 dropout_key=dropout_key)
 
 
 def _rows(tree, k: int, axis_of):
@@ -120,6 +124,9 @@ def make_train_step(cfg, graphdef, tx: optax.GradientTransformation, *, streamin
     perturb: None (the config's fam.noise / fam.drift, if any) or a perturbation function
     (key, (L, rows, blocks, F, d)) -> ops.Perturbation | None applied to every new FAM instead (FAM models
     only; the config's noise and drift must then be 0; see famjax.train.perturb).
+    With train.trainable "lora" / "lora_norms" the gradient is taken of the trainable leaves only (the frozen
+    base is a constant of the loss: no gradient is computed for it) and ts.opt_state covers only them. With
+    model.lora_dropout > 0 the model gets a dropout key per step (and micro-batch).
     """
     mcfg = model_config(cfg)
     k = int(cfg.train.grad_accum_steps)
@@ -136,17 +143,24 @@ def make_train_step(cfg, graphdef, tx: optax.GradientTransformation, *, streamin
                          f"fam_len {mcfg.fam_len}")
     lr_fn = schedule(cfg.train)
 
-    def micro_loss(params, batch, state0, offset, fam_perturb, denom):
-        logits, state = _forward(graphdef, params, batch, state0, offset, fam_perturb, streaming=streaming)
+    dropout = bool(mcfg.lora_rank and mcfg.lora_dropout)
+
+    def micro_loss(trained, frozen, batch, state0, offset, fam_perturb, denom, dropout_key):
+        params = trained if frozen is None else combine(trained, frozen)
+        logits, state = _forward(graphdef, params, batch, state0, offset, fam_perturb, streaming=streaming,
+                                 dropout_key=dropout_key)
         ce, zl, _, correct, count = cross_entropy(logits, batch["targets"], batch["loss_mask"], z_loss)
         return (ce + zl) / denom, (ce, zl, correct, count, state)
 
-    grad_fn = jax.grad(micro_loss, has_aux=True)
+    grad_fn = jax.grad(micro_loss, has_aux=True)  # of the trained leaves only
 
     def train_step(ts: TrainState, batch: dict):
         rows = batch["tokens"].shape[0]
         key = jax.random.fold_in(jax.random.wrap_key_data(ts.rng), ts.step)
         model = nnx.merge(graphdef, ts.params)
+        mask = trainable_mask(cfg, ts.params)
+        trained, frozen = (ts.params, None) if mask is None else split(ts.params, mask)
+        dropout_key = jax.random.fold_in(key, _DROPOUT) if dropout else None
         if streaming:
             starts = batch["segment_start"]
             fresh_off = position_offsets(jax.random.fold_in(key, _RPO), rows, cfg) if rpo else \
@@ -174,24 +188,28 @@ def make_train_step(cfg, graphdef, tx: optax.GradientTransformation, *, streamin
             fam_perturb = perturb_fn(key, shape)
 
         if k == 1:
-            grads, (ce, zl, correct, count, state) = grad_fn(ts.params, micro_batch, state0, offset, fam_perturb,
-                                                             denom)
+            grads, (ce, zl, correct, count, state) = grad_fn(trained, frozen, micro_batch, state0, offset,
+                                                             fam_perturb, denom, dropout_key)
         else:
+            micro_keys = None if dropout_key is None else jax.vmap(
+                lambda i: jax.random.fold_in(dropout_key, i))(jnp.arange(k))
             xs = (_rows(micro_batch, k, lambda _: 0), _split_state(state0, k), _rows(offset, k, lambda _: 0),
-                  _rows(fam_perturb, k, lambda _: 1))
+                  _rows(fam_perturb, k, lambda _: 1), micro_keys)
 
             def body(acc, x):
-                mb, st, off, fp = x
-                g, aux = grad_fn(ts.params, mb, st, off, fp, denom)
+                mb, st, off, fp, dk = x
+                g, aux = grad_fn(trained, frozen, mb, st, off, fp, denom, dk)
                 return jax.tree.map(jnp.add, acc, g), aux
 
-            zero = jax.tree.map(jnp.zeros_like, ts.params)
+            zero = jax.tree.map(jnp.zeros_like, trained)
             grads, (ce, zl, correct, count, states) = jax.lax.scan(body, zero, xs)
             ce, zl, correct, count = (a.sum() for a in (ce, zl, correct, count))
             state = _merge_state(states)
 
-        updates, opt_state = tx.update(grads, ts.opt_state, ts.params)
-        params = optax.apply_updates(ts.params, updates)
+        updates, opt_state = tx.update(grads, ts.opt_state, trained)
+        params = optax.apply_updates(trained, updates)
+        if frozen is not None:
+            params = combine(params, frozen)
         final_fam = jax.lax.stop_gradient(state.layers.fam[:, 0])  # [L, F, d], row 0
         new = ts.replace(step=ts.step + 1, params=params, opt_state=opt_state,
                          rsp_fam=final_fam, rsp_valid=jnp.ones((), bool) if mcfg.num_fam else ts.rsp_valid)
