@@ -1,19 +1,18 @@
-"""Retrofit FAM into a pretrained decoder (the paper's main setting). PLACEHOLDER: filled by the retrofit issue.
+"""Retrofit FAM into a pretrained decoder, the paper's main setting, at the paper's 1B shape of training.
 
-The fields under `retrofit` are declared here so configs stay stable; the trainer does not read them yet.
-The model section must match the pretrained checkpoint's architecture; F and B are FAM's additions.
+Set the source: `--config.train.init_from=/path/to/hf_folder_or.gguf` (famjax.convert reads Llama / Mistral /
+Qwen2 / SmolLM / Gemma 1-2 folders and Llama-architecture GGUF files; the architecture fields of `model` come from
+it). Its attention becomes FAM (B 1024, m 3, F 64, as the paper's 1B run), LoRA rank 64 on every attention and
+MLP projection plus the initial-FAM table train, the base stays frozen; Adafactor, constant LR 1e-4, RSP p 0.8,
+RPO (docs/fam.md, "The paper's settings"). configs/smollm2_fam_lora.py is the same regime on the small model
+that ships with famjax's tests, sized for a CPU.
 """
-import ml_collections
-
 from famjax.train.config import sibling_config
 
 
 def get_config():
     c = sibling_config(__file__, "paper_1b").get_config()
-    c.retrofit = r = ml_collections.ConfigDict()
-    r.source = ""  # pretrained checkpoint (e.g. a Hugging Face model id or local path); set by the retrofit issue
-    r.source_format = "hf"  # hf | orbax: how to read `source`
-    r.lora_rank = 64  # LoRA rank on attention and FFN (paper: 64); 0 = full fine-tuning
-    r.train_only = ("lora", "fam_init")  # parameter groups trained; the rest frozen
-    c.train.update(learning_rate=1e-4, schedule="constant")
+    c.train.update(learning_rate=1e-4, schedule="constant", trainable="lora")
+    c.model.update(lora_rank=64, lora_alpha=64.0, lora_dropout=0.0)
+    # train.init_from stays "" here: a run must name its pretrained source (validate says so).
     return c

@@ -34,6 +34,10 @@ def test_preset_validates_and_inits_abstractly(name):
     cfg = load(name)
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = 66
+    if cfg.train.trainable != "all" and not cfg.train.init_from:  # retrofit: the user names the source
+        with pytest.raises(ValueError, match="set train.init_from"):
+            validate(cfg)
+        cfg.train.trainable = "all"
     validate(cfg)
     tx = optim.make_optimizer(cfg.train)
     abstract = jax.eval_shape(make_init_fn(cfg, tx, stream=cfg.data.batching == "stream"))
