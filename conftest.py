@@ -1,9 +1,13 @@
-"""Test set-up for tests/ and experiments/: 8 fake CPU devices and float32 matmuls, fixed before jax is imported.
+"""Test set-up for tests/ and experiments/: 8 fake CPU devices, float32 matmuls and one XLA compilation cache,
+fixed before jax is imported.
 
 It lives at the repository root so that every collected test directory gets it, whichever pytest collects
 first (tests/conftest.py holds nothing more).
 """
+import atexit
 import os
+import shutil
+import tempfile
 
 # 8 fake CPU devices share 2 cores in CI. XLA's concurrency-optimised CPU scheduler let two devices enter
 # different collectives first and deadlock (seen in the (2, 2, 2) mesh test); the default scheduler keeps
@@ -13,6 +17,20 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
                       "--xla_cpu_collective_call_terminate_timeout_seconds=300 "
                       "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# Compiling is most of the suite's time on CPU, and the suite compiles the same small programs many times: in
+# several tests, in both pytest workers (they inherit this environment from the xdist controller, which loads
+# this file first) and in the `python -m famjax.main` / notebook subprocesses that tests start. One persistent
+# compilation cache per run lets each program compile once. It starts empty, so a run reuses nothing from an
+# earlier one; set JAX_COMPILATION_CACHE_DIR to keep a cache between runs.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache_dir = tempfile.mkdtemp(prefix="famjax_tests_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# A size limit turns on the cache's file lock: workers and subprocesses read and write entries concurrently.
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
 import jax  # noqa: E402
 

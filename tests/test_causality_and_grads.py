@@ -33,7 +33,7 @@ def test_every_parameter_gets_a_gradient():
     model, cfg, _ = make_model(seed=2, attention="fam", block_size=4, memory_blocks=1, fam_len=3,
                                tie_embeddings=False)
     tokens = jnp.asarray(random_tokens(2, 17, cfg.vocab_size, seed=1))
-    grads = nnx.grad(_loss)(model, tokens)
+    grads = nnx.jit(nnx.grad(_loss))(model, tokens)  # compiled: eager op-by-op is far slower on CPU
     flat = nnx.to_flat_state(grads)
     names = ["/".join(map(str, path)) for path, _ in flat]
     assert "fam_init" in names
@@ -54,7 +54,7 @@ def test_memory_carries_information_beyond_the_window():
 
         def last_block_loss(p, graphdef=graphdef, tokens=tokens):
             return _loss(nnx.merge(graphdef, p), tokens, last_only=True)
-        grads = jax.grad(last_block_loss)(params)
+        grads = jax.jit(jax.grad(last_block_loss))(params)
         grad = grads["embed"][...]
         first_block = np.unique(np.asarray(tokens[0, :4]))
         others = np.setdiff1d(first_block, np.asarray(tokens[0, 4:]))  # tokens only in block 0

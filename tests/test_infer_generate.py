@@ -171,9 +171,11 @@ def test_cli_run_streams_text():
         run(model, tok, "", add_bos=False, out=out)
 
 
-@pytest.mark.parametrize("mode", ["fam", "full"])
-@pytest.mark.parametrize("sampling", [infer.GREEDY, infer.Sampling(temperature=3.0, top_k=20, top_p=0.9)],
-                         ids=["greedy", "sampled"])
+# Greedy and sampled decoding through the FAM model; the full-attention cache once (sampled).
+@pytest.mark.parametrize("mode, sampling", [("fam", infer.GREEDY),
+                                            ("fam", infer.Sampling(temperature=3.0, top_k=20, top_p=0.9)),
+                                            ("full", infer.Sampling(temperature=3.0, top_k=20, top_p=0.9))],
+                         ids=["greedy-fam", "sampled-fam", "sampled-full"])
 def test_fused_decode_equals_step_by_step(mode, sampling):
     """steps_per_call > 1 (one jitted while loop per call) gives the tokens, stops, streamed steps and state of
     the one-step-per-call loop bit for bit; a stop token ends one row mid-block while the others go on."""

@@ -1,12 +1,9 @@
-"""launch/ scripts: syntax, dry runs (no gcloud, no network), and one real 2-process run of local_processes.sh."""
-# ruff: noqa: F811  (pytest fixtures imported from test_train_common are redefined as arguments)
+"""launch/ scripts: syntax and dry runs (no gcloud, no network). The real 2-process run of local_processes.sh is
+test_train_multiprocess.py::test_two_processes_match_one (it also checks the losses)."""
 import glob
 import os
 import re
 import subprocess
-
-import pytest
-from test_train_common import cli_args, passkey_dir, tiny_cli  # noqa: F401
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = sorted(glob.glob(os.path.join(REPO, "launch", "*.sh")) + glob.glob(os.path.join(REPO, "launch", "*.sbatch")))
@@ -113,16 +110,3 @@ def test_local_processes_dry_run(tmp_path):
     assert not os.listdir(tmp_path)  # a dry run starts nothing
     r = sh("local_processes.sh", "two", "c.py", str(tmp_path), env={"DRY_RUN": "1"})
     assert r.returncode == 2 and "N must be" in r.stderr
-
-
-@pytest.mark.slow
-def test_local_processes_trains_two_processes(passkey_dir, tmp_path):
-    work = tmp_path / "run"
-    over = dict(tiny_cli(passkey_dir), **{"train.steps": 2, "checkpoint.every_steps": 2})
-    env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    r = sh("local_processes.sh", "2", "configs/passkey_tiny.py", str(work), *cli_args(over), env=env, timeout=600)
-    logs = {i: (work / f"process_{i}.log").read_text() for i in range(2)}
-    assert r.returncode == 0, (r.stderr, logs)
-    assert "all 2 processes finished" in r.stdout
-    assert "2 devices" in logs[0]
-    assert os.path.isdir(work / "checkpoints" / "2")

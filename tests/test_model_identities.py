@@ -29,6 +29,7 @@ def test_bswa_with_window_covering_sequence_equals_full():
     assert np.abs(np.asarray(jit_apply(narrow, tokens)[0]) - np.asarray(jit_apply(full, tokens)[0])).max() > 1e-3
 
 
+@nnx.jit  # compiled: eager op-by-op execution is far slower on CPU
 def _dot_product_forward(model, tokens):
     """A full-attention forward built on jax.nn.dot_product_attention and the model's own sublayers."""
     cfg = model.cfg

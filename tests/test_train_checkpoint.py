@@ -166,6 +166,7 @@ def test_packed_checkpoint_restores_for_document_streams(passkey_dir, tmp_path, 
     from famjax.train.state import fresh_streams
 
     cfg = tiny_config(passkey_dir)
+    cfg.fam.rsp_prob, cfg.fam.rpo = 0.0, False  # the config of the RSP p = 0 test: one compiled step for both
     _, _, _, _, ts2, mesh, tx = two_steps(cfg)
     c = ck.Checkpointer(str(tmp_path), cfg.checkpoint, cfg)
     c.save(ts2, None)

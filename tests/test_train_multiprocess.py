@@ -1,13 +1,14 @@
-"""Two processes on localhost (jax.distributed.initialize) train with the same losses as one process."""
+"""Two processes on localhost (jax.distributed.initialize), started by launch/local_processes.sh, train with the
+same losses as one process."""
 # ruff: noqa: F811  (pytest fixtures imported from test_train_common are redefined as arguments)
 import os
-import socket
 
 import jax
 import numpy as np
 import pytest
-from test_train_common import cli_args, passkey_dir, run_main, tiny_cli, tiny_config  # noqa: F401
-from test_train_resume import finish, losses
+from test_launch import sh
+from test_train_common import cli_args, passkey_dir, tiny_cli, tiny_config  # noqa: F401
+from test_train_resume import losses
 
 import famjax.data as fd
 from famjax.train import mesh as meshlib
@@ -16,12 +17,6 @@ from famjax.train.state import abstract_model, create_train_state
 from famjax.train.step import make_train_step
 
 STEPS = 3
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 def one_process_losses(cfg):
@@ -46,15 +41,18 @@ def one_process_losses(cfg):
 
 @pytest.mark.slow
 def test_two_processes_match_one(passkey_dir, tmp_path):
-    port = free_port()
+    """One real 2-process run, as a user starts it (launch/local_processes.sh), is also the launcher's test."""
+    work = tmp_path / "run"
     over = dict(tiny_cli(passkey_dir), **{"train.steps": STEPS, "checkpoint.every_steps": 2})
-    procs = [run_main([f"--workdir={tmp_path}", "--distributed", f"--coordinator_address=localhost:{port}",
-                       "--num_processes=2", f"--process_id={i}", *cli_args(over)]) for i in range(2)]
-    outs = [finish(p) for p in procs]
-    assert "2 devices" in outs[0]
-    got = losses(str(tmp_path))
+    env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    r = sh("local_processes.sh", "2", "configs/passkey_tiny.py", str(work), *cli_args(over), env=env, timeout=600)
+    logs = {i: (work / f"process_{i}.log").read_text() for i in range(2)}
+    assert r.returncode == 0, (r.stderr, logs)
+    assert "all 2 processes finished" in r.stdout
+    assert "2 devices" in logs[0]
+    got = losses(str(work))
     cfg = tiny_config(passkey_dir, steps=STEPS)
     cfg.mesh.shape = (2, 1, 1)
     want = one_process_losses(cfg)
     np.testing.assert_allclose([got[s] for s in range(1, STEPS + 1)], want, rtol=1e-5)
-    assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [2, 3]
+    assert sorted(int(d) for d in os.listdir(work / "checkpoints") if d.isdigit()) == [2, 3]

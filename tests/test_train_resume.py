@@ -64,17 +64,19 @@ def test_sigkill_then_resume_equals_straight_run(passkey_dir, tmp_path):
 
 @pytest.mark.slow
 def test_make_train_smoke_prints_summary(passkey_dir, tmp_path):
-    """What `make train TRAIN_ARGS=--config.train.steps=2` runs: the passkey_tiny preset, shrunk."""
+    """What `make train` runs (the passkey_tiny preset through famjax.main), shrunk to the steps and warmup of the
+    notebook's smoke run (test_notebooks.py), so that the two share compiled programs."""
     overrides = {"data.data_dir": passkey_dir, "data.passkey.train_examples": 400,
                  "data.passkey.validation_examples": 16, "data.passkey.eval_multipliers": "(1,)",
-                 "data.passkey.eval_examples": 4, "train.steps": 2, "train.log_every": 1, "eval.batches": 1}
+                 "data.passkey.eval_examples": 4, "train.steps": 3, "train.warmup_steps": 1, "train.log_every": 1,
+                 "eval.batches": 1}
     out = finish(run_main([f"--workdir={tmp_path}", "--config=configs/passkey_tiny.py",
                            "--mode=train_and_eval", *cli_args(overrides)]))
-    assert "step 2/2  loss" in out and "MFU" in out
+    assert "step 3/3  loss" in out and "MFU" in out
     assert "PassKey accuracy at the training length:" in out
     assert f"TensorBoard logs: {tmp_path}/tensorboard" in out
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
     cfg = json.loads((tmp_path / "config.json").read_text())
-    assert cfg["model"]["vocab_size"] > 0 and cfg["train"]["steps"] == 2
+    assert cfg["model"]["vocab_size"] > 0 and cfg["train"]["steps"] == 3
     model, _ = restore_model(str(tmp_path))
     assert model.cfg.d_model == 128
