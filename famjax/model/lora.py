@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.traverse_util import flatten_dict as _flatten
+from flax.traverse_util import unflatten_dict as _unflatten
 
 from famjax.model.config import LORA_TARGETS, ModelConfig
 from famjax.model.lm import FamLM
@@ -48,26 +50,6 @@ def _pure(model_or_params) -> dict:
     if isinstance(model_or_params, nnx.Module):
         return nnx.to_pure_dict(nnx.state(model_or_params, nnx.Param))
     return model_or_params
-
-
-def _flatten(tree: Mapping, prefix: tuple = ()) -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
-def _unflatten(flat: Mapping) -> dict:
-    out: dict = {}
-    for path, v in flat.items():
-        node = out
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return out
 
 
 def trainable_mask(model_or_params, norms: bool = False) -> dict:
