@@ -193,10 +193,11 @@ def restore_model(path: str, step: int | None = None):
     base = None
     if os.path.isdir(os.path.join(ckpt_dir, str(steps[0]), "base")):
         # A run that trained some leaves of a pretrained base (train.trainable): its checkpoints hold those only.
+        pointer = _read_json_item(ckpt_dir, steps[0], "base")
+        check_base_source(pointer, cfg, f"{ckpt_dir}/{steps[0]}")  # before the load: a wrong base costs one line
         base = base_model(cfg)
-        check_base_source(_read_json_item(ckpt_dir, steps[0], "base"), cfg, f"{ckpt_dir}/{steps[0]}")
         graphdef, full = nnx.split(base)
-        frozen, saved = _split_saved(nnx.to_pure_dict(full), _read_json_item(ckpt_dir, steps[0], "base"))
+        frozen, saved = _split_saved(nnx.to_pure_dict(full), pointer)
     else:
         graphdef, saved = abstract_params(model_config(cfg))
     device = SingleDeviceSharding(jax.local_devices()[0])

@@ -7,6 +7,7 @@ The pretrained bases are tiny random Llama-style models exported with famjax.con
 import json
 import os
 import shutil
+from collections.abc import Mapping
 
 import jax
 import numpy as np
@@ -57,7 +58,10 @@ def lora_config(data_dir, base, trainable="lora", **model):
 
 
 def flat(tree):
-    return {"/".join(map(str, k)): np.asarray(v) for k, v in lora._flatten(tree).items()}
+    """{"a/b/c": leaf} of a nested mapping (pure dicts, or orbax's tree metadata)."""
+    def plain(x):
+        return {k: plain(v) for k, v in x.items()} if isinstance(x, Mapping) or hasattr(x, "tree") else x
+    return {"/".join(map(str, k)): np.asarray(v) for k, v in lora._flatten(plain(tree)).items()}
 
 
 _STEPS: dict = {}
