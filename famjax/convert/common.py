@@ -8,6 +8,7 @@ backend cannot return it). Writing streams one tensor at a time from the devices
 """
 from __future__ import annotations
 
+import abc
 import json
 import os
 import struct
@@ -102,29 +103,32 @@ class SafetensorsFile:
         return self._map[self.data_start + begin:self.data_start + end].view(ST_DTYPES[dtype]).reshape(shape)
 
 
-class TensorSource:
+class TensorSource(abc.ABC):
     """Named tensors of a checkpoint, read one at a time: what a converter maps onto famjax parameters.
 
-    A GGUF (or any other) reader implements the same four methods with Hugging Face tensor names to reuse
+    A GGUF (or any other) reader implements the same five methods with Hugging Face tensor names to reuse
     `famjax.convert.hf.model_from_hf`.
     """
 
+    @abc.abstractmethod
     def names(self) -> Iterable[str]:
-        raise NotImplementedError
+        """The tensor names."""
 
+    @abc.abstractmethod
     def shape(self, name: str) -> tuple[int, ...]:
-        raise NotImplementedError
+        """The tensor's shape."""
 
+    @abc.abstractmethod
     def dtype(self, name: str) -> str:
         """safetensors dtype name ("F32", "BF16", ...)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def read(self, name: str) -> np.ndarray:
-        raise NotImplementedError
+        """The tensor's values."""
 
+    @abc.abstractmethod
     def where(self, name: str) -> str:
         """The file a tensor lives in, for error messages."""
-        raise NotImplementedError
 
 
 class SafetensorsSource(TensorSource):

@@ -7,6 +7,7 @@ every slot at once.
 Full attention is the same path with one block per chunk whose memory is a linear KV cache.
 """
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -216,15 +217,9 @@ class DecoderLayer(nnx.Module):
 
             def query_fn(s):
                 return self.attn.query(self.norm1(s, dtype), prev_positions, key)
-            out_fn, ffn_fn = self.attn_out, self.ffn
-            if key is not None:
-                def out_fn(heads):
-                    return self.attn_out(heads, key)
-
-                def ffn_fn(a):
-                    return self.ffn(a, key)
-            return ops.fam_update(fam, is_initial, fam_k, fam_v, k, v, query_fn=query_fn, out_fn=out_fn,
-                                  ffn_fn=ffn_fn, return_probs=chunk.collect,
+            return ops.fam_update(fam, is_initial, fam_k, fam_v, k, v, query_fn=query_fn,
+                                  out_fn=functools.partial(self.attn_out, key=key),
+                                  ffn_fn=functools.partial(self.ffn, key=key), return_probs=chunk.collect,
                                   zero_residual=cfg.fam_zero_residual, keep_norm=cfg.fam_keep_norm,
                                   scale=cfg.query_scale, softcap=cfg.attn_softcap)
 

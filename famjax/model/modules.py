@@ -90,6 +90,10 @@ class LoRA:
             setattr(self, f"{name}_lora_b", nnx.Param(jnp.zeros((r, *outs), pd), out_sharding=("lora", *out_names),
                                                       eager_sharding=False))
 
+    def _project(self, name, x, key):
+        """x [..., in] @ kernel `name` [in, *out] (+ its adapter, if any) in the module's compute dtype."""
+        return self._lora(name, x, dense(x, getattr(self, name), self.dtype), key, self.dtype)
+
     def _lora(self, name, x, y, key, dtype):
         """Returns y [..., *out] plus the adapter of projection `name` applied to x [..., in] (flattened input),
         or y itself when the projection has none."""
@@ -161,21 +165,18 @@ class AttentionProjections(nnx.Module, LoRA):
             "v": ((d,), (kv, hd), ("embed",), ("kv_heads", "head_dim")),
             "o": ((h, hd), (d,), ("q_heads", "head_dim"), ("embed",))})
 
-    def _project(self, name, x, key, bias=None):
-        y = self._lora(name, x, dense(x, getattr(self, name), self.dtype), key, self.dtype)
-        return y if bias is None else y + bias[...].astype(self.dtype)
-
-    def _bias(self, name):
-        return getattr(self, name) if self.use_bias else None
+    def _project_bias(self, name, x, key):
+        y = self._project(name, x, key)
+        return y + getattr(self, f"{name}_bias")[...].astype(self.dtype) if self.use_bias else y
 
     def query(self, x, positions, key=None):
         """x: [..., T, d] (normed), positions int [..., T] -> [..., T, H, hd] with RoPE."""
-        return apply_rope(self._project("q", x, key, self._bias("q_bias")), positions, self.rope_base)
+        return apply_rope(self._project_bias("q", x, key), positions, self.rope_base)
 
     def key_value(self, x, positions, key=None):
         """x: [..., T, d] (normed) -> keys (with RoPE) and values, each [..., T, KV, hd]."""
-        k = apply_rope(self._project("k", x, key, self._bias("k_bias")), positions, self.rope_base)
-        return k, self._project("v", x, key, self._bias("v_bias"))
+        k = apply_rope(self._project_bias("k", x, key), positions, self.rope_base)
+        return k, self._project_bias("v", x, key)
 
     def out(self, heads, key=None):
         """heads: [..., H, hd] -> [..., d]."""
@@ -202,9 +203,6 @@ class MLP(nnx.Module, LoRA):
         if cfg.mlp_activation != "gelu":
             kernels = {"gate": ((d,), (f,), ("embed",), ("mlp",)), **kernels}
         self._init_lora(cfg, rngs, kernels)
-
-    def _project(self, name, x, key):
-        return self._lora(name, x, dense(x, getattr(self, name), self.dtype), key, self.dtype)
 
     def __call__(self, x, key=None):
         """x: [..., d] -> [..., d]."""

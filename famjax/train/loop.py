@@ -82,8 +82,8 @@ def _restore(cfg, ckpt: Checkpointer, tx, mesh, *, stream: bool, with_data: bool
     if ckpt.base is not None:
         ckpt.check_base()  # before the base is loaded: a different base costs one line, not a load
         base = pretrained.load_base(cfg, mesh)
-        frozen = jax.device_put(select(base, pretrained.trainable_mask(cfg, base), keep=False),
-                                select(shardings.params, pretrained.trainable_mask(cfg, base), keep=False))
+        mask = pretrained.trainable_mask(cfg, base)
+        frozen = jax.device_put(select(base, mask, keep=False), select(shardings.params, mask, keep=False))
     return ckpt.restore(abstract, with_data=with_data, frozen=frozen), shardings
 
 
