@@ -20,10 +20,11 @@ import numpy as np
 from flax.traverse_util import flatten_dict as flatten
 from flax.traverse_util import unflatten_dict as unflatten
 
+from famjax.errors import FamjaxError
 from famjax.model import FamLM, ModelConfig
 
 
-class ConvertError(ValueError):
+class ConvertError(FamjaxError, ValueError):
     """A checkpoint cannot be imported or exported; the message is one line naming the file, tensor or field."""
 
 
