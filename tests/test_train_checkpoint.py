@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from test_train_common import passkey_dir, synthetic_batch, tiny_config  # noqa: F401
 
+from famjax.errors import CheckpointError
 from famjax.train import checkpoint as ck
 from famjax.train import loop, optim
 from famjax.train import mesh as meshlib
@@ -113,16 +114,24 @@ def test_corrupt_latest_falls_back_and_restore_model_paths(passkey_dir, tmp_path
     np.testing.assert_array_equal(np.asarray(m5.embed[...]), np.asarray(ts5.params["embed"]))
 
     corrupt(str(tmp_path / "checkpoints" / "5"))
+    m, _ = ck.restore_model(str(tmp_path))  # inference falls back (and moves nothing)
+    np.testing.assert_array_equal(np.asarray(m.embed[...]), np.asarray(ts.params["embed"]))
+    assert (tmp_path / "checkpoints" / "5").is_dir()
     abstract, _ = abstract_train_state(cfg, tx, mesh, stream=False)
     caplog.set_level("WARNING")
     restored, _, step = c.restore(abstract)
     assert step == 0 and "step 5" in caplog.text and "unreadable" in caplog.text
     np.testing.assert_array_equal(np.asarray(restored.params["embed"]), np.asarray(ts.params["embed"]))
-    m, _ = ck.restore_model(str(tmp_path))  # falls back too
-    np.testing.assert_array_equal(np.asarray(m.embed[...]), np.asarray(ts.params["embed"]))
+    # The trainer moved the bad step aside (kept, not deleted) and can save step 5 again.
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["0", "corrupt-5"] and c.steps() == [0]
+    c.save(ts5, None)
+    c.wait()
+    assert c.steps() == [0, 5]
     corrupt(str(tmp_path / "checkpoints" / "0"))
-    with pytest.raises(RuntimeError, match="no readable checkpoint"):
+    corrupt(str(tmp_path / "checkpoints" / "5"))
+    with pytest.raises(CheckpointError, match="no readable checkpoint"):
         c.restore(abstract)
+    assert c.steps() == [0, 5]  # nothing moved when nothing restores
     c.close()
     shutil.rmtree(tmp_path / "checkpoints")
     with pytest.raises(FileNotFoundError):
@@ -204,6 +213,6 @@ def test_packed_checkpoint_restores_for_document_streams(passkey_dir, tmp_path, 
     # A checkpoint that is unreadable for another reason still fails (here: every step corrupt).
     corrupt(tmp_path / "checkpoints" / "2")
     c = ck.Checkpointer(str(tmp_path), cfg.checkpoint, cfg)
-    with pytest.raises(RuntimeError, match="no readable checkpoint"):
+    with pytest.raises(CheckpointError, match="no readable checkpoint"):
         c.restore(abstract)
     c.close()

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
+from famjax.errors import CheckpointError
 from famjax.model.lora import combine
 from famjax.restore import CHECKPOINT_DIR, CONFIG_FILE, load_config, restore_model, to_json
 from famjax.train import pretrained
@@ -136,18 +137,20 @@ class Checkpointer:
                 ) -> tuple[TrainState, dict | None, int] | None:
         """Returns (state, data iterator state or None, step) of the newest readable checkpoint, or None.
 
-        `abstract` carries the target shardings (ShapeDtypeStructs). An unreadable newest checkpoint logs a
-        warning and the previous one is tried; if every checkpoint is unreadable this raises.
+        `abstract` carries the target shardings (ShapeDtypeStructs). Newer checkpoints that fail to restore
+        while an older one restores are moved aside to <checkpoints>/corrupt-<step> (never deleted; a warning
+        names each), so the run goes on from the good one and saves past the bad steps. If none restores,
+        this raises CheckpointError (one line, every step's error) and moves nothing.
         With train.trainable != "all": `frozen` is the base's frozen leaves (pure dict, placed), which the
         restored state's params get besides the saved trainable ones; a checkpoint of another base or
-        trainable mode raises ValueError before anything is read.
+        trainable mode raises before anything is read.
         """
         self.check_base()
         if self.base is not None and frozen is None:
             raise ValueError("restoring a checkpoint of a frozen-base run needs the base's frozen parameters")
         params_target = abstract.params if self.base is None else trainable_params(self._cfg, abstract.params)
         steps = sorted(self._mngr.all_steps(), reverse=True)
-        errors = []
+        errors, bad = [], []
         for s in steps:
             try:
                 items = {"params": ocp.args.StandardRestore(params_target),
@@ -161,14 +164,37 @@ class Checkpointer:
                     ts = ts.replace(params=combine(ts.params, frozen))
                 if int(jax.device_get(ts.step)) != s:
                     raise ValueError(f"step directory {s} holds a state of step {int(ts.step)}")
-                return ts, target.state, s
             except Exception as e:  # noqa: BLE001
-                errors.append(f"step {s}: {type(e).__name__}: {e}")
+                errors.append(f"step {s}: {type(e).__name__}: {str(e)[:300]}")
+                bad.append(s)
                 _LOG.warning("checkpoint step %d in %s is unreadable (%s: %s); trying the previous one",
-                                s, self.directory, type(e).__name__, str(e)[:300])
+                             s, self.directory, type(e).__name__, str(e)[:300])
+                continue
+            if bad:
+                self._move_aside(bad)
+            return ts, target.state, s
         if errors:
-            raise RuntimeError(f"no readable checkpoint in {self.directory}:\n" + "\n".join(errors))
+            raise CheckpointError(f"no readable checkpoint in {self.directory} (moved nothing): " + "; ".join(
+                " ".join(e.split()) for e in errors))
         return None
+
+    def _move_aside(self, steps: list[int]) -> None:
+        """Renames the step directories to corrupt-<step>[-k] (process 0; every process waits for it)."""
+        if jax.process_index() == 0:
+            for s in steps:
+                dst = os.path.join(self.directory, f"corrupt-{s}")
+                k = 1
+                while os.path.exists(dst):
+                    k += 1
+                    dst = os.path.join(self.directory, f"corrupt-{s}-{k}")
+                os.rename(os.path.join(self.directory, str(s)), dst)
+                _LOG.warning("moved the unreadable checkpoint step %d aside to %s", s, dst)
+                print(f"checkpoint step {s} is unreadable: moved aside to {dst}; resuming from an older one",
+                      flush=True)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("famjax_checkpoint_move_aside")
+        self._mngr.reload()
 
     def _restore_step(self, s: int, items: dict, abstract: TrainState) -> TrainState:
         """Restores step s. For document streams, a checkpoint without streams of this run's shape (saved by a

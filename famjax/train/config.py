@@ -6,7 +6,9 @@ field, one line each, in a single ValueError.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import json
 import math
 import os
 from types import ModuleType
@@ -14,15 +16,26 @@ from types import ModuleType
 import ml_collections
 
 import famjax.data as fd
+from famjax.errors import ConfigError
 from famjax.restore import FAM_MODEL_FIELDS, check_model_fields, from_json, model_config, to_json
 
-__all__ = ["check_model_fields", "from_json", "model_config", "resolve", "sibling_config", "to_json", "validate"]
+__all__ = ["check_model_fields", "config_changes", "from_json", "model_config", "resolve", "sibling_config", "to_json",
+           "validate"]
 
 SECTIONS = ("model", "fam", "data", "train", "mesh", "checkpoint", "eval")
 MESH_AXES = ("data", "fsdp", "tensor")
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("cosine", "constant")
 STREAM_MODES = ("auto", "on", "off")
+# What a resumed run may change (each change is logged): how it trains, evaluates, saves and is laid out on the
+# devices, not what its checkpoints or its data stream mean. A prefix ending in "." covers its whole section.
+# Every other field is fixed once a workdir holds checkpoints.
+RESUME_MAY_CHANGE = ("train.", "eval.", "checkpoint.", "mesh.", "fam.rsp_prob", "fam.rpo", "fam.rpo_zero_prob",
+                     "fam.noise", "fam.drift", "model.dtype", "model.remat", "model.max_len", "data.data_dir",
+                     "data.eval_split", "data.read_threads", "data.prefetch_batches")
+RESUME_FIXED = ("train.optimizer", "train.trainable")  # exceptions to the sections above: the state's layout
+
+
 def sibling_config(file: str, name: str) -> ModuleType:
     """Returns the config module `name`.py next to `file` (how presets import configs/default.py).
 
@@ -65,7 +78,7 @@ def validate(cfg: ml_collections.ConfigDict, *, process_count: int = 1) -> None:
 
     missing = [s for s in SECTIONS if s not in cfg]
     if missing:
-        raise ValueError("\n".join(f"config: missing section {s!r}" for s in missing))
+        raise ConfigError("\n".join(f"config: missing section {s!r}" for s in missing))
 
     # model / fam
     mcfg = None
@@ -177,7 +190,7 @@ def validate(cfg: ml_collections.ConfigDict, *, process_count: int = 1) -> None:
         err(f"eval.batches must be >= 1, got {e.batches}")
 
     if errors:
-        raise ValueError("invalid config:\n" + "\n".join(errors))
+        raise ConfigError("invalid config:\n" + "\n".join(errors))
 
 
 def _with_vocab(cfg: ml_collections.ConfigDict, vocab: int) -> ml_collections.ConfigDict:
@@ -190,3 +203,47 @@ def _with_vocab(cfg: ml_collections.ConfigDict, vocab: int) -> ml_collections.Co
 def rope_offset_range(cfg: ml_collections.ConfigDict) -> int:
     """Returns the exclusive upper bound of the random position offset: ceil(2 * pi * rope_base)."""
     return math.ceil(2 * math.pi * float(cfg.model.rope_base))
+
+
+def _flat(cfg: ml_collections.ConfigDict) -> dict:
+    """{dotted field: JSON value} of a config (tuples and lists compare equal)."""
+    out = {}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[prefix + k] = v
+    walk(json.loads(to_json(cfg)), "")
+    return out
+
+
+def config_changes(saved: ml_collections.ConfigDict, new: ml_collections.ConfigDict
+                   ) -> tuple[list[str], list[str]]:
+    """Returns (refused, allowed): the fields in which `new` differs from a run's `saved` config, as
+    "field old -> new", split by RESUME_MAY_CHANGE / RESUME_FIXED (both configs resolved)."""
+    a, b = _flat(saved), _flat(new)
+    refused, allowed = [], []
+    for key in sorted(set(a) | set(b)):
+        old, now = a.get(key, "<absent>"), b.get(key, "<absent>")
+        if key not in a:  # a field newer than the saved run: it ran with the field's default
+            old = _model_default(key, old)
+        if old == now or (isinstance(old, (list, tuple)) and list(old) == now):
+            continue
+        free = key.startswith(tuple(p for p in RESUME_MAY_CHANGE if p.endswith("."))) or key in RESUME_MAY_CHANGE
+        (allowed if free and key not in RESUME_FIXED else refused).append(f"{key} {old!r} -> {now!r}")
+    return refused, allowed
+
+
+def _model_default(key: str, absent):
+    """The ModelConfig default of a `model.` / FAM `fam.` field (what a config written before the field existed
+    means), else `absent`."""
+    from famjax.model import ModelConfig
+
+    section, _, name = key.partition(".")
+    field = name if section == "model" else FAM_MODEL_FIELDS.get(name) if section == "fam" else None
+    spec = ModelConfig.__dataclass_fields__.get(field or "")
+    if spec is None or spec.default is dataclasses.MISSING:
+        return absent
+    return json.loads(json.dumps(spec.default, default=list))

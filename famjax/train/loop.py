@@ -22,12 +22,22 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 import famjax.data as fd
+from famjax.errors import EXIT_PREEMPTED, CheckpointNotFoundError, ConfigError, NonFiniteLossError, WorkdirError
 from famjax.model.lora import select
+from famjax.restore import CHECKPOINT_DIR, checkpoint_steps
 from famjax.train import mesh as meshlib
 from famjax.train import metrics as mlib
 from famjax.train import pretrained
 from famjax.train.checkpoint import CONFIG_FILE, Checkpointer
-from famjax.train.config import check_model_fields, from_json, model_config, resolve, to_json, validate
+from famjax.train.config import (
+    check_model_fields,
+    config_changes,
+    from_json,
+    model_config,
+    resolve,
+    to_json,
+    validate,
+)
 from famjax.train.optim import make_optimizer
 from famjax.train.state import (
     abstract_model,
@@ -42,10 +52,6 @@ TRAIN_KEYS = ("tokens", "targets", "loss_mask", "segment_start")
 EVAL_KEYS = TRAIN_KEYS + ("answer_mask",)
 
 
-class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN/inf; the last good checkpoint is left as it was."""
-
-
 @dataclasses.dataclass
 class Result:
     """What train / evaluate return: the final step, the last train metrics, eval metrics, the TB log dir."""
@@ -53,25 +59,58 @@ class Result:
     train: dict
     eval: dict
     logdir: str
+    preempted: bool = False  # stopped by SIGTERM / Ctrl-C before train.steps (saved; rerun to resume)
 
 
-def prepare(cfg, workdir: str):
-    """Returns the resolved, validated config (written to <workdir>/config.json by process 0).
+def prepare(cfg, workdir: str, *, write: bool = True):
+    """Returns the resolved, validated config; with write (the training modes) process 0 then writes it to
+    <workdir>/config.json. Nothing is written before every check has passed:
 
-    A workdir whose saved config.json has a model field this famjax does not know (a removed option) is
-    refused before anything is written: its checkpoints describe another model.
+    - the workdir must be a folder this process can write (WorkdirError otherwise; eval needs it to exist);
+    - a saved config.json with a model field this famjax does not know (a removed option) is refused;
+    - when the workdir holds checkpoints, the new config may differ from the saved one only in fields that do not
+      change what the checkpoints or the data stream mean (famjax.train.config.RESUME_MAY_CHANGE; each change is
+      logged); any other difference is refused with one line listing the fields and both values.
     """
     cfg = resolve(cfg)
     validate(cfg, process_count=jax.process_count())
+    _check_workdir(workdir, create=write)
     saved = os.path.join(workdir, CONFIG_FILE)
     if os.path.isfile(saved):
         with open(saved) as f:
-            check_model_fields(from_json(f.read()), saved)
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+            old = from_json(f.read())
+        check_model_fields(old, saved)
+        if checkpoint_steps(os.path.join(workdir, CHECKPOINT_DIR)):
+            refused, allowed = config_changes(old, cfg)
+            if refused:
+                raise ConfigError(f"{saved}: this run's checkpoints were trained with other values of "
+                                  f"{'; '.join(refused)}: use a new workdir, or the run's values")
+            if allowed:
+                mlib.log("resuming with config changes: " + "; ".join(allowed))
+    if write and jax.process_index() == 0:
+        tmp = saved + ".tmp"
+        with open(tmp, "w") as f:
             f.write(to_json(cfg))
+        os.replace(tmp, saved)  # never a half-written config.json
     return cfg
+
+
+def _check_workdir(workdir: str, *, create: bool) -> None:
+    """Raises WorkdirError (one line) unless workdir is (or, with create, can be made) a writable folder."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise WorkdirError(f"workdir {workdir} is a file, not a folder")
+    if not create:
+        if not os.path.isdir(workdir):
+            raise CheckpointNotFoundError(f"no such workdir: {workdir}")
+        return
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".famjax_write_test_{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise WorkdirError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
 
 
 def _restore(cfg, ckpt: Checkpointer, tx, mesh, *, stream: bool, with_data: bool = True):
@@ -92,17 +131,29 @@ def _streaming(cfg, batching: str) -> bool:
     return mode == "on" or (mode == "auto" and batching == "stream")
 
 
-class _Preempted:
-    """Set by SIGTERM; the loop saves a checkpoint at the next step boundary and stops."""
+class _Interrupts:
+    """SIGTERM and a first SIGINT (Ctrl-C) ask the loop to finish its step, save and stop (`signal` names the
+    first one); a SIGINT after that aborts at once (KeyboardInterrupt). Installed from the main thread only."""
 
     def __init__(self):
-        self.flag = False
-        self._old = None
+        self.signal: str | None = None
+        self._old: dict = {}
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGTERM, self._handle)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        self.flag = True
+        if signum == signal.SIGINT and self.signal is not None:
+            self.restore()
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        if jax.process_index() == 0:
+            again = " (Ctrl-C again aborts at once)" if signum == signal.SIGINT else ""
+            print(f"{self.signal}: finishing this step, then saving and stopping{again}", flush=True)
+
+    @property
+    def flag(self) -> bool:
+        return self.signal is not None
 
     def check(self) -> bool:
         if jax.process_count() > 1:  # every process must stop at the same step
@@ -110,8 +161,9 @@ class _Preempted:
         return self.flag
 
     def restore(self):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
 
 
 def _next_or_none(it):
@@ -212,7 +264,7 @@ def train(cfg, workdir: str, *, do_eval: bool = False, perturb=None) -> Result:
     throughput = mlib.Throughput(mlib.flops_per_token(mcfg, int(cfg.data.seq_len)),
                                  mlib.job_peak_flops(cfg.train))
     step_fn = None
-    preempt = _Preempted()
+    preempt = _Interrupts()
     last_saved = start if restored is not None else None
     last_metrics: dict = {}
     eval_metrics: dict = {}
@@ -269,14 +321,16 @@ def train(cfg, workdir: str, *, do_eval: bool = False, perturb=None) -> Result:
             if ckpt is not None and (stop or (ck_every and step % ck_every == 0)):
                 save(ts, step)
             if stop:
-                mlib.log(f"SIGTERM: saved step {step}, stopping")
+                saved = f"saved step {step}" if ckpt is not None else "nothing saved (checkpoint.enabled is off)"
+                mlib.log(f"{preempt.signal or 'preempted'}: {saved}; stopping (exit code {EXIT_PREEMPTED}: "
+                         "run the same command again to resume)")
                 break
             if do_eval and ev_every and step % ev_every == 0 and step < steps:
                 eval_metrics = _evaluate_and_report(cfg, ts.params, mesh, writer, step)
                 throughput.reset()
         if ckpt is not None and last_saved != step and not preempt.flag:
             save(ts, step)
-        if do_eval and not preempt.flag:
+        if do_eval and not (preempt.flag and step < steps):
             eval_metrics = _evaluate_and_report(cfg, ts.params, mesh, writer, step)
     finally:
         preempt.restore()
@@ -284,10 +338,12 @@ def train(cfg, workdir: str, *, do_eval: bool = False, perturb=None) -> Result:
             ckpt.close()
         writer.close()
         train_it.close()
-    if jax.process_index() == 0 and eval_metrics:
+    preempted = preempt.flag and step < steps
+    if jax.process_index() == 0 and eval_metrics and not preempted:
         with open(os.path.join(workdir, "eval_metrics.json"), "w") as f:
             json.dump({"step": step, **eval_metrics}, f, indent=2)
-    return Result(step=step, train=last_metrics, eval=eval_metrics, logdir=writer.logdir)
+    return Result(step=step, train=last_metrics, eval={} if preempted else eval_metrics, logdir=writer.logdir,
+                  preempted=preempted)
 
 
 def train_and_eval(cfg, workdir: str, *, perturb=None) -> Result:
@@ -296,8 +352,12 @@ def train_and_eval(cfg, workdir: str, *, perturb=None) -> Result:
 
 
 def evaluate(cfg, workdir: str) -> Result:
-    """Evaluates the newest readable checkpoint of <workdir> (the config comes from the command line)."""
-    cfg = prepare(cfg, workdir)
+    """Evaluates the newest readable checkpoint of <workdir> (the config comes from the command line, checked
+    against the run's; nothing but TensorBoard scalars is written)."""
+    cfg = prepare(cfg, workdir, write=False)
+    if not checkpoint_steps(os.path.join(workdir, CHECKPOINT_DIR)):
+        raise CheckpointNotFoundError(f"no checkpoint to evaluate in {os.path.join(workdir, CHECKPOINT_DIR)}: "
+                                      "train first")
     mesh = meshlib.make_mesh(cfg.mesh)
     tx = make_optimizer(cfg.train)
     mcfg = model_config(cfg)
@@ -310,7 +370,7 @@ def evaluate(cfg, workdir: str) -> Result:
     finally:
         ckpt.close()
     if restored is None:
-        raise FileNotFoundError(f"no checkpoint to evaluate in {ckpt.directory}")
+        raise CheckpointNotFoundError(f"no checkpoint to evaluate in {ckpt.directory}: train first")
     ts, _, step = restored
     writer = mlib.Writer(workdir)
     out = _evaluate_and_report(cfg, ts.params, mesh, writer, step)
