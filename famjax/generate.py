@@ -5,6 +5,9 @@
 
 The prompt may be any length: it is streamed through the model in chunks (--chunk_size) with constant
 memory. Generation stops at the tokenizer's eos (unless --no_stop_at_eos) or after --max_new_tokens.
+
+A user error (a missing or empty prompt file, a workdir without checkpoints, a bad flag) is one line on
+stderr and exit code 2; --verbose (or FAMJAX_VERBOSE=1) shows its traceback.
 """
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ import sys
 import numpy as np
 
 from famjax import infer
+from famjax.cli import VERBOSE_HELP, user_errors
+from famjax.errors import ConfigError, DataError
 
 
 class TextStreamer:
@@ -52,7 +57,8 @@ def run(model, tokenizer, text: str, *, max_new_tokens: int = 256, sampling: inf
     if add_bos and tokenizer.bos_id is not None:
         ids = np.concatenate([[tokenizer.bos_id], ids]).astype(np.int32)
     if ids.size == 0:
-        raise ValueError("the prompt encodes to no tokens (empty prompt and no bos token)")
+        raise DataError("the prompt encodes to no tokens and no bos token goes before it (--no_bos, or a tokenizer "
+                        "without one): give a longer prompt")
     stops = [tokenizer.eos_id] if stop_at_eos and tokenizer.eos_id is not None else None
     streamer = TextStreamer(tokenizer, out)
     gen = infer.generate(model, [ids], max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
@@ -79,24 +85,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no_bos", action="store_true", help="do not prepend the bos token")
     p.add_argument("--no_stop_at_eos", action="store_true", help="keep generating after eos")
     p.add_argument("--stats", action="store_true", help="print timings to stderr at the end")
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     return p.parse_args(argv)
+
+
+def _check_flags(args) -> infer.Sampling:
+    """Returns the Sampling of the flags; raises ConfigError (one line naming the flag) on an impossible one."""
+    try:
+        sampling = infer.Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    except ValueError as e:  # "temperature must be ...": the flag's name
+        raise ConfigError(f"--{e}") from None
+    if args.max_new_tokens < 0:
+        raise ConfigError(f"--max_new_tokens must be >= 0, got {args.max_new_tokens}")
+    if args.chunk_size < 1:
+        raise ConfigError(f"--chunk_size must be >= 1, got {args.chunk_size}")
+    return sampling
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    sampling = infer.Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    if args.prompt_file:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            text = f.read()
-    else:
-        text = args.prompt
-    try:
-        model, config = infer.load.load_model(args.workdir or args.checkpoint)
-    except (ValueError, FileNotFoundError) as e:  # a run this famjax cannot load: one line, no traceback
-        raise SystemExit(f"famjax.generate: {e}") from None
-    tokenizer = infer.load.tokenizer_for(config)
-    gen = run(model, tokenizer, text, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
-              chunk_size=args.chunk_size, add_bos=not args.no_bos, stop_at_eos=not args.no_stop_at_eos)
+    with user_errors("famjax.generate", verbose=args.verbose):
+        sampling = _check_flags(args)
+        # Everything a user can get wrong is checked before the model is built: prompt, run, tokenizer.
+        text = infer.load.read_prompt(args.prompt, args.prompt_file)
+        path = args.workdir or args.checkpoint
+        tokenizer = infer.load.tokenizer_for(infer.load.check_run(path))
+        model, _ = infer.load.load_model(path)
+        if sampling.top_k > model.cfg.vocab_size:
+            raise ConfigError(f"--top_k must be <= the model's vocab_size {model.cfg.vocab_size}, "
+                              f"got {sampling.top_k}")
+        gen = run(model, tokenizer, text, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
+                  chunk_size=args.chunk_size, add_bos=not args.no_bos, stop_at_eos=not args.no_stop_at_eos)
     if args.stats:
         n = len(gen.tokens[0])
         print(f"[prefill {gen.prefill_seconds:.2f}s, {n} tokens in {gen.decode_seconds:.2f}s, "

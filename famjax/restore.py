@@ -18,6 +18,7 @@ import os
 import jax
 import ml_collections
 
+from famjax.errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from famjax.model.config import ModelConfig
 
 CONFIG_FILE = "config.json"
@@ -56,7 +57,7 @@ def from_json(text: str) -> ml_collections.ConfigDict:
 
 
 def check_model_fields(cfg: ml_collections.ConfigDict, source: str = "config") -> None:
-    """Raises ValueError (one line) if the `model` or `fam` section holds a field famjax does not know.
+    """Raises ConfigError (a ValueError; one line) if the `model` or `fam` section holds a field famjax lacks.
 
     A field of another famjax version (e.g. a training option that was removed) would otherwise be dropped
     and the run would load silently as another model.
@@ -65,9 +66,9 @@ def check_model_fields(cfg: ml_collections.ConfigDict, source: str = "config") -
     for section, names in known.items():
         unknown = sorted(set(cfg.get(section, {})) - names)
         if unknown:
-            raise ValueError(f"{source}: unknown field {section}.{unknown[0]}"
-                             f"{f' (and {len(unknown) - 1} more)' if len(unknown) > 1 else ''}: not a field of "
-                             "this famjax version (a removed option?); this run cannot be loaded as it was trained")
+            raise ConfigError(f"{source}: unknown field {section}.{unknown[0]}"
+                              f"{f' (and {len(unknown) - 1} more)' if len(unknown) > 1 else ''}: not a field of "
+                              "this famjax version (a removed option?); this run cannot be loaded as it was trained")
 
 
 def model_config(cfg: ml_collections.ConfigDict) -> ModelConfig:
@@ -97,7 +98,8 @@ def base_model(cfg, mesh=None):
     """Returns the FamLM a run with train.init_from starts from: the pretrained source loaded with the config's
     overrides (placed with cfg.mesh.rules on mesh) and the config's LoRA adapters added (seeded by train.seed).
 
-    Raises ValueError (one line) if the result is not the config's model (the source changed since resolve).
+    Raises CheckpointError (a ValueError; one line) if the result is not the config's model (the source changed
+    since resolve).
     """
     from famjax.convert import load_pretrained
     from famjax.model import lora
@@ -112,30 +114,45 @@ def base_model(cfg, mesh=None):
                               seed=seed, mesh=mesh, rules=rules)
     if model.cfg != want:
         diff = [f for f in ModelConfig.__dataclass_fields__ if getattr(model.cfg, f) != getattr(want, f)]
-        raise ValueError(f"train.init_from {init_from(cfg)}: the checkpoint's model differs from the config's in "
-                         f"{', '.join(diff)} (resolve the config again: model fields come from the checkpoint)")
+        raise CheckpointError(f"train.init_from {init_from(cfg)}: the checkpoint's model differs from the "
+                              f"config's in {', '.join(diff)} (resolve the config again: model fields come "
+                              "from the checkpoint)")
     return model
 
 
 def find_checkpoint(path: str) -> tuple[str, int | None, str | None]:
     """Returns (checkpoints directory, step or None for the latest, workdir config.json path or None).
 
-    path: a workdir (holding config.json and checkpoints/), its checkpoints/ directory, or one step
-    directory checkpoints/<step>.
+    path: a workdir (holding config.json and/or checkpoints/), its checkpoints/ directory, or one step
+    directory checkpoints/<step>. Raises CheckpointNotFoundError (one line naming it) if path is not a folder.
     """
+    given = path
     path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.exists(path):
+        raise CheckpointNotFoundError(f"no such workdir or checkpoint folder: {given} (the --workdir of a "
+                                      "training run, its checkpoints/ or one checkpoints/<step> folder)")
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"no such checkpoint or workdir: {path}")
-    if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
-        cfg = os.path.join(path, CONFIG_FILE)
-        return os.path.join(path, CHECKPOINT_DIR), None, cfg if os.path.exists(cfg) else None
+        raise CheckpointNotFoundError(f"{given} is a file, not a workdir or checkpoint folder")
+    cfg = os.path.join(path, CONFIG_FILE)
+    if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)) or os.path.isfile(cfg):  # a workdir
+        return os.path.join(path, CHECKPOINT_DIR), None, cfg if os.path.isfile(cfg) else None
     base = os.path.basename(path)
     if base.isdigit() and os.path.isdir(os.path.join(path, "params")):
         parent = os.path.dirname(path)
         cfg = os.path.join(os.path.dirname(parent), CONFIG_FILE)
-        return parent, int(base), cfg if os.path.exists(cfg) else None
+        return parent, int(base), cfg if os.path.isfile(cfg) else None
     cfg = os.path.join(os.path.dirname(path), CONFIG_FILE)
-    return path, None, cfg if os.path.exists(cfg) else None
+    return path, None, cfg if os.path.isfile(cfg) else None
+
+
+def _no_checkpoints(path: str, ckpt_dir: str) -> CheckpointNotFoundError:
+    """The one-line error of a workdir (or another folder) without a checkpoint."""
+    if os.path.basename(ckpt_dir) == CHECKPOINT_DIR:
+        workdir = os.path.dirname(ckpt_dir)
+        return CheckpointNotFoundError(f"no checkpoints in {workdir}: train first (python -m famjax.main "
+                                       f"--config=... --workdir={workdir}) or give another workdir")
+    return CheckpointNotFoundError(f"{path} is not a famjax workdir or checkpoint folder (no {CONFIG_FILE}, no "
+                                   f"{CHECKPOINT_DIR}/, no step folders): give the --workdir of a training run")
 
 
 def checkpoint_steps(ckpt_dir: str) -> list[int]:
@@ -145,20 +162,48 @@ def checkpoint_steps(ckpt_dir: str) -> list[int]:
     return [int(d) for d in os.listdir(ckpt_dir) if d.isdigit() and os.path.isdir(os.path.join(ckpt_dir, d))]
 
 
+def checkpoint_dir_and_steps(path: str, step: int | None = None) -> tuple[str, list[int]]:
+    """Returns (checkpoints directory, steps to try, newest first) of a workdir, checkpoints dir or step dir:
+    [step] (or the step in the path) if given, else every saved step.
+
+    Raises CheckpointNotFoundError (one line naming the folder; "train first") if there is none.
+    """
+    ckpt_dir, path_step, _ = find_checkpoint(path)
+    want = step if step is not None else path_step
+    have = checkpoint_steps(ckpt_dir)
+    if want is None:
+        if not have:
+            raise _no_checkpoints(path, ckpt_dir)
+        return ckpt_dir, sorted(have, reverse=True)
+    if want not in have:
+        raise CheckpointNotFoundError(f"no checkpoint of step {want} in {ckpt_dir}; steps there: "
+                                      f"{sorted(have) or 'none'}")
+    return ckpt_dir, [want]
+
+
 def load_config(path: str) -> ml_collections.ConfigDict:
     """Returns the resolved config of a workdir, checkpoints dir or step dir (config.json or config item).
 
-    Raises ValueError (one line naming the file and field) if it holds a model field famjax does not know.
+    Raises (one line naming the file or field) CheckpointNotFoundError if there is neither a config.json nor a
+    checkpoint, ConfigError if the file is not a config (not JSON) or holds a model field famjax does not know.
     """
     ckpt_dir, step, cfg_file = find_checkpoint(path)
     if cfg_file is None:
         steps = [step] if step is not None else sorted(checkpoint_steps(ckpt_dir), reverse=True)
+        if not steps:
+            raise _no_checkpoints(path, ckpt_dir)
         items = (os.path.join(ckpt_dir, str(s), "config", "metadata") for s in steps)
         cfg_file = next((item for item in items if os.path.exists(item)), None)
         if cfg_file is None:
-            raise FileNotFoundError(f"no {CONFIG_FILE} and no config item found for {path}")
-    with open(cfg_file) as f:
-        cfg = from_json(f.read())
+            raise CheckpointError(f"{ckpt_dir}: no {CONFIG_FILE} beside the checkpoints and no config item in them "
+                                  f"(copy the run's {CONFIG_FILE} into {os.path.dirname(ckpt_dir)})")
+    try:
+        with open(cfg_file, encoding="utf-8") as f:
+            cfg = from_json(f.read())
+    except (OSError, TypeError, ValueError) as e:  # JSONDecodeError, UnicodeDecodeError: ValueErrors
+        raise ConfigError(f"{cfg_file}: cannot read the run's config ({type(e).__name__}: {e})") from None
+    if not isinstance(cfg, ml_collections.ConfigDict) or "model" not in cfg:
+        raise ConfigError(f"{cfg_file}: not a famjax run config (no 'model' section)")
     check_model_fields(cfg, cfg_file)
     return cfg
 
@@ -184,12 +229,9 @@ def restore_model(path: str, step: int | None = None):
     from flax import nnx
     from jax.sharding import SingleDeviceSharding
 
-    ckpt_dir, path_step, _ = find_checkpoint(path)
     cfg = load_config(path)
-    want = step if step is not None else path_step
-    steps = [want] if want is not None else sorted(checkpoint_steps(ckpt_dir), reverse=True)
-    if not steps:
-        raise FileNotFoundError(f"no checkpoints in {ckpt_dir}")
+    ckpt_dir, steps = checkpoint_dir_and_steps(path, step)
+    want = step if step is not None else find_checkpoint(path)[1]
     base = None
     if os.path.isdir(os.path.join(ckpt_dir, str(steps[0]), "base")):
         # A run that trained some leaves of a pretrained base (train.trainable): its checkpoints hold those only.
@@ -202,18 +244,19 @@ def restore_model(path: str, step: int | None = None):
         graphdef, saved = abstract_params(model_config(cfg))
     device = SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), saved)
-    with ocp.CheckpointManager(ckpt_dir, item_names=("params",),
-                               options=ocp.CheckpointManagerOptions(read_only=True, create=False)) as mngr:
+    # The params item of a step directly (a read-only CheckpointManager would log two warnings on every load).
+    with ocp.StandardCheckpointer() as checkpointer:
         for i, s in enumerate(steps):
             try:
-                out = mngr.restore(s, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+                params = checkpointer.restore(os.path.join(ckpt_dir, str(s), "params"), target)
                 break
             except Exception as e:
                 if want is not None or i == len(steps) - 1:
-                    raise
+                    newer = f" (nor the {i} newer)" if i else ""
+                    raise CheckpointError(f"cannot restore step {s} of {ckpt_dir}{newer}: {_first_line(e)}; the "
+                                          "checkpoint is damaged or belongs to another model") from e
                 _LOG.warning("checkpoint step %d in %s is unreadable (%s); falling back to step %d",
                              s, ckpt_dir, e, steps[i + 1])
-    params = out["params"]
     if base is not None:
         from famjax.model import lora
         params = lora.combine(frozen, params)
@@ -221,14 +264,19 @@ def restore_model(path: str, step: int | None = None):
 
 
 def check_base_source(stored: dict, cfg, where: str) -> None:
-    """Raises ValueError (one line naming both hashes) unless the pretrained source of cfg (train.init_from) has
-    the content hash a checkpoint's base pointer `stored` recorded."""
+    """Raises CheckpointError (a ValueError; one line naming both hashes) unless the pretrained source of cfg
+    (train.init_from) has the content hash a checkpoint's base pointer `stored` recorded."""
     from famjax.convert.source import source_hash
 
     have = source_hash(init_from(cfg))
     if stored.get("sha256") != have:
-        raise ValueError(f"{where}: the checkpoint was trained on base {stored.get('source')} "
-                         f"({stored.get('sha256')}), but train.init_from {init_from(cfg)} has {have}")
+        raise CheckpointError(f"{where}: the checkpoint was trained on base {stored.get('source')} "
+                              f"({stored.get('sha256')}), but train.init_from {init_from(cfg)} has {have}")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 def _read_json_item(ckpt_dir: str, step: int, item: str) -> dict:

@@ -20,6 +20,7 @@ import tensorflow_datasets as tfds
 
 from famjax.data import local_text, passkey
 from famjax.data.tokenizers import Tokenizer
+from famjax.errors import ConfigError, DataError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +88,7 @@ def _find_prepared(data_dir: str, entry: CatalogEntry, version: str) -> tuple[st
         with open(path, encoding="utf-8") as f:
             return os.path.dirname(path), json.load(f)
     except (OSError, ValueError) as e:
-        raise ValueError(f"data_dir: cannot parse {path!r}: {e}") from None
+        raise DataError(f"data_dir: cannot parse {path!r}: {e}") from None
 
 
 def _tensorflow_available() -> bool:
@@ -114,22 +115,22 @@ def open_catalog(name: str, split: str, data_dir: str, version: str = ""):
     entry = CATALOG[name]
     vdir, info = _find_prepared(data_dir, entry, version)
     if not vdir:
-        raise ValueError(
+        raise DataError(
             f"dataset {name!r} is not prepared in data_dir {data_dir!r}"
             f"{f' (catalog.version {version!r})' if version else ''}; prepare it once with "
             f"`{_build_command(name, entry, data_dir)}` (needs network and `pip install famjax[tf]`)")
     formats = {info.get("fileFormat", "tfrecord")} | set(info.get("alternativeFileFormats", []))
     if "array_record" not in formats:
         if not _tensorflow_available():
-            raise ValueError(
+            raise DataError(
                 f"dataset {name!r} in {vdir!r} is in tfrecord form, which needs tensorflow to read: "
                 f"`pip install famjax[tf]` (famjax then converts it once to array_record in place), or "
                 f"rebuild it with `{_build_command(name, entry, data_dir)}`")
         _convert_to_array_record(vdir)
     builder = tfds.builder_from_directory(vdir)
     if split not in builder.info.splits:
-        raise ValueError(f"split {split!r} is not in dataset {name!r}; "
-                         f"available: {sorted(builder.info.splits)}")
+        raise DataError(f"split {split!r} is not in dataset {name!r}; "
+                        f"available: {sorted(builder.info.splits)}")
     return builder.as_data_source(split=split)
 
 
@@ -138,7 +139,7 @@ def open_dataset(data_cfg, split: str, tok: Tokenizer) -> OpenedDataset:
     name = data_cfg.dataset
     data_dir = os.path.expanduser(data_cfg.data_dir or "")
     if not data_dir:
-        raise ValueError(f"data_dir is required (where dataset {name!r} is prepared or cached)")
+        raise ConfigError(f"data_dir is required (where dataset {name!r} is prepared or cached)")
     if name == "passkey":
         src = passkey.data_source(data_cfg.passkey, tok, data_dir, split)
         fn = functools.partial(passkey_example, other_weight=float(data_cfg.passkey.loss_weight_other))
@@ -148,8 +149,8 @@ def open_dataset(data_cfg, split: str, tok: Tokenizer) -> OpenedDataset:
         return OpenedDataset(src, functools.partial(text_example, feature="text", tok=tok), "stream")
     if name in CATALOG:
         if not os.path.isdir(data_dir):
-            raise ValueError(f"data_dir {data_dir!r} does not exist (needed for catalog dataset {name!r})")
+            raise DataError(f"data_dir {data_dir!r} does not exist (needed for catalog dataset {name!r})")
         src = open_catalog(name, split, data_dir, data_cfg.catalog.version)
         fn = functools.partial(text_example, feature=CATALOG[name].text_feature, tok=tok)
         return OpenedDataset(src, fn, CATALOG[name].batching)
-    raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
+    raise ConfigError(f"dataset must be one of {DATASETS}, got {name!r}")

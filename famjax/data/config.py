@@ -7,6 +7,7 @@ from famjax.data.catalog import CATALOG, DATASETS
 from famjax.data.local_text import ENCODING_ERRORS
 from famjax.data.passkey import KEY_POSITIONS
 from famjax.data.tokenizers import TOKENIZER_KINDS
+from famjax.errors import ConfigError
 
 BATCHINGS = ("auto", "packed", "stream")
 
@@ -62,55 +63,55 @@ def default_config() -> ml_collections.ConfigDict:
 
 def _choice(field: str, value, allowed) -> None:
     if value not in allowed:
-        raise ValueError(f"data.{field} must be one of {tuple(allowed)}, got {value!r}")
+        raise ConfigError(f"data.{field} must be one of {tuple(allowed)}, got {value!r}")
 
 
 def validate(cfg: ml_collections.ConfigDict, *, process_count: int | None = None,
              block_size: int | None = None) -> None:
-    """Raises ValueError naming the first bad field of a `data` section and what it allows."""
+    """Raises ConfigError (a ValueError) naming the first bad field of a `data` section and what it allows."""
     _choice("dataset", cfg.dataset, DATASETS)
     _choice("batching", cfg.batching, BATCHINGS)
     _choice("tokenizer.kind", cfg.tokenizer.kind, TOKENIZER_KINDS)
     if not cfg.data_dir:
-        raise ValueError("data.data_dir is required (where datasets are prepared or cached)")
+        raise ConfigError("data.data_dir is required (where datasets are prepared or cached)")
     if cfg.tokenizer.kind in ("sentencepiece", "hf", "gguf") and not cfg.tokenizer.path:
-        raise ValueError(f"data.tokenizer.path is required for tokenizer.kind={cfg.tokenizer.kind!r}")
+        raise ConfigError(f"data.tokenizer.path is required for tokenizer.kind={cfg.tokenizer.kind!r}")
     for field in ("seq_len", "batch_size"):
         if int(cfg[field]) <= 0:
-            raise ValueError(f"data.{field} must be > 0, got {cfg[field]}")
+            raise ConfigError(f"data.{field} must be > 0, got {cfg[field]}")
     for field in ("read_threads", "prefetch_batches"):
         if int(cfg[field]) < 0:
-            raise ValueError(f"data.{field} must be >= 0, got {cfg[field]}")
+            raise ConfigError(f"data.{field} must be >= 0, got {cfg[field]}")
     if block_size is not None and cfg.seq_len % block_size:
-        raise ValueError(f"data.seq_len must be a multiple of block_size {block_size}, got {cfg.seq_len}")
+        raise ConfigError(f"data.seq_len must be a multiple of block_size {block_size}, got {cfg.seq_len}")
     if process_count is not None and cfg.batch_size % process_count:
-        raise ValueError(f"data.batch_size must be divisible by the process count {process_count}, "
-                         f"got {cfg.batch_size}")
+        raise ConfigError(f"data.batch_size must be divisible by the process count {process_count}, "
+                          f"got {cfg.batch_size}")
     if cfg.dataset == "passkey":
         pk = cfg.passkey
         _choice("passkey.key_position", pk.key_position, KEY_POSITIONS)
         if pk.key_digits < 1:
-            raise ValueError(f"data.passkey.key_digits must be >= 1, got {pk.key_digits}")
+            raise ConfigError(f"data.passkey.key_digits must be >= 1, got {pk.key_digits}")
         if not 0 <= pk.train_filler_min <= pk.train_filler_max:
-            raise ValueError("data.passkey.train_filler_min must be in [0, train_filler_max], got "
-                             f"{pk.train_filler_min} (train_filler_max {pk.train_filler_max})")
+            raise ConfigError("data.passkey.train_filler_min must be in [0, train_filler_max], got "
+                              f"{pk.train_filler_min} (train_filler_max {pk.train_filler_max})")
         if any(int(m) < 1 for m in pk.eval_multipliers):
-            raise ValueError("data.passkey.eval_multipliers must all be >= 1, "
-                             f"got {tuple(pk.eval_multipliers)}")
+            raise ConfigError("data.passkey.eval_multipliers must all be >= 1, "
+                              f"got {tuple(pk.eval_multipliers)}")
         if pk.loss_weight_other < 0:
-            raise ValueError(f"data.passkey.loss_weight_other must be >= 0, got {pk.loss_weight_other}")
+            raise ConfigError(f"data.passkey.loss_weight_other must be >= 0, got {pk.loss_weight_other}")
         chain = pk.get("chain", 1)
         if not isinstance(chain, int) or chain < 1:
-            raise ValueError(f"data.passkey.chain must be an integer >= 1, got {chain!r}")
+            raise ConfigError(f"data.passkey.chain must be an integer >= 1, got {chain!r}")
         if chain > 1 and cfg.batching == "packed":
-            raise ValueError("data.passkey.chain > 1 joins examples into document streams: it needs "
-                             "data.batching 'auto' or 'stream', got 'packed'")
+            raise ConfigError("data.passkey.chain > 1 joins examples into document streams: it needs "
+                              "data.batching 'auto' or 'stream', got 'packed'")
     if cfg.dataset == "local_text":
         if not cfg.local_text.path:
-            raise ValueError("data.local_text.path is required for dataset 'local_text'")
+            raise ConfigError("data.local_text.path is required for dataset 'local_text'")
         _choice("local_text.encoding_errors", cfg.local_text.encoding_errors, ENCODING_ERRORS)
         if not 0.0 <= cfg.local_text.validation_fraction < 1.0:
-            raise ValueError("data.local_text.validation_fraction must be in [0, 1), got "
+            raise ConfigError("data.local_text.validation_fraction must be in [0, 1), got "
                              f"{cfg.local_text.validation_fraction}")
 
 

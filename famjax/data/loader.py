@@ -24,6 +24,7 @@ from famjax.data.config import resolve_batching, validate
 from famjax.data.packing import PackedBatchDataset
 from famjax.data.streams import StreamBatchDataset
 from famjax.data.tokenizers import Tokenizer, make_tokenizer
+from famjax.errors import CheckpointError, ConfigError, DataError
 
 STATE_VERSION = 1
 
@@ -41,9 +42,9 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
 
 def _check_length(example: dict, *, seq_len: int, split: str) -> dict:
     if len(example["tokens"]) > seq_len:
-        raise ValueError(f"a PassKey example of split {split!r} has {len(example['tokens'])} tokens, "
-                         f"more than "
-                         f"data.seq_len {seq_len}; raise seq_len or lower passkey.train_filler_max")
+        raise ConfigError(f"a PassKey example of split {split!r} has {len(example['tokens'])} tokens, "
+                          f"more than "
+                          f"data.seq_len {seq_len}; raise seq_len or lower passkey.train_filler_max")
     return example
 
 
@@ -78,11 +79,11 @@ class DataIterator(grain.DatasetIterator):
         if isinstance(state, (bytes, str)):
             state = json.loads(state)
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"data iterator state has version {state.get('version')}, "
-                             f"expected {STATE_VERSION}")
+            raise CheckpointError(f"data iterator state has version {state.get('version')}, "
+                                  f"expected {STATE_VERSION}")
         if state.get("fingerprint") != self._fingerprint:
-            raise ValueError("data iterator state was saved with a different data config, split or process "
-                             "layout (dataset, seq_len, batch_size, seed, process_index/count must match)")
+            raise ConfigError("data iterator state was saved with a different data config, split or process "
+                              "layout (dataset, seq_len, batch_size, seed, process_index/count must match)")
         self._inner.set_state(state["loader"])
 
     def close(self) -> None:
@@ -128,8 +129,8 @@ def make_iterator(data_cfg, *, block_size: int, process_index: int | None = None
     opened = catalog.open_dataset(data_cfg, split, tok)
     n = len(opened.source)
     if n < process_count:
-        raise ValueError(f"split {split!r} of dataset {data_cfg.dataset!r} has {n} examples, fewer than the "
-                         f"{process_count} processes reading it")
+        raise DataError(f"split {split!r} of dataset {data_cfg.dataset!r} has {n} examples, fewer than the "
+                        f"{process_count} processes reading it")
     seq_len = int(data_cfg.seq_len)
     to_example = opened.to_example
     chain = int(data_cfg.passkey.get("chain", 1)) if data_cfg.dataset == "passkey" and is_train else 1
@@ -137,8 +138,8 @@ def make_iterator(data_cfg, *, block_size: int, process_index: int | None = None
     if data_cfg.dataset == "passkey":
         longest = passkey.max_tokens(data_cfg.passkey, tok, split)
         if longest > seq_len and batching == "packed":
-            raise ValueError(f"PassKey split {split!r} holds examples of up to {longest} tokens, more than "
-                             f"data.seq_len {seq_len}; raise seq_len or lower passkey.train_filler_max")
+            raise ConfigError(f"PassKey split {split!r} holds examples of up to {longest} tokens, more than "
+                              f"data.seq_len {seq_len}; raise seq_len or lower passkey.train_filler_max")
         if batching == "packed":
             check = functools.partial(_check_length, seq_len=seq_len, split=split)
             to_example = _compose(opened.to_example, check)
@@ -190,7 +191,7 @@ def passkey_pairs(data_cfg, split: str, *, process_index: int = 0, process_count
     With process_count > 1 each process gets every process_count-th example. limit caps the examples read.
     """
     if data_cfg.dataset != "passkey":
-        raise ValueError(f"passkey_pairs needs data.dataset='passkey', got {data_cfg.dataset!r}")
+        raise ConfigError(f"passkey_pairs needs data.dataset='passkey', got {data_cfg.dataset!r}")
     tok = tokenizer or make_tokenizer(data_cfg)
     src = passkey.data_source(data_cfg.passkey, tok, os.path.expanduser(data_cfg.data_dir), split)
     return passkey.pairs_from_source(src, process_index=process_index, process_count=process_count,

@@ -3,7 +3,11 @@
 Documents are stored as text (not token ids), so one prepared copy serves every tokenizer. Each file goes to
 `train` or `validation` by a hash of its path relative to the folder: adding a file never moves another one.
 The cache folder name is a digest of the folder, the glob and every file's (path, size, mtime), so editing
-the folder prepares a fresh copy instead of silently reading the old one.
+the folder prepares a fresh copy instead of silently reading the old one. A split no file falls in is not
+written (a small folder may have no validation file); asking for it is a DataError that says so.
+
+Problems with the folder or its files (missing, no matching file, only empty files, a file that is not UTF-8)
+raise famjax.errors.DataError (a ValueError) naming the folder or file.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import os
 import tensorflow_datasets as tfds
 
 from famjax.data import tfds_util
+from famjax.errors import ConfigError, DataError
 
 BUILDER_NAME = "famjax_local_text"
 ENCODING_ERRORS = ("strict", "replace", "ignore")
@@ -23,16 +28,18 @@ ENCODING_ERRORS = ("strict", "replace", "ignore")
 def list_files(path: str, pattern: str) -> list[str]:
     """Returns the sorted relative paths under `path` matching `pattern` (directories excluded)."""
     if not path:
-        raise ValueError("local_text.path is required for dataset 'local_text'")
+        raise ConfigError("local_text.path is required for dataset 'local_text'")
     root = os.path.abspath(os.path.expanduser(path))
     if not os.path.isdir(root):
-        raise ValueError(f"local_text.path: {path!r} is not a folder")
+        what = "it is a file" if os.path.exists(root) else "it does not exist"
+        raise DataError(f"local_text.path: {path!r} is not a folder ({what}); give the folder that holds the "
+                        "text files (one document per file)")
     # lexists, not isfile: a dangling link must fail loudly when read rather than vanish from the data.
     matches = glob_lib.glob(os.path.join(root, pattern), recursive=True)
     files = sorted(os.path.relpath(p, root) for p in matches
                    if os.path.lexists(p) and not os.path.isdir(p))
     if not files:
-        raise ValueError(f"local_text.path: no files match {pattern!r} under {path!r} (local_text.glob)")
+        raise DataError(f"local_text.path: no files match {pattern!r} under {path!r} (local_text.glob)")
     return files
 
 
@@ -43,19 +50,19 @@ def is_validation(relpath: str, fraction: float) -> bool:
 
 
 def read_document(root: str, relpath: str, errors: str) -> str:
-    """Returns a file's text; raises ValueError naming the file if it cannot be read or decoded."""
+    """Returns a file's text; raises DataError (one line naming the file) if it cannot be read or decoded."""
     p = os.path.join(root, relpath)
     try:
         with open(p, "rb") as f:
             raw = f.read()
     except OSError as e:
-        raise ValueError(f"local_text: cannot read file {p!r}: {e.strerror or e}") from None
+        raise DataError(f"local_text: cannot read file {p!r}: {e.strerror or e}") from None
     try:
         return raw.decode("utf-8", errors=errors)
     except UnicodeDecodeError as e:
-        raise ValueError(f"local_text: file {p!r} is not valid UTF-8 ({e.reason} at byte {e.start}); "
-                         "set local_text.encoding_errors to 'replace' or 'ignore' to read it anyway"
-                         ) from None
+        raise DataError(f"local_text: file {p!r} is not valid UTF-8 ({e.reason} at byte {e.start}); re-encode it "
+                        "as UTF-8 (e.g. iconv -f latin1 -t utf-8), or set local_text.encoding_errors to 'replace' "
+                        "or 'ignore' to read it anyway") from None
 
 
 @dataclasses.dataclass(eq=False)
@@ -74,12 +81,20 @@ def local_text_config(lt_cfg) -> LocalTextConfig:
     root = os.path.abspath(os.path.expanduser(lt_cfg.path or ""))
     files = tuple(list_files(lt_cfg.path, lt_cfg.glob))
     h = hashlib.sha1(f"{root}|{lt_cfg.glob}|{lt_cfg.validation_fraction}|{lt_cfg.encoding_errors}".encode())
+    text_bytes = 0
     for rel in files:
         try:
             st = os.stat(os.path.join(root, rel))
             h.update(f"{rel}|{st.st_size}|{st.st_mtime_ns}".encode())
+            text_bytes += st.st_size
         except OSError:  # dangling link: read_document reports it by name during preparation
             h.update(f"{rel}|missing".encode())
+            text_bytes += 1
+    if not text_bytes:
+        which = repr(os.path.join(root, files[0])) if len(files) == 1 else f"all {len(files)} files"
+        raise DataError(f"local_text.path: {which} matching {lt_cfg.glob!r} under {lt_cfg.path!r} "
+                        f"{'is' if len(files) == 1 else 'are'} empty; put text in the folder (one document per "
+                        "file)")
     name = f"{os.path.basename(root) or 'root'}_{h.hexdigest()[:12]}"
     name = "".join(c if c.isalnum() or c in "_-." else "_" for c in name)
     return LocalTextConfig(name=name, version="1.0.0", description=f"text files under {root}", root=root,
@@ -106,7 +121,9 @@ class FamjaxLocalText(tfds.core.GeneratorBasedBuilder):
         c = self.builder_config
         val = [f for f in c.files if is_validation(f, c.validation_fraction)]
         train = [f for f in c.files if not is_validation(f, c.validation_fraction)]
-        return {"train": self._generate_examples(train), "validation": self._generate_examples(val)}
+        # tfds refuses to write a split without examples: a split no file falls in is left out.
+        return {name: self._generate_examples(files) for name, files in (("train", train), ("validation", val))
+                if files}
 
     def _generate_examples(self, files):
         c = self.builder_config
@@ -119,6 +136,12 @@ def data_source(lt_cfg, data_dir: str, split: str):
     builder = tfds_util.prepare(lambda: FamjaxLocalText(config=local_text_config(lt_cfg), data_dir=data_dir,
                                                         file_format="array_record"))
     if split not in builder.info.splits:
-        raise ValueError(f"split {split!r} is not in dataset 'local_text'; "
-                         f"available: {sorted(builder.info.splits)}")
+        if split in ("train", "validation"):
+            n = len(builder.builder_config.files)
+            raise DataError(f"local_text: no file of local_text.path {lt_cfg.path!r} falls in split {split!r} "
+                            f"({n} file{'s' if n != 1 else ''}, local_text.validation_fraction "
+                            f"{lt_cfg.validation_fraction}; files go to validation by a hash of their path): add "
+                            "files, change validation_fraction, or use the other split")
+        raise DataError(f"split {split!r} is not in dataset 'local_text'; "
+                        f"available: {sorted(builder.info.splits)}")
     return builder.as_data_source(split=split)

@@ -28,6 +28,7 @@ from famjax.data.passkey_text import (  # noqa: F401 (re-exported: passkey.INTRO
     template_texts,
 )
 from famjax.data.tokenizers import Tokenizer
+from famjax.errors import ConfigError, DataError, TokenizerError
 
 KEY_POSITIONS = ("start", "uniform", "end")
 BUILDER_NAME = "famjax_passkey"
@@ -51,7 +52,8 @@ class _Pieces:
         self.key_before = enc(KEY_BEFORE)
         self.filler = [enc(s) for s in FILLER]
         if min(len(f) for f in self.filler) == 0:
-            raise ValueError("tokenizer: encodes a PassKey filler sentence to no tokens")
+            raise TokenizerError("tokenizer: encodes a PassKey filler sentence to no tokens; PassKey needs a "
+                                 "tokenizer that covers English text")
 
     def key(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         """Returns (ids of the key as written everywhere, ids of the whitespace that precedes it).
@@ -201,8 +203,8 @@ def data_source(pk_cfg, tok: Tokenizer, data_dir: str, split: str):
     """Returns the random-access source (len, [i] -> example dict) of a split, preparing it if needed."""
     builder = prepare(pk_cfg, tok, data_dir)
     if split not in builder.info.splits:
-        raise ValueError(f"split {split!r} is not in dataset 'passkey'; "
-                         f"available: {sorted(builder.info.splits)}")
+        raise DataError(f"split {split!r} is not in dataset 'passkey'; "
+                        f"available: {sorted(builder.info.splits)}")
     return builder.as_data_source(split=split)
 
 
@@ -219,7 +221,7 @@ def make_pairs(tok: Tokenizer, rng: np.random.Generator, *, filler_len: int, cou
     """Returns `count` fresh (prompt, answer) pairs with exactly `filler_len` filler tokens, drawn from `rng`
     (for evaluations at lengths no prepared split has)."""
     if key_position not in KEY_POSITIONS:
-        raise ValueError(f"key_position must be one of {KEY_POSITIONS}, got {key_position!r}")
+        raise ConfigError(f"key_position must be one of {KEY_POSITIONS}, got {key_position!r}")
     pieces = _Pieces(tok)
     out = []
     for _ in range(count):

@@ -4,6 +4,9 @@ Every tokenizer has `encode(text) -> np.int32 [n]`, `decode(ids) -> str`, `vocab
 `pad_id`, `bos_id`, `eos_id` (`bos_id`/`eos_id` may be None where a model file has none), and a `fingerprint`
 string that changes whenever the token ids it produces can change; prepared datasets that store token ids
 (PassKey) key their cache folder on it, so a new tokenizer never reads stale ids.
+
+A tokenizer file that is missing or not what its kind expects raises famjax.errors.TokenizerError (a ValueError)
+naming the file and the kind; an impossible tokenizer section, famjax.errors.ConfigError.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from famjax.data.passkey_text import template_texts
+from famjax.errors import ConfigError, TokenizerError
 
 TOKENIZER_KINDS = ("byte", "word", "sentencepiece", "hf", "gguf")
 
@@ -119,13 +123,22 @@ class WordTokenizer:
     @classmethod
     def from_file(cls, path: str) -> WordTokenizer:
         """Returns a tokenizer from a vocabulary file: one word per line, UTF-8."""
+        if not os.path.isfile(path):
+            raise TokenizerError(f"tokenizer.path: word vocabulary file {path!r} "
+                                 f"{'is a folder' if os.path.isdir(path) else 'does not exist'} "
+                                 "(tokenizer.kind 'word' reads one word per line, UTF-8)")
         try:
             with open(path, encoding="utf-8") as f:
                 words = [line.rstrip("\n") for line in f if line.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"tokenizer.path: cannot read word vocabulary file {path!r}: {e}") from None
+        except UnicodeDecodeError as e:
+            raise TokenizerError(f"tokenizer.path: word vocabulary file {path!r} is not UTF-8 text (byte "
+                                 f"{e.start}); tokenizer.kind 'word' reads one word per line, UTF-8") from None
+        except OSError as e:
+            raise TokenizerError(f"tokenizer.path: cannot read word vocabulary file {path!r}: "
+                                 f"{e.strerror or e}") from None
         if not words:
-            raise ValueError(f"tokenizer.path: word vocabulary file {path!r} is empty")
+            raise TokenizerError(f"tokenizer.path: word vocabulary file {path!r} is empty (tokenizer.kind 'word' "
+                                 "reads one word per line)")
         return cls(words, source=path)
 
     def save(self, path: str) -> None:
@@ -158,12 +171,14 @@ class SentencePieceTokenizer:
         import sentencepiece as spm
 
         if not os.path.isfile(path):
-            raise ValueError(f"tokenizer.path: SentencePiece model file {path!r} does not exist")
+            raise TokenizerError(f"tokenizer.path: SentencePiece model file {path!r} "
+                                 f"{'is a folder' if os.path.isdir(path) else 'does not exist'}")
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.Load(path)
         except Exception as e:  # noqa: BLE001  # sentencepiece raises OSError or RuntimeError depending on the damage
-            raise ValueError(f"tokenizer.path: {path!r} is not a valid SentencePiece model: {e}") from None
+            raise TokenizerError(f"tokenizer.path: {path!r} is not a valid SentencePiece model ({e}); "
+                                 "tokenizer.kind 'sentencepiece' needs a SentencePiece .model file") from None
         self.vocab_size = int(self.sp.GetPieceSize())
         self.pad_id = max(int(self.sp.pad_id()), 0)
         self.bos_id = int(self.sp.bos_id()) if self.sp.bos_id() >= 0 else None
@@ -196,11 +211,14 @@ class HFTokenizer:
         if os.path.isdir(path):
             path = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(path):
-            raise ValueError(f"tokenizer.path: Hugging Face tokenizer file {path!r} does not exist")
+            raise TokenizerError(f"tokenizer.path: Hugging Face tokenizer file {path!r} does not exist "
+                                 "(tokenizer.kind 'hf' reads a tokenizer.json, or a folder holding one)")
+        self._path = path
         try:
             self.tok = _HF.from_file(path)
         except Exception as e:  # noqa: BLE001  # tokenizers raises a bare Exception on bad JSON
-            raise ValueError(f"tokenizer.path: {path!r} is not a valid tokenizer.json: {e}") from None
+            raise TokenizerError(f"tokenizer.path: {path!r} is not a valid tokenizer.json ({e}); tokenizer.kind "
+                                 "'hf' needs the tokenizer.json of a Hugging Face tokenizer") from None
         names = self._config_names(os.path.join(os.path.dirname(path), "tokenizer_config.json"))
         self.vocab_size = int(self.tok.get_vocab_size(with_added_tokens=True))
         self.bos_id = self._find("bos_token", bos_token or names.get("bos_token"), _HF_BOS)
@@ -217,7 +235,8 @@ class HFTokenizer:
             with open(cfg_path, encoding="utf-8") as f:
                 raw = json.load(f)
         except (OSError, ValueError) as e:
-            raise ValueError(f"tokenizer.path: cannot parse {cfg_path!r}: {e}") from None
+            raise TokenizerError(f"tokenizer.path: cannot parse {cfg_path!r} (beside the tokenizer.json of "
+                                 f"tokenizer.kind 'hf'): {e}") from None
         out = {}
         for k in ("bos_token", "eos_token", "pad_token"):
             v = raw.get(k)
@@ -231,7 +250,8 @@ class HFTokenizer:
         if name:
             i = self.tok.token_to_id(name)
             if i is None:
-                raise ValueError(f"tokenizer.{field}: token {name!r} is not in the vocabulary")
+                raise ConfigError(f"tokenizer.{field}: token {name!r} is not in the vocabulary of "
+                                  f"{self._path!r}")
             return int(i)
         for c in candidates:
             i = self.tok.token_to_id(c)
@@ -263,14 +283,14 @@ _GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values (ll
 
 def gguf_field(reader, key: str, default=None, *, path: str = ""):
     """Returns the value of a GGUF metadata field (scalar, string or list) of a gguf.GGUFReader, or default when
-    absent; an unreadable field raises ValueError (one line naming the file and field)."""
+    absent; an unreadable field raises TokenizerError (a ValueError; one line naming the file and field)."""
     f = reader.fields.get(key)
     if f is None:
         return default
     try:
         return f.contents()
     except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{path}: cannot read GGUF metadata field {key!r}: {e}") from None
+        raise TokenizerError(f"{path}: cannot read GGUF metadata field {key!r}: {e}") from None
 
 
 def _byte_level_alphabet() -> dict[int, str]:
@@ -368,7 +388,8 @@ class GGUFTokenizer(HFTokenizer):
     def __init__(self, path: str):
         path = os.fspath(path)
         if not os.path.isfile(path):
-            raise ValueError(f"tokenizer.path: GGUF file {path!r} does not exist")
+            raise TokenizerError(f"tokenizer.path: GGUF file {path!r} "
+                                 f"{'is a folder' if os.path.isdir(path) else 'does not exist'}")
         try:
             import gguf
 
@@ -376,8 +397,8 @@ class GGUFTokenizer(HFTokenizer):
         except ImportError:
             raise ImportError("reading GGUF files needs the `gguf` package: pip install gguf") from None
         except Exception as e:  # noqa: BLE001  # ValueError/IndexError/KeyError on a damaged or foreign file
-            raise ValueError(f"tokenizer.path: {path!r} is not a readable GGUF file: {type(e).__name__}: {e}"
-                             ) from None
+            raise TokenizerError(f"tokenizer.path: {path!r} is not a readable GGUF file ({type(e).__name__}: "
+                                 f"{e}); tokenizer.kind 'gguf' reads the vocabulary stored in a .gguf") from None
         self._setup(reader, path)
 
     @classmethod
@@ -395,14 +416,15 @@ class GGUFTokenizer(HFTokenizer):
         tokens = field("tokens")
         if model is None or tokens is None:
             missing = "tokenizer.ggml.model" if model is None else "tokenizer.ggml.tokens"
-            raise ValueError(f"{path}: GGUF file has no vocabulary ({missing} is missing)")
+            raise TokenizerError(f"{path}: GGUF file has no vocabulary ({missing} is missing); use the model's own "
+                                 "tokenizer file instead (tokenizer.kind 'hf' or 'sentencepiece')")
         if model not in ("gpt2", "llama"):
-            raise ValueError(f"{path}: unsupported GGUF tokenizer.ggml.model {model!r}; famjax builds byte-level "
-                             "BPE ('gpt2') and SentencePiece BPE ('llama') vocabularies")
+            raise TokenizerError(f"{path}: unsupported GGUF tokenizer.ggml.model {model!r}; famjax builds byte-level "
+                                 "BPE ('gpt2') and SentencePiece BPE ('llama') vocabularies")
         types = field("token_type") or [1] * len(tokens)
         if len(types) != len(tokens):
-            raise ValueError(f"{path}: GGUF tokenizer.ggml.token_type has {len(types)} entries for "
-                             f"{len(tokens)} tokens")
+            raise TokenizerError(f"{path}: GGUF tokenizer.ggml.token_type has {len(types)} entries for "
+                                 f"{len(tokens)} tokens")
         merges = field("merges")
         pairs = None
         if merges is not None:
@@ -410,24 +432,24 @@ class GGUFTokenizer(HFTokenizer):
             for i, m in enumerate(merges):
                 parts = m.split(" ")
                 if len(parts) != 2:
-                    raise ValueError(f"{path}: GGUF tokenizer.ggml.merges[{i}] = {m!r} is not two tokens")
+                    raise TokenizerError(f"{path}: GGUF tokenizer.ggml.merges[{i}] = {m!r} is not two tokens")
                 pairs.append(tuple(parts))
         pre_name = field("pre", "default")
         scores, space = field("scores"), bool(field("add_space_prefix", True))
         if model == "gpt2":
             if pairs is None:
-                raise ValueError(f"{path}: GGUF byte-level vocabulary has no tokenizer.ggml.merges")
+                raise TokenizerError(f"{path}: GGUF byte-level vocabulary has no tokenizer.ggml.merges")
             if pre_name not in _GGUF_PRE:
-                raise ValueError(f"{path}: unsupported GGUF tokenizer.ggml.pre {pre_name!r}; known: "
-                                 f"{', '.join(sorted(_GGUF_PRE))}")
+                raise TokenizerError(f"{path}: unsupported GGUF tokenizer.ggml.pre {pre_name!r}; known: "
+                                     f"{', '.join(sorted(_GGUF_PRE))}")
             tok = _gguf_byte_level_bpe(tokens, types, pairs, _GGUF_PRE[pre_name])
         else:
             if pairs is None and scores is None:
-                raise ValueError(f"{path}: GGUF SentencePiece vocabulary has neither tokenizer.ggml.merges nor "
-                                 "tokenizer.ggml.scores")
+                raise TokenizerError(f"{path}: GGUF SentencePiece vocabulary has neither tokenizer.ggml.merges nor "
+                                     "tokenizer.ggml.scores")
             if scores is not None and len(scores) != len(tokens):
-                raise ValueError(f"{path}: GGUF tokenizer.ggml.scores has {len(scores)} entries for "
-                                 f"{len(tokens)} tokens")
+                raise TokenizerError(f"{path}: GGUF tokenizer.ggml.scores has {len(scores)} entries for "
+                                     f"{len(tokens)} tokens")
             tok = _gguf_sentencepiece_bpe(tokens, types, pairs, scores, space)
         self.tok = tok
         self.vocab_size = int(tok.get_vocab_size(with_added_tokens=True))
@@ -437,8 +459,8 @@ class GGUFTokenizer(HFTokenizer):
             if i is None:
                 return None
             if not 0 <= int(i) < len(tokens):
-                raise ValueError(f"{path}: GGUF tokenizer.ggml.{key}={i} is outside the vocabulary "
-                                 f"({len(tokens)} tokens)")
+                raise TokenizerError(f"{path}: GGUF tokenizer.ggml.{key}={i} is outside the vocabulary "
+                                     f"({len(tokens)} tokens)")
             return int(i)
 
         self.bos_id, self.eos_id = special("bos_token_id"), special("eos_token_id")
@@ -461,7 +483,7 @@ def make_tokenizer(data_cfg) -> Tokenizer:
     if kind == "word":
         return WordTokenizer.from_file(path) if path else WordTokenizer(passkey_vocab())
     if kind in ("sentencepiece", "hf", "gguf") and not path:
-        raise ValueError(f"tokenizer.path is required for tokenizer.kind={kind!r}")
+        raise ConfigError(f"tokenizer.path is required for tokenizer.kind={kind!r}")
     if kind == "sentencepiece":
         return SentencePieceTokenizer(path)
     if kind == "hf":
@@ -469,4 +491,4 @@ def make_tokenizer(data_cfg) -> Tokenizer:
                            pad_token=tcfg.get("pad_token", ""))
     if kind == "gguf":
         return GGUFTokenizer(path)
-    raise ValueError(f"tokenizer.kind must be one of {TOKENIZER_KINDS}, got {kind!r}")
+    raise ConfigError(f"tokenizer.kind must be one of {TOKENIZER_KINDS}, got {kind!r}")

@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx
 
 import famjax
+from famjax.errors import ConfigError, DataError
 from famjax.evals import plots
 from famjax.infer.prefill import distinct_buffers
 
@@ -34,13 +35,15 @@ def inspect_fam(model: famjax.FamLM, tokens, *, chunk_blocks: int = 16) -> dict[
     """
     cfg = model.cfg
     if cfg.attention != "fam" or not cfg.num_fam:
-        raise ValueError(f"FAM inspection needs attention='fam' with fam_len > 0, got {cfg.attention!r}")
+        raise ConfigError(f"FAM inspection needs a model with attention='fam' and fam_len > 0, got "
+                          f"{cfg.attention!r}")
     tokens = np.asarray(tokens, np.int32)
     tokens = tokens[None] if tokens.ndim == 1 else tokens
     B = cfg.block_size
     nb = tokens.shape[1] // B
     if nb == 0:
-        raise ValueError(f"FAM inspection needs at least one whole block of {B} tokens, got {tokens.shape[1]}")
+        raise DataError(f"FAM inspection needs at least one whole block of {B} tokens, got {tokens.shape[1]}: "
+                        "give a longer prompt")
     graphdef, params = nnx.split(model)
     state = distinct_buffers(model.init_state(tokens.shape[0]))
     parts = {k: [] for k in KEYS}

@@ -14,6 +14,7 @@ import numpy as np
 
 import famjax
 from famjax import infer
+from famjax.errors import DataError
 
 
 def doubling_edges(max_position: int, first: int = 64) -> list[int]:
@@ -57,7 +58,7 @@ def perplexity_by_position(model: famjax.FamLM, documents: Iterable, *, edges: l
         if len(tokens) >= 2:
             per_doc.append(infer.token_nll(model, tokens[None], chunk_size=chunk_size)[0])
     if not per_doc:
-        raise ValueError("perplexity_by_position: no document with at least 2 tokens")
+        raise DataError("perplexity_by_position: no document with at least 2 tokens")
     if edges is None:
         edges = doubling_edges(max(len(n) for n in per_doc))
     sums = np.zeros(len(edges) - 1)
