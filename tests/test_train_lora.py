@@ -179,7 +179,7 @@ def test_train_resumes_and_refuses_another_base(passkey_dir, bases, tmp_path):
     assert "\n" not in msg and good in msg and bad in msg and "different base" in msg
     # a full-parameter run cannot resume the LoRA checkpoints either
     cfg.train.trainable = "all"
-    with pytest.raises(ValueError, match="trainable='lora'"):
+    with pytest.raises(ValueError, match="train.trainable 'lora' -> 'all'"):  # refused by the resume check
         loop.train(cfg, workdir)
 
 

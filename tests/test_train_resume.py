@@ -73,6 +73,7 @@ def test_make_train_smoke_prints_summary(passkey_dir, tmp_path):
     out = finish(run_main([f"--workdir={tmp_path}", "--config=configs/passkey_tiny.py",
                            "--mode=train_and_eval", *cli_args(overrides)]))
     assert "step 3/3  loss" in out and "MFU" in out
+    assert "compiling the train step\ncompiled in " in out and "eta " in out  # log lines, not a tty
     assert "PassKey accuracy at the training length:" in out
     assert f"TensorBoard logs: {tmp_path}/tensorboard" in out
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))

@@ -285,6 +285,7 @@ def train(cfg, workdir: str, *, do_eval: bool = False, perturb=None) -> Result:
 
     last_loss = jnp.zeros(())
     delay = float(cfg.train.debug_step_delay_s)
+    progress = mlib.Progress(start, steps)
     try:
         while step < steps:
             batch = _next_or_none(train_it)
@@ -294,12 +295,18 @@ def train(cfg, workdir: str, *, do_eval: bool = False, perturb=None) -> Result:
             gb = meshlib.global_batch({k: batch[k] for k in TRAIN_KEYS}, rules, mesh)
             if step_fn is None:
                 batch_sh = {k: v.sharding for k, v in gb.items()}
-                step_fn = jax.jit(make_train_step(cfg, graphdef, tx, streaming=streaming, perturb=perturb),
-                                  in_shardings=(shardings, batch_sh),
-                                  out_shardings=(shardings, meshlib.replicated(mesh)), donate_argnums=0)
-            with meshlib.activation_rules(mesh, rules):  # the model's activation constraints apply
-                ts, m = step_fn(ts, gb)
+                jitted = jax.jit(make_train_step(cfg, graphdef, tx, streaming=streaming, perturb=perturb),
+                                 in_shardings=(shardings, batch_sh),
+                                 out_shardings=(shardings, meshlib.replicated(mesh)), donate_argnums=0)
+                mlib.log("compiling the train step")
+                t0 = time.perf_counter()
+                with meshlib.activation_rules(mesh, rules):  # the model's activation constraints apply
+                    step_fn = jitted.lower(ts, gb).compile()
+                mlib.log(f"compiled in {time.perf_counter() - t0:.1f} s")
+                throughput.reset()
+            ts, m = step_fn(ts, gb)
             step += 1
+            progress.step(step)
             last_loss = m["loss"]
             throughput.add(int(np.prod(batch["tokens"].shape)) * jax.process_count())
             if step % log_every == 0 or step == steps:
@@ -310,7 +317,7 @@ def train(cfg, workdir: str, *, do_eval: bool = False, perturb=None) -> Result:
                         else "none"
                     raise NonFiniteLossError(f"non-finite loss {m['loss']} / grad norm {m['grad_norm']} at "
                                              f"step {step}; stopping; last good checkpoint: {where}")
-                mlib.log(mlib.console_line(step, steps, m))
+                progress.report(step, m)
                 writer.scalars(step, m, "train/")
                 writer.jsonl(step, m)
                 last_metrics = m
@@ -333,6 +340,7 @@ def train(cfg, workdir: str, *, do_eval: bool = False, perturb=None) -> Result:
         if do_eval and not (preempt.flag and step < steps):
             eval_metrics = _evaluate_and_report(cfg, ts.params, mesh, writer, step)
     finally:
+        progress.close()
         preempt.restore()
         if ckpt is not None:
             ckpt.close()

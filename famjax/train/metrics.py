@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 
 import jax
@@ -114,11 +115,69 @@ def console_line(step: int, steps: int, m: dict) -> str:
             f"gnorm {m['grad_norm']:.3f}  fam_norm {m['fam_norm']:.3f}")
 
 
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+_BAR = None  # the active progress bar: log() writes above it
+
+
+class Progress:
+    """A run's progress on process 0: on a terminal a tqdm bar (steps, ETA, loss, tokens/s, MFU) below the log
+    lines; elsewhere (log files, CI, notebooks' captured output) the plain console lines, each with the ETA
+    (counted from the first step after compiling)."""
+
+    def __init__(self, start: int, steps: int, *, stream=None):
+        global _BAR
+        self.start, self.steps = start, steps
+        self._t0 = self._s0 = None
+        self.bar = None
+        stream = stream if stream is not None else sys.stdout
+        if jax.process_index() == 0 and getattr(stream, "isatty", lambda: False)():
+            from tqdm import tqdm
+            self.bar = _BAR = tqdm(total=steps, initial=start, file=stream, unit="step", dynamic_ncols=True,
+                                   smoothing=0.1)
+
+    def step(self, step: int) -> None:
+        """Called after each step."""
+        if self._t0 is None:  # the first step includes the compile
+            self._t0, self._s0 = time.perf_counter(), step
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def eta(self, step: int) -> float | None:
+        if self._t0 is None or step <= self._s0:
+            return None
+        rate = (step - self._s0) / max(time.perf_counter() - self._t0, 1e-9)
+        return (self.steps - step) / rate
+
+    def report(self, step: int, m: dict) -> None:
+        """The metrics of a logged step: the bar's postfix on a terminal, else a console line with the ETA."""
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {m['loss']:.4f} tok/s {m.get('tokens_per_s', 0):,.0f} "
+                                     f"MFU {100 * m.get('mfu', 0):.1f}%", refresh=False)
+            log(console_line(step, self.steps, m))  # above the bar, which shows the ETA
+            return
+        eta = self.eta(step)
+        log(console_line(step, self.steps, m) + (f"  eta {_duration(eta)}" if eta is not None and step < self.steps
+                                                  else ""))
+
+    def close(self) -> None:
+        global _BAR
+        if self.bar is not None:
+            self.bar.close()
+            _BAR = self.bar = None
+
+
 def log(msg: str) -> None:
-    """Prints on process 0 (and logs on every process)."""
+    """Prints on process 0 (above the progress bar if one is shown) and logs on every process."""
     _LOG.info(msg)
     if jax.process_index() == 0:
-        print(msg, flush=True)
+        if _BAR is not None:
+            _BAR.write(msg, file=_BAR.fp)
+        else:
+            print(msg, flush=True)
 
 
 def finite(values: dict) -> bool:
