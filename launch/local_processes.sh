@@ -2,26 +2,31 @@
 # launch/local_processes.sh: N famjax processes on this one machine, joined by jax.distributed on localhost,
 # to exercise the multi-host code paths (data sharding, collectives, checkpoints) without a cluster.
 #
-# Usage: launch/local_processes.sh N CONFIG WORKDIR [famjax.main flags...]
+# Usage: launch/local_processes.sh [--dry-run] N CONFIG WORKDIR [famjax.main flags...]
 #   e.g. launch/local_processes.sh 2 configs/passkey_tiny.py runs/mp --config.train.steps=20
-# Process I logs to WORKDIR/process_I.log. Exits 0 when all N succeed; when one fails, stops the others
+# Process I logs to LOG_DIR/process_I.log (LOG_DIR: WORKDIR unless set; set it when WORKDIR is gs://).
+# Exits 0 when all N succeed; when one fails, stops the others
 # (SIGTERM, then SIGKILL after KILL_AFTER seconds, default 20) and exits with its status.
 # Environment: JAX_PLATFORMS (cpu unless set: each process gets 1 CPU device unless XLA_FLAGS says otherwise),
 # PYTHON (this repo's .venv/bin/python, else python3), PORT (coordinator port, default a free one),
-# MODE (train | eval | train_and_eval), DRY_RUN=1 prints the N commands instead of running them.
+# MODE (train | eval | train_and_eval), DRY_RUN=1 (or --dry-run) prints the N commands instead of running them.
 set -euo pipefail
 
 prog=launch/local_processes.sh
-usage="usage: $prog N CONFIG WORKDIR [famjax.main flags...]"
+usage="usage: $prog [--dry-run] N CONFIG WORKDIR [famjax.main flags...]"
 # shellcheck source=launch/lib.sh
 source "$(dirname "$0")/lib.sh"
 
 case ${1:-} in -h|--help|help) sed -n '2,/^$/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
+if [[ ${1:-} == --dry-run ]]; then export DRY_RUN=1; shift; fi
 [[ $# -ge 3 ]] || die "missing arguments; $usage"
 n=$1 config=$2 workdir=$3
 shift 3
 [[ $n =~ ^[1-9][0-9]*$ ]] || die "N must be a positive integer, got '$n'; $usage"
+check_config "$config"
 check_workdir "$workdir"
+logdir=${LOG_DIR:-$workdir}
+[[ $logdir != gs://* ]] || die "the process logs need a local folder: set LOG_DIR (WORKDIR $workdir is gs://)"
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
 if [[ -z ${PYTHON:-} ]]; then
@@ -42,12 +47,12 @@ if dry_run; then
   for ((i = 0; i < n; i++)); do
     command_for "$i" "$@"
     printf '+ JAX_PLATFORMS=%q' "$JAX_PLATFORMS"; printf ' %q' "${cmd[@]}"
-    printf ' > %q 2>&1 &\n' "$workdir/process_$i.log"
+    printf ' > %q 2>&1 &\n' "$logdir/process_$i.log"
   done
   exit 0
 fi
 
-mkdir -p "$workdir"
+mkdir -p "$logdir"
 pids=()
 any_alive() {
   local pid
@@ -73,10 +78,10 @@ trap 'exit 143' TERM
 
 for ((i = 0; i < n; i++)); do
   command_for "$i" "$@"
-  "${cmd[@]}" >"$workdir/process_$i.log" 2>&1 &
+  "${cmd[@]}" >"$logdir/process_$i.log" 2>&1 &
   pids+=("$!")
 done
-echo "$prog: $n processes (coordinator localhost:$port); follow with: tail -f $workdir/process_0.log"
+echo "$prog: $n processes (coordinator localhost:$port); follow with: tail -f $logdir/process_0.log"
 
 left=$n
 while ((left > 0)); do
@@ -88,11 +93,11 @@ while ((left > 0)); do
     pids[i]=""
     left=$((left - 1))
     if ((rc != 0)); then
-      echo "$prog: process $i exited with status $rc; stopping the others. Last lines of $workdir/process_$i.log:" >&2
-      tail -n 20 "$workdir/process_$i.log" >&2 || true
+      echo "$prog: process $i exited with status $rc; stopping the others. Last lines of $logdir/process_$i.log:" >&2
+      tail -n 20 "$logdir/process_$i.log" >&2 || true
       exit "$rc"
     fi
   done
   ((left == 0)) || sleep 1
 done
-echo "$prog: all $n processes finished; logs in $workdir/process_*.log"
+echo "$prog: all $n processes finished; logs in $logdir/process_*.log"
