@@ -32,7 +32,8 @@ def _define_flags() -> None:
     # The config flag loads its default file (and applies --config.x=y overrides) as soon as it is defined.
     config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "training config file (get_config())",
                                     lock_config=True)
-    flags.DEFINE_string("workdir", None, "where config.json, checkpoints/ and tensorboard/ go", required=True)
+    flags.DEFINE_string("workdir", None, "where config.json, checkpoints/ and tensorboard/ go (a folder or "
+                        "gs://bucket/path)", required=True)
     flags.DEFINE_enum("mode", "train", ["train", "eval", "train_and_eval"], "what to run")
     flags.DEFINE_bool("distributed", os.environ.get("FAMJAX_DISTRIBUTED", "") not in ("", "0"),
                       "call jax.distributed.initialize() (multi-host); default from $FAMJAX_DISTRIBUTED")

@@ -8,6 +8,7 @@ but none of the trainer's modules. Layout of a workdir (famjax.train.checkpoint 
     (and train/, data/: the trainer's own state)
 
     model, cfg = famjax.restore.restore_model("runs/passkey_tiny")   # a workdir, checkpoints/ or a step dir
+    model, cfg = famjax.restore.restore_model("gs://bucket/run")     # remote ones too (famjax.paths)
 """
 from __future__ import annotations
 
@@ -18,11 +19,13 @@ import os
 import jax
 import ml_collections
 
+from famjax import paths
 from famjax.errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from famjax.model.config import ModelConfig
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
+COMMIT_FILE = "commit_success.txt"  # orbax marks a complete step directory on gs:// with it
 
 # ModelConfig fields that live in the config's `fam` section (name there -> ModelConfig field); the others
 # live in `model`. Configs written before a switch existed get the ModelConfig default.
@@ -127,42 +130,46 @@ def find_checkpoint(path: str) -> tuple[str, int | None, str | None]:
     directory checkpoints/<step>. Raises CheckpointNotFoundError (one line naming it) if path is not a folder.
     """
     given = path
-    path = os.path.abspath(os.path.expanduser(path))
-    if not os.path.exists(path):
+    paths.check_reachable(path, write=False)
+    path = paths.resolve(os.path.expanduser(path))
+    if not path.exists():
         raise CheckpointNotFoundError(f"no such workdir or checkpoint folder: {given} (the --workdir of a "
                                       "training run, its checkpoints/ or one checkpoints/<step> folder)")
-    if not os.path.isdir(path):
+    if not path.is_dir():
         raise CheckpointNotFoundError(f"{given} is a file, not a workdir or checkpoint folder")
-    cfg = os.path.join(path, CONFIG_FILE)
-    if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)) or os.path.isfile(cfg):  # a workdir
-        return os.path.join(path, CHECKPOINT_DIR), None, cfg if os.path.isfile(cfg) else None
-    base = os.path.basename(path)
-    if base.isdigit() and os.path.isdir(os.path.join(path, "params")):
-        parent = os.path.dirname(path)
-        cfg = os.path.join(os.path.dirname(parent), CONFIG_FILE)
-        return parent, int(base), cfg if os.path.isfile(cfg) else None
-    cfg = os.path.join(os.path.dirname(path), CONFIG_FILE)
-    return path, None, cfg if os.path.isfile(cfg) else None
+    cfg = path / CONFIG_FILE
+    if (path / CHECKPOINT_DIR).is_dir() or cfg.is_file():  # a workdir
+        return path / CHECKPOINT_DIR, None, cfg if cfg.is_file() else None
+    if path.name.isdigit() and (path / "params").is_dir():
+        cfg = path.parent.parent / CONFIG_FILE
+        return path.parent, int(path.name), cfg if cfg.is_file() else None
+    cfg = path.parent / CONFIG_FILE
+    return path, None, cfg if cfg.is_file() else None
 
 
-def _no_checkpoints(path: str, ckpt_dir: str) -> CheckpointNotFoundError:
+def _no_checkpoints(path: str, ckpt_dir: paths.Path) -> CheckpointNotFoundError:
     """The one-line error of a workdir (or another folder) without a checkpoint."""
-    if os.path.basename(ckpt_dir) == CHECKPOINT_DIR:
-        workdir = os.path.dirname(ckpt_dir)
+    if ckpt_dir.name == CHECKPOINT_DIR:
+        workdir = ckpt_dir.parent
         return CheckpointNotFoundError(f"no checkpoints in {workdir}: train first (python -m famjax.main "
                                        f"--config=... --workdir={workdir}) or give another workdir")
     return CheckpointNotFoundError(f"{path} is not a famjax workdir or checkpoint folder (no {CONFIG_FILE}, no "
                                    f"{CHECKPOINT_DIR}/, no step folders): give the --workdir of a training run")
 
 
-def checkpoint_steps(ckpt_dir: str) -> list[int]:
-    """Returns the steps of the (complete) step directories in ckpt_dir, unsorted."""
-    if not os.path.isdir(ckpt_dir):
-        return []
-    return [int(d) for d in os.listdir(ckpt_dir) if d.isdigit() and os.path.isdir(os.path.join(ckpt_dir, d))]
+def checkpoint_steps(ckpt_dir) -> list[int]:
+    """Returns the steps of the complete step directories in ckpt_dir (a path or str, local or remote), unsorted.
+
+    Locally a step directory exists only once complete (orbax renames it into place); on an object store it is
+    written in place and complete once orbax's COMMIT_FILE is in it.
+    """
+    ckpt_dir = paths.Path(ckpt_dir)
+    remote = paths.is_remote(ckpt_dir)
+    return [int(d) for d in paths.listdir(ckpt_dir) if d.isdigit() and (ckpt_dir / d).is_dir()
+            and (not remote or (ckpt_dir / d / COMMIT_FILE).exists())]
 
 
-def checkpoint_dir_and_steps(path: str, step: int | None = None) -> tuple[str, list[int]]:
+def checkpoint_dir_and_steps(path: str, step: int | None = None) -> tuple[paths.Path, list[int]]:
     """Returns (checkpoints directory, steps to try, newest first) of a workdir, checkpoints dir or step dir:
     [step] (or the step in the path) if given, else every saved step.
 
@@ -192,19 +199,18 @@ def load_config(path: str) -> ml_collections.ConfigDict:
         steps = [step] if step is not None else sorted(checkpoint_steps(ckpt_dir), reverse=True)
         if not steps:
             raise _no_checkpoints(path, ckpt_dir)
-        items = (os.path.join(ckpt_dir, str(s), "config", "metadata") for s in steps)
-        cfg_file = next((item for item in items if os.path.exists(item)), None)
+        items = (ckpt_dir / str(s) / "config" / "metadata" for s in steps)
+        cfg_file = next((item for item in items if item.exists()), None)
         if cfg_file is None:
             raise CheckpointError(f"{ckpt_dir}: no {CONFIG_FILE} beside the checkpoints and no config item in them "
-                                  f"(copy the run's {CONFIG_FILE} into {os.path.dirname(ckpt_dir)})")
+                                  f"(copy the run's {CONFIG_FILE} into {ckpt_dir.parent})")
     try:
-        with open(cfg_file, encoding="utf-8") as f:
-            cfg = from_json(f.read())
+        cfg = from_json(paths.read_text(cfg_file))
     except (OSError, TypeError, ValueError) as e:  # JSONDecodeError, UnicodeDecodeError: ValueErrors
         raise ConfigError(f"{cfg_file}: cannot read the run's config ({type(e).__name__}: {e})") from None
     if not isinstance(cfg, ml_collections.ConfigDict) or "model" not in cfg:
         raise ConfigError(f"{cfg_file}: not a famjax run config (no 'model' section)")
-    check_model_fields(cfg, cfg_file)
+    check_model_fields(cfg, str(cfg_file))
     return cfg
 
 
@@ -233,7 +239,7 @@ def restore_model(path: str, step: int | None = None):
     ckpt_dir, steps = checkpoint_dir_and_steps(path, step)
     want = step if step is not None else find_checkpoint(path)[1]
     base = None
-    if os.path.isdir(os.path.join(ckpt_dir, str(steps[0]), "base")):
+    if (ckpt_dir / str(steps[0]) / "base").is_dir():
         # A run that trained some leaves of a pretrained base (train.trainable): its checkpoints hold those only.
         pointer = _read_json_item(ckpt_dir, steps[0], "base")
         check_base_source(pointer, cfg, f"{ckpt_dir}/{steps[0]}")  # before the load: a wrong base costs one line
@@ -248,7 +254,7 @@ def restore_model(path: str, step: int | None = None):
     with ocp.StandardCheckpointer() as checkpointer:
         for i, s in enumerate(steps):
             try:
-                params = checkpointer.restore(os.path.join(ckpt_dir, str(s), "params"), target)
+                params = checkpointer.restore(ckpt_dir / str(s) / "params", target)
                 break
             except Exception as e:
                 if want is not None or i == len(steps) - 1:
@@ -279,9 +285,8 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
 
 
-def _read_json_item(ckpt_dir: str, step: int, item: str) -> dict:
-    with open(os.path.join(ckpt_dir, str(step), item, "metadata")) as f:
-        return json.load(f)
+def _read_json_item(ckpt_dir: paths.Path, step: int, item: str) -> dict:
+    return json.loads(paths.read_text(ckpt_dir / str(step) / item / "metadata"))
 
 
 def _split_saved(full: dict, stored: dict) -> tuple[dict, dict]:

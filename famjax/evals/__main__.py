@@ -7,6 +7,7 @@
     python -m famjax.evals inspect --model=runs/fam --prompt_file=doc.txt --out=evals/inspect
 
 --model is NAME=PATH or PATH (the name is then the folder's name); PATH is a workdir or checkpoint folder.
+PATH and --out may be gs:// folders (famjax.paths; results are written locally and copied there at the end).
 The data section comes from the first model's run config; --data=KEY=VALUE overrides a field of it.
 A user error (a path without checkpoints, an unknown --data field, an empty prompt or text folder) is one line
 on stderr and exit code 2; --verbose (or FAMJAX_VERBOSE=1) shows its traceback.
@@ -19,6 +20,7 @@ import os
 
 import numpy as np
 
+from famjax import paths
 from famjax.cli import VERBOSE_HELP, user_errors
 from famjax.errors import ConfigError, WorkdirError
 from famjax.evals import run
@@ -152,21 +154,29 @@ def _main(args) -> None:
     # Every check that needs no model runs first: a user error costs one line, not a model load.
     if args.command == "inspect" and len(args.model) != 1:
         raise ConfigError(f"inspect takes one --model, got {len(args.model)}")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
+    if paths.is_remote(args.out):
+        paths.check_reachable(args.out)
+    elif os.path.exists(args.out) and not os.path.isdir(args.out):
         raise WorkdirError(f"--out {args.out} is a file: give a folder for the results")
     config = _check_models(args.model)
+    with paths.local_folder(args.out) as out:  # a gs:// --out: written locally, copied there at the end
+        _run(args, config, out)
+
+
+def _run(args, config, out: str) -> None:
+    """Runs the command, writing its results under the local folder `out`."""
     data_cfg = _override(config.data, args.data)
     if args.command == "passkey":
         mults = _ints("--multipliers", args.multipliers) or None
         models, _ = _models(args.model)
-        run.run_passkey(models, data_cfg, args.out, multipliers=mults, limit=args.limit,
+        run.run_passkey(models, data_cfg, out, multipliers=mults, limit=args.limit,
                         chunk_size=args.chunk_size, batch_size=args.batch_size)
     elif args.command == "perplexity":
         from famjax.evals.perplexity import text_documents
 
         docs = list(text_documents(data_cfg, args.split or data_cfg.eval_split, limit=args.limit))
         models, _ = _models(args.model)
-        run.run_perplexity(models, docs, args.out, chunk_size=args.chunk_size, max_tokens=args.max_tokens,
+        run.run_perplexity(models, docs, out, chunk_size=args.chunk_size, max_tokens=args.max_tokens,
                            first_bucket=args.first_bucket)
     else:
         detail = _ints("--detail_blocks", args.detail_blocks)
@@ -177,9 +187,9 @@ def _main(args) -> None:
             ids = np.concatenate([[tok.bos_id], ids]).astype(np.int32)
         models, _ = _models(args.model)
         model = next(iter(models.values()))
-        paths = run.run_inspect(model, ids[:args.max_tokens], args.out, detail_blocks=list(detail),
-                                chunk_blocks=max(1, args.chunk_size // model.cfg.block_size))
-        print("\n".join(paths))
+        written = run.run_inspect(model, ids[:args.max_tokens], out, detail_blocks=list(detail),
+                                  chunk_blocks=max(1, args.chunk_size // model.cfg.block_size))
+        print("\n".join(args.out.rstrip("/") + p[len(out):] if out != args.out else p for p in written))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+from famjax import paths
 from famjax.errors import DataError
 
 
@@ -41,14 +42,14 @@ def read_prompt(prompt: str | None, prompt_file: str | None = None) -> str:
         if not prompt:
             raise DataError("--prompt is empty: give the text to continue (or --prompt_file=FILE)")
         return prompt
-    path = os.path.expanduser(prompt_file)
-    if not os.path.exists(path):
+    paths.check_reachable(prompt_file, write=False)  # gs://...: one line if it does not answer
+    path = paths.resolve(os.path.expanduser(prompt_file))
+    if not path.exists():
         raise DataError(f"--prompt_file {prompt_file}: no such file")
-    if os.path.isdir(path):
+    if path.is_dir():
         raise DataError(f"--prompt_file {prompt_file} is a folder: give a text file")
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = path.read_bytes()
     except OSError as e:
         raise DataError(f"--prompt_file {prompt_file}: cannot read it ({e.strerror or e})") from None
     try:

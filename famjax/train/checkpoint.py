@@ -9,13 +9,13 @@ Layout of a workdir:
     <workdir>/checkpoints/<step>/base/         runs with train.trainable != "all" only: the frozen base's path,
                                                sha256 and the trainable mode; params/ then holds only the
                                                trainable leaves (LoRA adapters, fam_init, [norms])
-A step directory appears only once complete (orbax writes a temporary directory and renames it: atomic).
+A step directory appears only once complete (orbax writes a temporary directory and renames it: atomic); in a
+gs:// workdir it is written in place and complete once orbax's commit_success.txt is in it.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 
 import grain.checkpoint as gcp
 import jax
@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
+from famjax import paths
 from famjax.errors import CheckpointError
 from famjax.model.lora import combine
 from famjax.restore import CHECKPOINT_DIR, CONFIG_FILE, load_config, restore_model, to_json
@@ -86,7 +87,7 @@ class Checkpointer:
     """
 
     def __init__(self, workdir: str, ckpt_cfg, config: ml_collections.ConfigDict):
-        self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+        self.directory = paths.resolve(workdir) / CHECKPOINT_DIR  # an epath.Path (local or gs://)
         self._cfg = config
         self._config = json.loads(to_json(config))
         self.base = pretrained.base_info(config)
@@ -123,7 +124,7 @@ class Checkpointer:
 
     def stored_base(self, step: int) -> dict | None:
         """The base pointer saved with a step (None: a checkpoint of every parameter)."""
-        if not os.path.isdir(os.path.join(self.directory, str(step), "base")):
+        if not (self.directory / str(step) / "base").is_dir():
             return None
         return self._mngr.restore(step, args=ocp.args.Composite(base=ocp.args.JsonRestore()))["base"]
 
@@ -155,7 +156,7 @@ class Checkpointer:
             try:
                 items = {"params": ocp.args.StandardRestore(params_target),
                          "train": ocp.args.StandardRestore(_train_tree(abstract))}
-                has_data = with_data and os.path.isdir(os.path.join(self.directory, str(s), "data"))
+                has_data = with_data and (self.directory / str(s) / "data").is_dir()
                 target = _DataTarget()
                 if has_data:
                     items["data"] = gcp.CheckpointRestore(target)
@@ -182,12 +183,12 @@ class Checkpointer:
         """Renames the step directories to corrupt-<step>[-k] (process 0; every process waits for it)."""
         if jax.process_index() == 0:
             for s in steps:
-                dst = os.path.join(self.directory, f"corrupt-{s}")
+                dst = self.directory / f"corrupt-{s}"
                 k = 1
-                while os.path.exists(dst):
+                while dst.exists():
                     k += 1
-                    dst = os.path.join(self.directory, f"corrupt-{s}-{k}")
-                os.rename(os.path.join(self.directory, str(s)), dst)
+                    dst = self.directory / f"corrupt-{s}-{k}"
+                paths.rename(self.directory / str(s), dst)
                 _LOG.warning("moved the unreadable checkpoint step %d aside to %s", s, dst)
                 print(f"checkpoint step {s} is unreadable: moved aside to {dst}; resuming from an older one",
                       flush=True)

@@ -22,6 +22,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 import famjax.data as fd
+from famjax import paths
 from famjax.errors import EXIT_PREEMPTED, CheckpointNotFoundError, ConfigError, NonFiniteLossError, WorkdirError
 from famjax.model.lora import select
 from famjax.restore import CHECKPOINT_DIR, checkpoint_steps
@@ -75,12 +76,12 @@ def prepare(cfg, workdir: str, *, write: bool = True):
     cfg = resolve(cfg)
     validate(cfg, process_count=jax.process_count())
     _check_workdir(workdir, create=write)
-    saved = os.path.join(workdir, CONFIG_FILE)
-    if os.path.isfile(saved):
-        with open(saved) as f:
-            old = from_json(f.read())
-        check_model_fields(old, saved)
-        if checkpoint_steps(os.path.join(workdir, CHECKPOINT_DIR)):
+    run = paths.Path(workdir)  # as given: messages name the path the user typed
+    saved = run / CONFIG_FILE
+    if saved.is_file():
+        old = from_json(paths.read_text(saved))
+        check_model_fields(old, str(saved))
+        if checkpoint_steps(run / CHECKPOINT_DIR):
             refused, allowed = config_changes(old, cfg)
             if refused:
                 raise ConfigError(f"{saved}: this run's checkpoints were trained with other values of "
@@ -88,15 +89,21 @@ def prepare(cfg, workdir: str, *, write: bool = True):
             if allowed:
                 mlib.log("resuming with config changes: " + "; ".join(allowed))
     if write and jax.process_index() == 0:
-        tmp = saved + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(to_json(cfg))
-        os.replace(tmp, saved)  # never a half-written config.json
+        paths.write_text(saved, to_json(cfg))  # never a half-written config.json
     return cfg
 
 
 def _check_workdir(workdir: str, *, create: bool) -> None:
-    """Raises WorkdirError (one line) unless workdir is (or, with create, can be made) a writable folder."""
+    """Raises WorkdirError (one line) unless workdir is (or, with create, can be made) a writable folder; a remote
+    one (gs://...) must answer (famjax.paths.check_reachable), before any data or compile work."""
+    if paths.is_remote(workdir):
+        paths.check_reachable(workdir, write=create)
+        run = paths.resolve(workdir)
+        if run.is_file():
+            raise WorkdirError(f"workdir {workdir} is a file, not a folder")
+        if not create and not run.is_dir():
+            raise CheckpointNotFoundError(f"no such workdir: {workdir}")
+        return
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise WorkdirError(f"workdir {workdir} is a file, not a folder")
     if not create:
@@ -348,8 +355,8 @@ def train(cfg, workdir: str, *, do_eval: bool = False, perturb=None) -> Result:
         train_it.close()
     preempted = preempt.flag and step < steps
     if jax.process_index() == 0 and eval_metrics and not preempted:
-        with open(os.path.join(workdir, "eval_metrics.json"), "w") as f:
-            json.dump({"step": step, **eval_metrics}, f, indent=2)
+        paths.write_text(paths.resolve(workdir) / "eval_metrics.json",
+                         json.dumps({"step": step, **eval_metrics}, indent=2))
     return Result(step=step, train=last_metrics, eval={} if preempted else eval_metrics, logdir=writer.logdir,
                   preempted=preempted)
 
@@ -363,7 +370,7 @@ def evaluate(cfg, workdir: str) -> Result:
     """Evaluates the newest readable checkpoint of <workdir> (the config comes from the command line, checked
     against the run's; nothing but TensorBoard scalars is written)."""
     cfg = prepare(cfg, workdir, write=False)
-    if not checkpoint_steps(os.path.join(workdir, CHECKPOINT_DIR)):
+    if not checkpoint_steps(paths.resolve(workdir) / CHECKPOINT_DIR):
         raise CheckpointNotFoundError(f"no checkpoint to evaluate in {os.path.join(workdir, CHECKPOINT_DIR)}: "
                                       "train first")
     mesh = meshlib.make_mesh(cfg.mesh)

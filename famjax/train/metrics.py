@@ -11,22 +11,37 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from famjax import paths
 from famjax.model import ModelConfig
 
 TB_DIR = "tensorboard"
+METRICS_FILE = "metrics.jsonl"
 
 _LOG = logging.getLogger(__name__)
 
 
 class Writer:
-    """TensorBoard scalars under <workdir>/tensorboard via tensorboardX; a no-op on processes other than 0."""
+    """TensorBoard scalars under <workdir>/tensorboard via tensorboardX, and <workdir>/metrics.jsonl; a no-op on
+    processes other than 0.
+
+    A remote workdir (gs://...) gets both through a famjax.paths.Mirror: written to a local folder and copied to
+    the workdir at most every SYNC_EVERY_S seconds and at close (object stores cannot append).
+    """
+
+    SYNC_EVERY_S = 30.0
 
     def __init__(self, workdir: str):
-        self.logdir = os.path.join(os.path.abspath(workdir), TB_DIR)
-        self._tb = None
+        run = paths.resolve(workdir)
+        self.logdir = str(run / TB_DIR)
+        self._tb = self._mirror = None
         if jax.process_index() == 0:
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(self.logdir)
+            local = str(run)
+            if paths.is_remote(run):
+                self._mirror = paths.Mirror(run, every_s=self.SYNC_EVERY_S, fetch=(METRICS_FILE,))
+                local = self._mirror.local
+            self._jsonl = os.path.join(local, METRICS_FILE)
+            self._tb = SummaryWriter(os.path.join(local, TB_DIR))
 
     def scalars(self, step: int, values: dict, prefix: str = "") -> None:
         if self._tb is None:
@@ -34,17 +49,25 @@ class Writer:
         for k, v in values.items():
             self._tb.add_scalar(f"{prefix}{k}", float(v), step)
         self._tb.flush()
+        self._sync()
 
     def jsonl(self, step: int, values: dict) -> None:
         """Appends {"step", **values} to <workdir>/metrics.jsonl (a plain record tests and scripts can read)."""
         if self._tb is None:
             return
-        with open(os.path.join(os.path.dirname(self.logdir), "metrics.jsonl"), "a") as f:
+        with open(self._jsonl, "a") as f:
             f.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n")
+        self._sync()
+
+    def _sync(self) -> None:
+        if self._mirror is not None:
+            self._mirror.sync()
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        if self._mirror is not None:
+            self._mirror.close()
 
 
 def flops_per_token(mcfg: ModelConfig, seq_len: int) -> float:
