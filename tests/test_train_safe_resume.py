@@ -76,7 +76,7 @@ def test_training_only_changes_resume_and_are_logged(passkey_dir, tmp_path, caps
     result = loop.train(tiny_config(passkey_dir, steps=3, learning_rate=1e-3), workdir)
     out = capsys.readouterr().out
     assert result.step == 3 and "resumed from step 2" in out
-    assert "resuming with config changes:" in out and "train.steps 2 -> 3" in out and "train.learning_rate" in out
+    assert "config changes since the run's saved config:" in out and "train.steps 2 -> 3" in out and "train.learning_rate" in out
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["steps"] == 3
 
 

@@ -87,7 +87,7 @@ def prepare(cfg, workdir: str, *, write: bool = True):
                 raise ConfigError(f"{saved}: this run's checkpoints were trained with other values of "
                                   f"{'; '.join(refused)}: use a new workdir, or the run's values")
             if allowed:
-                mlib.log("resuming with config changes: " + "; ".join(allowed))
+                mlib.log("config changes since the run's saved config: " + "; ".join(allowed))
     if write and jax.process_index() == 0:
         paths.write_text(saved, to_json(cfg))  # never a half-written config.json
     return cfg
