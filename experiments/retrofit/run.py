@@ -138,6 +138,10 @@ def train_model(cfg, workdir: str, retrain: bool) -> dict:
         return {"seconds": None, "steps": done[-1], **_last_metrics(workdir)}
     t0 = time.time()
     result = train(cfg, workdir)
+    if result.preempted:  # SIGTERM / Ctrl-C: saved; evaluating a half-trained model would report it as done
+        from famjax.errors import EXIT_PREEMPTED
+        _log(f"{workdir}: preempted at step {result.step} of {steps}; rerun the same command to resume")
+        raise SystemExit(EXIT_PREEMPTED)
     secs = time.time() - t0
     return {"seconds": secs, "steps": result.step, **_last_metrics(workdir)}
 
