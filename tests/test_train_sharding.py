@@ -127,3 +127,24 @@ def test_activation_constraints_follow_the_rules_and_vanish_without_a_mesh():
     with meshlib.activation_rules(mesh, rules):
         assert spec(g(jnp.ones((4, 6, 8)))) == (("data", "fsdp"), None, None)
     assert len(f(x).sharding.device_set) == 1  # no mesh, no rules: unconstrained, one device
+
+
+def test_adafactor_state_shards_under_fsdp():
+    """Adafactor's factored moments have a lower rank than their parameter: replicated, while the full-size
+    momentum follows the parameter (before, the parameter's spec was given to the factored vectors too)."""
+    import os
+
+    from famjax.train.config import sibling_config
+    from famjax.train.state import abstract_train_state
+
+    configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    cfg = sibling_config(os.path.join(configs, "x.py"), "passkey_tiny").get_config()
+    cfg.model.update(vocab_size=256, d_model=128, mlp_dim=256)
+    cfg.train.optimizer, cfg.mesh.shape = "adafactor", (1, -1, 1)
+    mesh = meshlib.make_mesh(cfg.mesh, jax.devices()[:8])
+    state, _ = abstract_train_state(cfg, optim.make_optimizer(cfg.train), mesh, stream=False)
+    leaves = jax.tree_util.tree_flatten_with_path(state.opt_state)[0]  # each spec was checked against its leaf
+    factored = [x for path, x in leaves if "v_row" in jax.tree_util.keystr(path) or "v_col" in
+                jax.tree_util.keystr(path)]
+    assert factored and all(x.sharding.spec == P() for x in factored)
+    assert any("fsdp" in str(x.sharding.spec) and x.ndim >= 2 for _, x in leaves)  # momentum, like its parameter

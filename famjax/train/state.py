@@ -100,13 +100,16 @@ def make_init_fn(cfg, tx: optax.GradientTransformation, *, stream: bool):
 
 def state_shardings(cfg, abstract: TrainState, tx, mesh) -> TrainState:
     """Returns a TrainState of NamedShardings: params (and optimizer moments shaped like them) by the rules,
-    stream state by rows, everything else replicated."""
+    stream state by rows, everything else replicated (Adafactor's factored row/column moments included)."""
     rules = cfg.mesh.rules
     _, _, specs = abstract_model(cfg)
     params = meshlib.tree_shardings(specs, abstract.params, rules, mesh)
     repl = meshlib.replicated(mesh)
-    opt = optax.tree_utils.tree_map_params(tx, lambda _, s: s, abstract.opt_state, trainable_params(cfg, params),
-                                           transform_non_params=lambda _: repl)
+
+    def moment(leaf, param, sharding):  # a factored moment has a lower rank than its parameter; it is small
+        return sharding if leaf.shape == param.shape else repl
+    opt = optax.tree_utils.tree_map_params(tx, moment, abstract.opt_state, trainable_params(cfg, abstract.params),
+                                           trainable_params(cfg, params), transform_non_params=lambda _: repl)
     stream = stream_offset = None
     if abstract.stream is not None:
         stream = meshlib.tree_shardings(stream_logical_spec(abstract.stream), abstract.stream, rules, mesh)
