@@ -1,4 +1,5 @@
 """Shared helpers of the trainer tests (tiny PassKey configs, synthetic batches), plus quick unit tests."""
+import json
 import os
 import subprocess
 import sys
@@ -53,6 +54,16 @@ def tiny_cli(data_dir) -> dict:
             "data.passkey.eval_multipliers": "(1,)", "data.passkey.eval_examples": 4,
             "train.warmup_steps": 1, "train.log_every": 1, "train.peak_flops": 1e12, "eval.batches": 1,
             "eval.every_steps": 0}
+
+
+def losses(workdir) -> dict:
+    """Returns {step: loss} from metrics.jsonl (the last record of a step wins: a resumed run rewrites it)."""
+    out = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            out[r["step"]] = r["loss"]
+    return out
 
 
 def run_main(args, env_extra=None, timeout=300, **popen):

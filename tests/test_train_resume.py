@@ -7,21 +7,11 @@ import time
 
 import numpy as np
 import pytest
-from test_train_common import cli_args, passkey_dir, run_main, tiny_cli  # noqa: F401
+from test_train_common import cli_args, losses, passkey_dir, run_main, tiny_cli  # noqa: F401
 
 from famjax.train.checkpoint import restore_model
 
 N = 3
-
-
-def losses(workdir):
-    """Returns {step: loss} from metrics.jsonl (the last record of a step wins: a resumed run rewrites it)."""
-    out = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            r = json.loads(line)
-            out[r["step"]] = r["loss"]
-    return out
 
 
 def finish(proc, timeout=300):

@@ -11,19 +11,10 @@ import sys
 import time
 
 import pytest
-from test_train_common import REPO, cli_args, passkey_dir, run_main, tiny_cli, tiny_config  # noqa: F401
+from test_train_common import REPO, cli_args, losses, passkey_dir, run_main, tiny_cli, tiny_config  # noqa: F401
 
 from famjax.errors import EXIT_PREEMPTED, ConfigError
 from famjax.train import loop
-
-
-def _losses(workdir) -> dict:
-    out = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            r = json.loads(line)
-            out[r["step"]] = r["loss"]
-    return out
 
 
 def _truncate(step_dir) -> None:
@@ -48,7 +39,7 @@ def test_truncated_latest_checkpoint_is_moved_aside_and_the_run_finishes(passkey
     result = loop.train(tiny_config(passkey_dir, steps=6), broken)
     assert result.step == 6 and not result.preempted
     assert sorted(os.listdir(os.path.join(broken, "checkpoints"))) == ["2", "4", "6", "corrupt-4"]
-    assert _losses(broken)[6] == _losses(straight)[6]  # bitwise: steps 3-6 replayed from step 2's state
+    assert losses(broken)[6] == losses(straight)[6]  # bitwise: steps 3-6 replayed from step 2's state
 
 
 def test_meaning_changes_are_refused_before_config_json_is_written(passkey_dir, tmp_path):
@@ -76,7 +67,8 @@ def test_training_only_changes_resume_and_are_logged(passkey_dir, tmp_path, caps
     result = loop.train(tiny_config(passkey_dir, steps=3, learning_rate=1e-3), workdir)
     out = capsys.readouterr().out
     assert result.step == 3 and "resumed from step 2" in out
-    assert "config changes since the run's saved config:" in out and "train.steps 2 -> 3" in out and "train.learning_rate" in out
+    assert "config changes since the run's saved config:" in out
+    assert "train.steps 2 -> 3" in out and "train.learning_rate" in out
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["steps"] == 3
 
 
