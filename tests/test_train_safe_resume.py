@@ -83,7 +83,7 @@ def _wait_for(proc, path, what):
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
 def test_signal_finishes_the_step_saves_and_exits_preempted(passkey_dir, tmp_path, sig):
     """Through a real process: the signal after step 1 -> the step is saved, no final eval, exit 75; the same
-    command then resumes and finishes (exit 0)."""
+    command then resumes and finishes (exit 0; checked after SIGTERM)."""
     workdir = str(tmp_path / "run")
     flags = cli_args(dict(tiny_cli(passkey_dir), **{"train.steps": 6, "checkpoint.every_steps": 0,
                                                        "train.debug_step_delay_s": 1.5}))
@@ -97,6 +97,8 @@ def test_signal_finishes_the_step_saves_and_exits_preempted(passkey_dir, tmp_pat
     steps = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
     assert len(steps) == 1 and 1 <= steps[0] < 6
     assert not os.path.exists(os.path.join(workdir, "eval_metrics.json"))
+    if sig == "SIGINT":
+        return  # the resume after a stop is the same for both signals: checked once
     again = run_main([f"--workdir={workdir}", "--mode=train_and_eval",
                       *cli_args(dict(tiny_cli(passkey_dir), **{"train.steps": 6, "checkpoint.every_steps": 0}))])
     out, _ = again.communicate(timeout=300)
