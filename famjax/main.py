@@ -11,16 +11,14 @@ Exit codes (famjax.errors): 0 done, 2 a user error (one line on stderr naming th
 or FAMJAX_VERBOSE=1 shows the traceback), 75 preempted (SIGTERM or a first Ctrl-C: the step was finished and
 saved; the same command resumes), 1 anything else.
 """
-import ast
 import os
-import re
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from famjax.cli import VERBOSE_HELP, fail, user_errors, verbose_default
-from famjax.errors import EXIT_PREEMPTED, one_line
+from famjax.cli import VERBOSE_HELP, config_arg, fail, flag_error, user_errors, verbose_default
+from famjax.errors import EXIT_PREEMPTED
 
 PROG = "famjax.main"
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,33 +41,11 @@ def _define_flags() -> None:
     flags.DEFINE_bool("verbose", False, VERBOSE_HELP)
 
 
-def _config_arg(argv: list[str]) -> str | None:
-    """The --config file named on the command line (without a preset's ':arg'), or None."""
-    for i, a in enumerate(argv):
-        if a in ("--config", "-config") and i + 1 < len(argv):
-            return argv[i + 1].split(":")[0]
-        if re.match(r"^--?config=", a):
-            return a.split("=", 1)[1].split(":")[0]
-    return None
-
-
-def flag_error(e: BaseException, argv: list[str]) -> str:
-    """One line for an error raised while the flags (and the --config file with its overrides) load."""
-    text = str(e)
-    if text[:1] in "'\"":
-        try:
-            text = ast.literal_eval(text)  # ml_collections wraps a KeyError's message in quotes
-        except (ValueError, SyntaxError):
-            pass
-    field = re.match(r"""^'([^']+)'\s*(?:Did you mean (.*?)\?)?\s*$""", text, re.S)
-    if isinstance(e, (AttributeError, KeyError)) and field:
-        name, hint = field.groups()
-        flag = next((a.split("=")[0] for a in argv if a.startswith("--config.")
-                     and name in a.split("=")[0].split(".")), f"--config...{name}")
-        return f"{flag}: the config has no field {name!r}" + (f" (did you mean {hint.split()[0]}?)" if hint else "")
-    if isinstance(e, OSError) and "Failed loading config file" in text:
-        return f"--config={_config_arg(argv)}: {one_line(e).split(';')[-1].strip()}"
-    return one_line(e).removeprefix("flag ")
+def _fail_on_flags(e: BaseException, argv: list[str]):
+    """A flag or config error: re-raised with --verbose / FAMJAX_VERBOSE, else one line and exit 2."""
+    if "--verbose" in argv or verbose_default():
+        raise e
+    fail(PROG, flag_error(e, argv))
 
 
 def _parse(argv: list[str]) -> list[str]:
@@ -79,9 +55,7 @@ def _parse(argv: list[str]) -> list[str]:
         FLAGS.config  # noqa: B018  loads the --config file and applies the overrides
         return rest
     except Exception as e:  # noqa: BLE001  anything raised while parsing is about the command line
-        if "--verbose" in argv or verbose_default():
-            raise
-        fail(PROG, flag_error(e, argv))
+        _fail_on_flags(e, argv)
 
 
 def main(argv):
@@ -112,15 +86,13 @@ def main(argv):
 
 def cli() -> None:
     argv = sys.argv
-    path = _config_arg(argv)
+    path = config_arg(argv)
     try:
         if path is not None and not os.path.isfile(path):
             fail(PROG, f"--config={path}: {'a folder, not a config file' if os.path.isdir(path) else 'no such file'}")
         _define_flags()
     except Exception as e:  # noqa: BLE001  a default config whose overrides do not apply
-        if "--verbose" in argv or verbose_default():
-            raise
-        fail(PROG, flag_error(e, argv))
+        _fail_on_flags(e, argv)
     app.run(main, flags_parser=_parse)
 
 

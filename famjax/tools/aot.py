@@ -29,6 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
 import famjax.data as fd
+from famjax.cli import flag_error
 from famjax.data.config import resolve_batching
 from famjax.errors import FamjaxError
 from famjax.train import mesh as meshlib
@@ -286,12 +287,8 @@ def main(argv=None) -> int:
             if fv.config is None or not fv.topology:
                 raise UserError("--config and --topology are required")
             fv.config.keys()  # a config file that failed to load raises here
-        except (AttributeError, KeyError) as e:  # an override of a field the config does not have
-            names, hint = re.findall(r"[\\']+(\w+)[\\']+", str(e)), re.search(r'Did you mean "(\w+)"', str(e))
-            raise UserError(f"bad --config override: no field {names[0] if names else str(e)!r}"
-                            + (f" (did you mean {hint.group(1)!r}?)" if hint else "")) from None
-        except (OSError, TypeError) as e:  # a config file that does not load
-            raise UserError(f"bad --config: {_one_line(e)}") from None
+        except (AttributeError, KeyError, OSError, TypeError) as e:  # an unknown field, a file that does not load
+            raise UserError(flag_error(e, argv)) from None
         report = compile_for_topology(fv.config, fv.topology, decode_batch=fv.decode_batch, hbm_gib=fv.hbm_gib)
     except (UserError, flags.Error) as e:
         print(f"{_PROG}: {_one_line(e)}", file=sys.stderr)
