@@ -96,23 +96,21 @@ def prepare(cfg, workdir: str, *, write: bool = True):
 def _check_workdir(workdir: str, *, create: bool) -> None:
     """Raises WorkdirError (one line) unless workdir is (or, with create, can be made) a writable folder; a remote
     one (gs://...) must answer (famjax.paths.check_reachable), before any data or compile work."""
-    if paths.is_remote(workdir):
-        paths.check_reachable(workdir, write=create)
-        run = paths.resolve(workdir)
-        if run.is_file():
-            raise WorkdirError(f"workdir {workdir} is a file, not a folder")
-        if not create and not run.is_dir():
-            raise CheckpointNotFoundError(f"no such workdir: {workdir}")
-        return
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
+    remote = paths.is_remote(workdir)
+    if remote:
+        paths.check_reachable(workdir, write=create)  # with create: a probe object written and deleted
+    run = paths.resolve(workdir)
+    if run.exists() and not run.is_dir():
         raise WorkdirError(f"workdir {workdir} is a file, not a folder")
     if not create:
-        if not os.path.isdir(workdir):
+        if not run.is_dir():
             raise CheckpointNotFoundError(f"no such workdir: {workdir}")
+        return
+    if remote:
         return
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".famjax_write_test_{os.getpid()}")
+        probe = os.path.join(workdir, f"{paths.PROBE}_{os.getpid()}")
         with open(probe, "w"):
             pass
         os.remove(probe)
