@@ -5,6 +5,7 @@ causal attention over several query and key tiles, BSWA with 0-2 memory blocks (
 smaller and larger than the block, the FAM update (Tq = F != S), GQA, softcap, and the [b n, T, H hd] layout of
 hd = 128. With libtpu, the kernels (and the shipped splash attention kernel) compile for a v5e target.
 """
+import functools
 import importlib.util
 
 import jax
@@ -109,6 +110,28 @@ def test_head_dim_128_reads_heads_in_place():
     _check(q, segments, block_q=8, block_k=8)
 
 
+def test_bfloat16_matches_the_xla_path_at_bfloat16_precision():
+    # bf16 operands, float32 statistics: the kernels cast the weights to v's dtype as segment_attention does.
+    b, nb, bs, h, hd, bf16 = 1, 2, 16, 2, 8, jnp.bfloat16
+    q = _normal(0, (b, nb, bs, h, hd)).astype(bf16)
+    segments = [(k.astype(bf16), v.astype(bf16), m) for k, v, m in _segments(
+        b, nb, 1, hd, [(bs, jnp.asarray([[False, True]])[..., None, None]), (8, None), (bs, flash.CAUSAL)])]
+
+    def loss(fn, q, ks):
+        out = fn(q, [(k, v, m) for k, (_, v, m) in zip(ks, segments)])
+        return out.astype(jnp.float32).sum(), out
+
+    def run(fn):
+        return jax.jit(jax.value_and_grad(functools.partial(loss, fn), argnums=(0, 1), has_aux=True))(
+            q, [k for k, _, _ in segments])
+
+    (_, out), grads = run(functools.partial(flash.flash_segment_attention, block_q=8, block_k=8, interpret=True))
+    (_, ref), ref_grads = run(lambda q, segs: ops.segment_attention(q, flash.xla_segments(segs)))
+    assert out.dtype == bf16
+    for a, r in zip(jax.tree.leaves((out, grads)), jax.tree.leaves((ref, ref_grads))):
+        np.testing.assert_allclose(np.float32(a), np.float32(r), rtol=2e-2, atol=2e-2)
+
+
 def test_supports_only_structured_masks_and_tiled_lengths():
     q = jnp.zeros((1, 2, 16, 4, 8))
     k = jnp.zeros((1, 2, 16, 2, 8))
@@ -163,6 +186,20 @@ def test_kernel_forward_and_backward_compile_for_tpu(kv_heads, hd):
         assert text.count('custom_call_target="tpu_custom_call"') == (1 if fn is attend else 5)
         assert compiled.memory_analysis().argument_size_in_bytes > 0
         assert compiled.cost_analysis()["flops"] > 0  # the kernels' cost estimates
+
+
+@needs_libtpu
+def test_full_attention_at_16k_compiles_without_dense_scores():
+    # One causal segment of 16k keys (the 1B shape's heads): XLA's path needs > 16 GiB of [T, T] temporaries
+    # for the backward pass on a v5e; the kernels' temporaries are a few copies of q/k/v (48 MiB each).
+    t, h, hd, bf16 = 16384, 12, 128, jnp.bfloat16
+
+    def attend(q, k, v):
+        return flash.flash_segment_attention(q, [(k, v, flash.CAUSAL)])
+
+    for fn in (attend, _grad_of(attend, (0, 1, 2))):
+        memory = _tpu_compile(fn, *[((1, 1, t, h, hd), bf16)] * 3).memory_analysis()
+        assert memory.temp_size_in_bytes < 256 << 20
 
 
 @needs_libtpu

@@ -13,7 +13,7 @@ The forward pass walks the key tiles of all segments in turn with float32 runnin
 so no [Tq, S] score array reaches HBM, and saves the logsumexp per query. The backward pass (custom_vjp) is two
 kernels: dq over the same walk, and per segment dk/dv over (query heads of the KV group) x (query tiles), both
 from p = exp(s - lse) and delta = rowsum(dO * O). Causal tiles above the diagonal are skipped (no compute, and
-their blocks are not fetched). Whole invisible segments are skipped the same way.
+their blocks are not fetched), and so are the segments hidden from a group.
 
 Layouts: with hd a multiple of 128 the kernels read q/k/v in place as [b n, T, heads hd] (a head is a 128-lane
 column block, so no transpose); otherwise as [b n, heads, T, hd] (one transpose each way). Tiles: block_q rows of
@@ -208,14 +208,15 @@ def _row_spec(plan: _Plan, index):
     return pl.BlockSpec((None, None, 1, plan.block_q), lambda *a: (lambda g, h, i: (g, h, 0, i))(*index(*a)))
 
 
-def _key_tile(plan: _Plan, s: int, i, j):
-    """Tile of segment s that key step j reads for query tile i: clamped into the segment (and, causally, to
-    the last tile query tile i sees) so that steps that skip it fetch nothing new."""
+def _key_tile(plan: _Plan, s: int, g, i, j, visible_ref):
+    """Tile of segment s that key step j reads for group g, query tile i: clamped into the segment (and,
+    causally, to the last tile query tile i sees; tile 0 if the segment is hidden) so that steps that skip it
+    fetch nothing new."""
     seg = plan.segments[s]
     t = jnp.clip(j - plan.offsets[s], 0, seg.tiles - 1)
     if seg.causal:
         t = jnp.minimum(t, lax.div((i + 1) * plan.block_q - 1, seg.block))
-    return t
+    return jnp.where(visible_ref[s, g] != 0, t, 0)
 
 
 def _runs(plan: _Plan, s: int, visible_ref, g, i, t):
@@ -303,7 +304,8 @@ def _key_specs(plan: _Plan):
     """k, v BlockSpecs of every segment on the (group, head, query tile, key step) grid."""
     specs = []
     for s, seg in enumerate(plan.segments):
-        spec = _spec(plan, seg.block, lambda g, h, i, j, vis, s=s: (g, lax.div(h, plan.group), _key_tile(plan, s, i, j)))
+        spec = _spec(plan, seg.block,
+                     lambda g, h, i, j, vis, s=s: (g, lax.div(h, plan.group), _key_tile(plan, s, g, i, j, vis)))
         specs += [spec, spec]
     return specs
 
@@ -436,7 +438,8 @@ def _dkv(plan: _Plan, s: int, q, k, v, visible, do, lse, delta):
     def q_index(g, kv, t, r, i, vis):
         if seg.causal:  # query tiles before the first that sees key tile t are skipped: fetch that one
             i = jnp.maximum(i, lax.div(t * seg.block, plan.block_q))
-        return g, kv * plan.group + r, i
+        shown = vis[s, g] != 0  # a hidden segment fetches one query tile
+        return g, kv * plan.group + jnp.where(shown, r, 0), jnp.where(shown, i, 0)
 
     def k_index(g, kv, t, r, i, vis):
         return g, kv, t
