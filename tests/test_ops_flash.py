@@ -19,6 +19,12 @@ from famjax.ops import flash
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
+def _jit(fn):
+    # Interpret mode turns each kernel into a loop over its grid; compiling those loops is most of this file's
+    # time, and LLVM's optimisations (a third of it) buy nothing for programs that run once.
+    return jax.jit(fn, compiler_options={"xla_backend_optimization_level": 0})
+
+
 def _normal(i, shape, scale=1.0):
     return scale * jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(22), i), shape, jnp.float32)
 
@@ -46,7 +52,7 @@ def _check(q, segments, *, block_q, block_k, softcap=0.0):
         def loss(q, ks, vs):
             out = fn(q, ks, vs)
             return (out * w).sum(), out
-        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, ks, vs)
+        return _jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, ks, vs)
 
     assert flash.supports(q, segments, block_q=block_q, block_k=block_k)
     (_, out), grads = run(flash_fn)
@@ -122,7 +128,7 @@ def test_bfloat16_matches_the_xla_path_at_bfloat16_precision():
         return out.astype(jnp.float32).sum(), out
 
     def run(fn):
-        return jax.jit(jax.value_and_grad(functools.partial(loss, fn), argnums=(0, 1), has_aux=True))(
+        return _jit(jax.value_and_grad(functools.partial(loss, fn), argnums=(0, 1), has_aux=True))(
             q, [k for k, _, _ in segments])
 
     (_, out), grads = run(functools.partial(flash.flash_segment_attention, block_q=8, block_k=8, interpret=True))

@@ -18,7 +18,8 @@ their blocks are not fetched), and so are the segments hidden from a group.
 Layouts: with hd a multiple of 128 the kernels read q/k/v in place as [b n, T, heads hd] (a head is a 128-lane
 column block, so no transpose); otherwise as [b n, heads, T, hd] (one transpose each way). Tiles: block_q rows of
 queries, block_k keys per segment (the segment's length if shorter); T must be a multiple of its tile. On TPU the
-tiles should be multiples of 128 (or the whole axis); interpret=True runs the same kernels on CPU.
+tiles should be multiples of 128 (or the whole axis); interpret=True runs the same kernels on CPU. The kernels
+are written for TPU (Mosaic); a GPU run needs the XLA path or cuDNN.
 """
 from __future__ import annotations
 
