@@ -18,7 +18,6 @@ difference of the three: 0 when every layer costs the same).
 """
 import argparse
 import contextlib
-import functools
 import json
 import os
 import time
@@ -36,8 +35,8 @@ def config(mode: str, batch: int, layers: int, seq_len: int, *, scan_layers: boo
     """Returns the benchmark config of one attention mode and per-device batch (one chip: mesh 1 x 1 x 1)."""
     cfg = sibling_config(os.path.join(REPO, "configs", "default.py"), "paper_1b").get_config()
     cfg.model.update(vocab_size=32_000, d_model=1536, num_layers=layers, num_heads=12, mlp_dim=6144,
-                     dtype="bfloat16", remat="full", attention=mode, block_size=1024, memory_blocks=1,
-                     max_len=seq_len, scan_layers=scan_layers)
+                     dtype="bfloat16", remat="full", attention=mode, attention_impl="xla", block_size=1024,
+                     memory_blocks=1, max_len=seq_len, scan_layers=scan_layers)
     cfg.fam.update(fam_len=64, rsp_prob=0.0)
     cfg.data.update(seq_len=seq_len, batch_size=batch)
     cfg.train.stream_state = "off"
@@ -49,7 +48,10 @@ def config(mode: str, batch: int, layers: int, seq_len: int, *, scan_layers: boo
 def unrolled_scans():
     """Every jax.lax.scan traced inside is fully unrolled (the same computation, every iteration visible)."""
     scan = jax.lax.scan
-    jax.lax.scan = functools.partial(scan, unroll=True)
+
+    def unrolled(*args, **kwargs):
+        return scan(*args, **{**kwargs, "unroll": True})  # whatever unroll the caller asked for
+    jax.lax.scan = unrolled
     try:
         yield
     finally:
@@ -77,6 +79,7 @@ def main():
     p.add_argument("--topology", default="v5p:1x1x1", help="one chip (v5p's smallest slice is 2x2x1; one chip "
                    "is compiled with host bounds 1x1x1)")
     p.add_argument("--batches", default="1,4", help="per-device batch sizes")
+    p.add_argument("--modes", default=",".join(MODES), help="attention modes (bswa is the ratios' base)")
     p.add_argument("--layers", type=int, default=18)
     p.add_argument("--seq_len", type=int, default=8192)
     p.add_argument("--json", default=None, help="also write the rows here")
@@ -91,7 +94,7 @@ def main():
           f"{args.layers} layers, {args.seq_len} tokens per row")
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
-        for mode in MODES:
+        for mode in args.modes.split(","):
             cfg = aot.prepare(config(mode, batch, args.layers, args.seq_len))
             mesh = aot.meshlib.make_mesh(cfg.mesh, devices[:1])
             t0 = time.perf_counter()

@@ -10,6 +10,7 @@ NORMS = ("rms", "layer")
 MLP_ACTIVATIONS = ("swiglu", "geglu", "gelu")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 FAM_POSITIONS = ("block", "zero")
+ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
 DTYPES = ("float32", "bfloat16", "float16")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # every attention and MLP projection
 
@@ -34,6 +35,10 @@ class ModelConfig:
     param_dtype: str = "float32"      # storage dtype of parameters
     scan_layers: bool = True          # lax.scan over layers (compile time independent of depth)
     remat: str = "none"               # rematerialisation per layer: "none" | "full" | "dots" | "dots_no_batch"
+    attention_impl: str = "auto"      # "xla" | "pallas" (TPU kernel; CPU: interpret mode) | "cudnn" (GPU; full
+                                      # attention) | "auto": pallas on TPU, cudnn on GPU, xla elsewhere
+    fam_unroll: int = 1               # blocks per iteration of the FAM's loop over blocks (lax.scan unroll)
+    fam_deferred_grads: bool = True   # training: the F rows' weight gradients as one matmul after the loop
     attention: str = "fam"            # "full" (causal) | "bswa" | "fam" (BSWA + feedback memory)
     block_size: int = 64              # B: tokens per block (bswa, fam)
     memory_blocks: int = 1            # m: previous blocks each token sees (bswa, fam)
@@ -76,12 +81,16 @@ class ModelConfig:
         for name in ("memory_blocks", "fam_len"):
             value = getattr(self, name)
             check(isinstance(value, int) and value >= 0, f"{name} must be an integer >= 0, got {value!r}")
+        check(isinstance(self.fam_unroll, int) and not isinstance(self.fam_unroll, bool) and self.fam_unroll > 0,
+              f"fam_unroll must be an integer > 0, got {self.fam_unroll!r}")
         for name, allowed in (("attention", ATTENTION_MODES), ("norm", NORMS),
                               ("mlp_activation", MLP_ACTIVATIONS), ("remat", REMAT_POLICIES),
-                              ("dtype", DTYPES), ("param_dtype", DTYPES), ("fam_positions", FAM_POSITIONS)):
+                              ("dtype", DTYPES), ("param_dtype", DTYPES), ("fam_positions", FAM_POSITIONS),
+                              ("attention_impl", ATTENTION_IMPLS)):
             value = getattr(self, name)
             check(value in allowed, f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-        for name in ("fam_zero_residual", "fam_stop_gradient", "fam_keep_norm", "qkv_bias", "post_norms"):
+        for name in ("fam_zero_residual", "fam_stop_gradient", "fam_keep_norm", "fam_deferred_grads", "qkv_bias",
+                     "post_norms"):
             value = getattr(self, name)
             check(isinstance(value, bool), f"{name} must be True or False, got {value!r}")
 

@@ -6,17 +6,21 @@ F rows; attend all blocks in parallel over [memory blocks, previous FAM, own blo
 every slot at once.
 Full attention is the same path with one block per chunk whose memory is a linear KV cache.
 """
+import contextlib
+import contextvars
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from famjax import ops
 from famjax.model.config import ModelConfig
 from famjax.model.modules import MLP, AttentionProjections, Norm, row_keys, sub_key
-from famjax.model.sharding import constrain
+from famjax.model.sharding import constrain, per_shard
 from famjax.model.state import LayerCache
 
 
@@ -40,8 +44,8 @@ class Chunk:
     compact: static, the chunk fits in one grid block (decode, short chunks): queries, projections and FFN
         run on the T new tokens only and only keys/values are placed on the block, so decoding one token
         costs one token, not a block;
-    own_mask: bool, broadcastable to [b, nb, Tq, B]: which own-block keys each query sees (causal; for a
-        compact chunk key slot <= phase + i).
+    own_mask: which own-block keys each query sees: ops.CAUSAL, or for a compact chunk bool broadcastable to
+        [b, nb, Tq, B] (key slot <= phase + i).
     """
     phase: object
     num_blocks: int
@@ -86,8 +90,19 @@ class DecoderLayer(nnx.Module):
             self.mlp.init_lora(cfg, rngs)
 
     def attention(self, q, segments, return_probs: bool = False):
-        """ops.segment_attention with the model's score scale and softcap."""
-        return ops.segment_attention(q, segments, scale=self.cfg.query_scale, softcap=self.cfg.attn_softcap,
+        """Attention of q over the key segments (ops.segment_attention's contract) with the model's score scale
+        and softcap, by the kernel cfg.attention_impl picks; calls a fused kernel cannot take (a dense mask,
+        return_probs) use the XLA path."""
+        cfg = self.cfg
+        impl = resolve_attention_impl(cfg.attention_impl)
+        if impl == "pallas" and not return_probs:
+            from famjax.ops import flash  # Pallas is imported only when used
+            if flash.supports(q, segments):
+                return _flash_per_shard(q, segments, scale=cfg.query_scale, softcap=cfg.attn_softcap,
+                                        interpret=platform() != "tpu")
+        if impl == "cudnn" and not return_probs and _cudnn_expresses(segments, cfg.attn_softcap):
+            return _dot_product_attention(q, segments[0], cfg.query_scale)
+        return ops.segment_attention(q, segments, scale=cfg.query_scale, softcap=cfg.attn_softcap,
                                      return_probs=return_probs)
 
     def attn_out(self, heads, key=None):
@@ -149,13 +164,12 @@ class DecoderLayer(nnx.Module):
 
     def _full_attention(self, q, k, v, cache, chunk):
         """Causal attention over [KV cache, chunk]; writes the chunk's keys/values into the cache."""
-        t = q.shape[1]
         segments = []
         if not chunk.fresh:
             capacity = cache.mem_k.shape[2]
             visible = (jnp.arange(capacity)[None, :] < chunk.start[:, None])[:, None, None, :]
             segments.append((cache.mem_k, cache.mem_v, visible))
-        segments.append((k[:, None], v[:, None], ops.causal_mask(t)[None, None]))
+        segments.append((k[:, None], v[:, None], ops.CAUSAL))
         heads = self.attention(q[:, None], segments)[:, 0]
 
         def write(buffer, new):
@@ -207,33 +221,130 @@ class DecoderLayer(nnx.Module):
 
     def _fam_scan(self, cache, kb, vb, chunk, initial_fam, perturb=None, dropout_key=None):
         """FAM recurrence over the grid blocks; returns ((fam, fam_k, fam_v) after, FAM K/V each block read,
-        diagnostics: ops.fam_scan's aux, {} unless chunk.collect)."""
+        diagnostics: ops.fam_scan's aux, {} unless chunk.collect).
+
+        The layer's parameters enter the scan explicitly (nnx.split), so that in training the projection
+        kernels' gradients are formed after the loop (ops.deferred_scan, cfg.fam_deferred_grads)."""
         cfg = self.cfg
         dtype, offset = cfg.compute_dtype, chunk.offset
+        graphdef, state = nnx.split(self)
+        params = (state, offset, dropout_key)  # all the steps read: ops.deferred_scan's steps close over nothing
 
-        def update_fn(fam, is_initial, fam_k, fam_v, k, v, index):
-            prev_positions = self.fam_positions(index - 1, offset)
+        def update_fn(params, fam, is_initial, fam_k, fam_v, k, v, index):
+            state, offset, dropout_key = params
+            layer = nnx.merge(graphdef, state)
+            prev_positions = layer.fam_positions(index - 1, offset)
             key = row_keys(sub_key(dropout_key, self.SITE_FAM_UPDATE), index)
 
             def query_fn(s):
-                return self.attn.query(self.norm1(s, dtype), prev_positions, key)
+                return layer.attn.query(layer.norm1(s, dtype), prev_positions, key)
             return ops.fam_update(fam, is_initial, fam_k, fam_v, k, v, query_fn=query_fn,
-                                  out_fn=functools.partial(self.attn_out, key=key),
-                                  ffn_fn=functools.partial(self.ffn, key=key), return_probs=chunk.collect,
+                                  out_fn=functools.partial(layer.attn_out, key=key),
+                                  ffn_fn=functools.partial(layer.ffn, key=key), return_probs=chunk.collect,
                                   zero_residual=cfg.fam_zero_residual, keep_norm=cfg.fam_keep_norm,
                                   scale=cfg.query_scale, softcap=cfg.attn_softcap)
 
-        def kv_fn(fam, index):
-            return self.fam_key_value(fam, index, offset, row_keys(sub_key(dropout_key, self.SITE_FAM_KV), index))
+        def kv_fn(params, fam, index):
+            state, offset, dropout_key = params
+            key = row_keys(sub_key(dropout_key, self.SITE_FAM_KV), index)
+            return nnx.merge(graphdef, state).fam_key_value(fam, index, offset, key)
 
         initial = None
         if chunk.resets is not None:
             b = offset.shape[0]
             fam0 = jnp.broadcast_to(initial_fam, (b,) + initial_fam.shape)
-            initial = (fam0, *kv_fn(fam0, jnp.full((b,), -1)))
+            initial = (fam0, *kv_fn(params, fam0, jnp.full((b,), -1)))
+        scan = None
+        if cfg.fam_deferred_grads and chunk.all_complete and not chunk.collect:
+            scan = functools.partial(_deferred_layer_scan, dtype=dtype, unroll=cfg.fam_unroll)
         carry = (cache.fam, chunk.is_initial, cache.fam_k, cache.fam_v)
         (fam, _, fam_k, fam_v), read, aux = ops.fam_scan(
-            carry, kb, vb, chunk.completes, chunk.block_index, update_fn=update_fn, kv_fn=kv_fn,
+            carry, kb, vb, chunk.completes, chunk.block_index, update_fn=update_fn, kv_fn=kv_fn, params=params,
             all_complete=chunk.all_complete, resets=chunk.resets, initial=initial, collect=chunk.collect,
-            stop_gradient=cfg.fam_stop_gradient, perturb=perturb)
+            stop_gradient=cfg.fam_stop_gradient, perturb=perturb, unroll=cfg.fam_unroll, scan=scan)
+        # The loop's results are small (F rows per block): every remat policy keeps them (FamLM, _REMAT_POLICIES).
+        (fam, fam_k, fam_v), read = checkpoint_name(((fam, fam_k, fam_v), read), ops.deferred.SAVE_NAME)
         return (fam, fam_k, fam_v), read, aux
+
+
+_TARGET = contextvars.ContextVar("famjax_target_platform", default=None)
+
+
+@contextlib.contextmanager
+def target_platform(platform: str):
+    """Traces inside pick the kernels of `platform` ("tpu", "gpu", "cpu") instead of the default backend's: for
+    compiling ahead of time for another platform (famjax.tools.aot compiles TPU programs on a CPU host)."""
+    token = _TARGET.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+
+
+def platform() -> str:
+    """The platform the traced program is for: target_platform's, else jax's default backend."""
+    return _TARGET.get() or jax.default_backend()
+
+
+def resolve_attention_impl(impl: str) -> str:
+    """The attention kernel of ModelConfig.attention_impl on the target platform: "auto" is "pallas" on TPU,
+    "cudnn" on GPU and "xla" elsewhere."""
+    if impl != "auto":
+        return impl
+    return {"tpu": "pallas", "gpu": "cudnn"}.get(platform(), "xla")
+
+
+def _flash_per_shard(q, segments, **kwargs):
+    """ops.flash.flash_segment_attention on each device's rows (and heads, when query and key/value heads split
+    alike, which keeps every query head with its key/value head); masks that are arrays go along."""
+    from famjax.ops import flash
+    arrays = [q] + [a for k, v, _ in segments for a in (k, v)]
+    masks = [m for _, _, m in segments]
+    mask_at = [i for i, m in enumerate(masks) if isinstance(m, jax.Array)]
+    q_names, kv_names = ("batch", None, None, "q_heads", None), ("batch", None, None, "kv_heads", None)
+    names = [q_names] + [kv_names] * (2 * len(segments)) + [("batch", None, None, None)] * len(mask_at)
+    arrays += [jnp.broadcast_to(masks[i], (q.shape[0], q.shape[1], 1, 1)) for i in mask_at]
+
+    def local(q, *rest):
+        kv, local_masks = rest[:2 * len(segments)], dict(zip(mask_at, rest[2 * len(segments):]))
+        segs = [(kv[2 * i], kv[2 * i + 1], local_masks.get(i, m)) for i, m in enumerate(masks)]
+        return flash.flash_segment_attention(q, segs, **kwargs)
+    if q.shape[3] != segments[0][0].shape[3]:  # GQA: split heads only if the query heads of a group stay together
+        names = [(*n[:3], None, *n[4:]) if len(n) == 5 else n for n in names]
+    return per_shard(local, arrays, names)
+
+
+def _cudnn_expresses(segments, softcap: float) -> bool:
+    """jax.nn.dot_product_attention's masks express one causal segment (full attention from a fresh state);
+    BSWA/FAM blocks, a KV cache and softcap stay on the XLA path."""
+    return len(segments) == 1 and segments[0][2] is ops.CAUSAL and not softcap
+
+
+def _dot_product_attention(q, segment, scale):
+    """Causal attention of q [b, n, T, H, hd] over one segment by jax.nn.dot_product_attention: cuDNN's fused
+    kernel on GPU, its XLA implementation elsewhere (how the path is tested on CPU)."""
+    k, v, _ = segment
+    b, n, t, h, hd = q.shape
+    flat = [a.reshape(b * n, *a.shape[2:]) for a in (q, k, v)]
+    out = jax.nn.dot_product_attention(*flat, scale=scale, is_causal=True,
+                                       implementation="cudnn" if platform() == "gpu" else None)
+    return out.reshape(q.shape)
+
+
+_KERNEL = re.compile(r"\['(attn|mlp)'\]\['(q|k|v|o|gate|up|down)'\]")
+
+
+def _deferred_layer_scan(step, params, carry, xs, *, dtype, unroll: int):
+    """ops.fam_scan's `scan` with deferred weight gradients: the layer's projection kernels found in params (not
+    norms, biases or LoRA adapters) are ops.deferred_scan's weights, every other leaf goes with the others."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    names = [jax.tree_util.keystr(path) for path, _ in leaves]
+    is_kernel = [bool(_KERNEL.search(n)) for n in names]
+    weights = {n: v for n, (_, v), k in zip(names, leaves, is_kernel) if k}
+    rest = [v for (_, v), k in zip(leaves, is_kernel) if not k]
+
+    def inner(weights, rest, c, x):
+        it = iter(rest)
+        return step(jax.tree.unflatten(treedef, [weights[n] if k else next(it) for n, k in zip(names, is_kernel)]),
+                    c, x)
+    return ops.deferred_scan(inner, weights, rest, carry, xs, dtype=dtype, unroll=unroll)

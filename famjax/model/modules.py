@@ -4,10 +4,13 @@ Parameters carry logical axis names ("embed", "q_heads", "kv_heads", "head_dim",
 layer stack adds "layers"), which the trainer maps to mesh axes. Compute happens in `cfg.dtype`, parameters are
 stored in `cfg.param_dtype`, and norms and softmax run in float32.
 """
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from famjax import ops
 from famjax.model.config import LORA_TARGETS, ModelConfig
 from famjax.ops import apply_rope
 
@@ -21,15 +24,20 @@ def normal(stddev):
     return nnx.initializers.normal(stddev)
 
 
-def dense(x, kernel, dtype):
-    """Returns x [..., n] @ kernel [n, *out] as [..., *out], computed as one 2-D matmul.
+def dense(x, kernel, dtype, in_axes: int = 1):
+    """Returns x [..., n] @ kernel [*in, *out] as [..., *out], computed as one 2-D matmul (n = prod(in), the
+    kernel's first in_axes axes).
 
     Flattening the leading axes first matters on CPU: with several contracting axes in the weight gradient,
-    XLA materialises transposed [hidden, tokens] copies that cost more than the matmuls themselves.
+    XLA materialises transposed [hidden, tokens] copies that cost more than the matmuls themselves. The product
+    goes through ops.tap, so inside the FAM's deferred-gradient scan the kernel's gradient is formed after the
+    loop (famjax.ops.deferred).
     """
-    lead, out = x.shape[:-1], kernel.shape[1:]
-    y = x.reshape(-1, x.shape[-1]).astype(dtype) @ kernel[...].astype(dtype).reshape(kernel.shape[0], -1)
-    return y.reshape(*lead, *out)
+    w = kernel[...]
+    n = math.prod(w.shape[:in_axes])
+    x2 = x.reshape(-1, n).astype(dtype)
+    y = ops.tap(w, x2, x2 @ w.astype(dtype).reshape(n, -1))
+    return y.reshape(*x.shape[:-1], *w.shape[in_axes:])
 
 
 def fold(key, i):
@@ -180,9 +188,8 @@ class AttentionProjections(nnx.Module, LoRA):
 
     def out(self, heads, key=None):
         """heads: [..., H, hd] -> [..., d]."""
-        o = self.o[...]
         flat = heads.reshape(*heads.shape[:-2], -1)
-        return self._lora("o", flat, dense(flat, o.reshape(-1, o.shape[-1]), self.dtype), key, self.dtype)
+        return self._lora("o", flat, dense(flat, self.o, self.dtype, in_axes=2), key, self.dtype)
 
 
 class MLP(nnx.Module, LoRA):

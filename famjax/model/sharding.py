@@ -52,3 +52,18 @@ def constrain(x: jax.Array, *names: str | None) -> jax.Array:
     if not rules or mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(names, rules, mesh.shape, x.shape, warn=False))
+
+
+def per_shard(fn, args, names):
+    """Returns fn(*args) computed on every device's shard (jax.shard_map) when a mesh and rules are active (a
+    Pallas kernel cannot be partitioned by XLA), else fn(*args).
+
+    args: arrays; names: per array, the logical names of its dimensions (as for constrain); fn returns one array
+    laid out as args[0]. A dimension is split only if its size divides (logical_to_spec).
+    """
+    rules = spmd.get_logical_axis_rules()
+    mesh = jax.sharding.get_abstract_mesh()
+    if not rules or mesh.empty:
+        return fn(*args)
+    specs = tuple(logical_to_spec(n, rules, mesh.shape, a.shape, warn=False) for a, n in zip(args, names))
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=specs[0], check_vma=False)(*args)

@@ -1,5 +1,5 @@
 """Pure jax.numpy building blocks of TransformerFAM (no Flax): RoPE, windowing, attention, FAM update."""
-from famjax.ops.attention import causal_mask, segment_attention
+from famjax.ops.attention import CAUSAL, causal_mask, segment_attention
 from famjax.ops.blocks import (
                                from_grid,
                                memory_visible,
@@ -10,11 +10,12 @@ from famjax.ops.blocks import (
                                take_blocks,
                                to_grid,
 )
+from famjax.ops.deferred import deferred_scan, tap
 from famjax.ops.fam import Perturbation, fam_positions, fam_scan, fam_update, norm_ratio
 from famjax.ops.rope import apply_rope, rope_angles
 
 __all__ = [
-    "Perturbation", "apply_rope", "causal_mask", "fam_positions", "fam_scan", "fam_update", "from_grid",
-    "memory_visible", "memory_windows", "norm_ratio", "num_grid_blocks", "rope_angles", "segment_attention",
-    "segment_begin_blocks", "split_blocks", "take_blocks", "to_grid",
+    "CAUSAL", "Perturbation", "apply_rope", "causal_mask", "deferred_scan", "fam_positions", "fam_scan",
+    "fam_update", "from_grid", "memory_visible", "memory_windows", "norm_ratio", "num_grid_blocks", "rope_angles",
+    "segment_attention", "segment_begin_blocks", "split_blocks", "take_blocks", "tap", "to_grid",
 ]

@@ -13,6 +13,15 @@ import jax.numpy as jnp
 _MASKED = float(jnp.finfo(jnp.float32).min)
 
 
+class _Causal:
+    def __repr__(self):
+        return "ops.CAUSAL"
+
+
+CAUSAL = _Causal()
+"""Segment mask marker: query i sees key j <= i (Tq == S). A fused kernel evaluates it without a mask array."""
+
+
 def causal_mask(size: int):
     """Returns bool [size, size]: query i may see key j iff j <= i."""
     return jnp.tril(jnp.ones((size, size), dtype=bool))
@@ -24,7 +33,8 @@ def segment_attention(q, segments, *, scale: float | None = None, softcap: float
 
     q: [b, n, Tq, H, hd] (n: independent groups, e.g. blocks);
     segments: sequence of (k, v, mask); k, v: [b, n, S, KV, hd] with KV dividing H (GQA: query head h reads
-        kv head h // (H // KV)); mask: None (all visible) or bool broadcastable to [b, n, Tq, S].
+        kv head h // (H // KV)); mask: None (all visible), CAUSAL (key j visible to query i iff j <= i) or bool
+        broadcastable to [b, n, Tq, S].
     Every query must see at least one key (in every mode it sees itself or a FAM row).
     scale: score scale, None = hd ** -0.5; softcap: c > 0 caps every scaled score s to c tanh(s / c) (in
         float32, before the mask and softmax; Gemma 2), 0 = off.
@@ -36,6 +46,8 @@ def segment_attention(q, segments, *, scale: float | None = None, softcap: float
     scale = hd ** -0.5 if scale is None else scale
     scores = []
     for k, _, mask in segments:
+        if mask is CAUSAL:
+            mask = causal_mask(k.shape[2])[None, None]
         s = jnp.einsum("bnqkgd,bnskd->bnkgqs", qg, k, preferred_element_type=jnp.float32) * scale
         if softcap:
             s = softcap * jnp.tanh(s / softcap)

@@ -4,6 +4,7 @@ Only the F feedback rows are sequential: `fam_scan` carries them over the blocks
 block tokens' projections, attention and FFN stay fully parallel in the caller.
 """
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -69,15 +70,17 @@ def fam_update(fam, is_initial, fam_k, fam_v, block_k, block_v, *, query_fn, out
 
 
 def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv_fn, all_complete: bool,
-             resets=None, initial=None, collect: bool = False, stop_gradient: bool = False,
-             perturb: Perturbation | None = None):
+             params=None, resets=None, initial=None, collect: bool = False, stop_gradient: bool = False,
+             perturb: Perturbation | None = None, unroll: int = 1, scan=None):
     """Runs the FAM over the blocks of a chunk; returns (final carry, what each block's tokens read, aux).
 
     carry: (fam [b, F, d] f32, is_initial bool [b], fam_k, fam_v [b, F, KV, hd]) before grid block 0;
     blocks_k, blocks_v: [b, nb, B, KV, hd]; completes: bool [b, nb] (the block's last token is in this chunk:
     only then is the FAM updated); block_index: int [b, nb] block indices counted from the segment start;
-    update_fn(fam, is_initial, fam_k, fam_v, k, v, block_index) -> S_t, or (S_t, probs) when collecting;
-    kv_fn(fam, block_index) -> keys/values of a FAM that compressed block `block_index`;
+    update_fn(params, fam, is_initial, fam_k, fam_v, k, v, block_index) -> S_t, or (S_t, probs) when collecting;
+    kv_fn(params, fam, block_index) -> keys/values of a FAM that compressed block `block_index`;
+    params: the weights update_fn and kv_fn read, passed to them explicitly (a pytree, e.g. the layer's state),
+    so that `scan` may treat them specially;
     all_complete: static promise that every block completes (training), which skips the per-block branch;
     resets: None or bool [b, nb], a new segment starts at the block: the carry restarts from `initial`,
     (fam, fam_k, fam_v) of the initial FAM, before the block is read (packed rows);
@@ -86,7 +89,11 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
     stop_gradient: the FAM passed on to the next block carries no gradient back (the paper's ablation: the
     memory then learns nothing beyond one block);
     perturb: None or a Perturbation (requires all_complete): each S_t becomes perturb.fn(S_t, data_j) before
-    it is passed on (training only).
+    it is passed on (training only);
+    unroll: blocks per iteration of the loop (jax.lax.scan's unroll);
+    scan: None (jax.lax.scan) or a function scan(step, params, carry, xs) -> (carry, ys) computing
+    jax.lax.scan(lambda c, x: step(params, c, x), carry, xs), e.g. famjax.ops.deferred_scan with params split
+    into weights and the rest (step closes over nothing that is differentiated: params holds `initial` too).
     Returns the carry after the chunk, (fam_k, fam_v) [b, nb, F, KV, hd]: what the tokens of block j read,
     and aux: what collect asked for ({} otherwise).
     """
@@ -94,20 +101,21 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
         raise ValueError("FAM diagnostics and FAM perturbations need a chunk of whole blocks from an aligned "
                          "state")
 
-    def update(state, k, v, done, index, data=None):
+    def update(params, state, k, v, done, index, data=None):
         fam, is_initial, fk, fv = state
-        new = update_fn(fam, is_initial, fk, fv, k, v, index)
+        new = update_fn(params, fam, is_initial, fk, fv, k, v, index)
         new, probs = new if collect else (new, None)
         if perturb is not None:
             new = perturb.fn(new, data)
         if stop_gradient:
             new = jax.lax.stop_gradient(new)
-        nk, nv = kv_fn(new, index)
+        nk, nv = kv_fn(params, new, index)
         sel, sel4 = done[:, None, None], done[:, None, None, None]
         state = (jnp.where(sel, new, fam), is_initial & ~done, jnp.where(sel4, nk, fk), jnp.where(sel4, nv, fv))
         return state, probs
 
-    def step(state, xs):
+    def step(both, state, xs):
+        params, initial = both
         k, v, done, index, reset, data = xs
         if reset is not None:
             fam0, k0, v0 = initial
@@ -116,16 +124,20 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
                      jnp.where(r4, k0, state[2]), jnp.where(r4, v0, state[3]))
         read = state[2:]
         if all_complete:
-            state, probs = update(state, k, v, done, index, data)
+            state, probs = update(params, state, k, v, done, index, data)
         else:
             # Decode and small chunks rarely complete a block: skip the F-row layer unless one does.
-            state = jax.lax.cond(jnp.any(done), lambda *a: update(*a)[0], lambda s, *_: s,
+            state = jax.lax.cond(jnp.any(done), lambda *a: update(params, *a)[0], lambda s, *_: s,
                                  state, k, v, done, index)
         aux = dict(fam_probs=probs, fam_norm=jnp.linalg.norm(state[0], axis=-1)) if collect else {}
         return state, (read, aux)
 
     data = None if perturb is None else perturb.data
     xs = jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), (blocks_k, blocks_v, completes, block_index, resets, data))
-    carry, ((fk, fv), aux) = jax.lax.scan(step, tuple(carry), xs)
+    if scan is None:
+        carry, ((fk, fv), aux) = jax.lax.scan(functools.partial(step, (params, initial)), tuple(carry), xs,
+                                              unroll=unroll)
+    else:
+        carry, ((fk, fv), aux) = scan(step, (params, initial), tuple(carry), xs)
     read = (jnp.moveaxis(fk, 0, 1), jnp.moveaxis(fv, 0, 1))
     return carry, read, jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), aux)

@@ -32,19 +32,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from famjax.ops.attention import causal_mask
+from famjax.ops.attention import CAUSAL, causal_mask
 
 _MASKED = float(jnp.finfo(jnp.float32).min)  # the masked score of ops.segment_attention
 _NT = (((1,), (1,)), ((), ()))  # dot_general: a [m, d] . b [n, d] -> [m, n]
 
-
-class _Causal:
-    def __repr__(self):
-        return "flash.CAUSAL"
-
-
-CAUSAL = _Causal()
-"""Mask marker of a causal segment: query i sees key j <= i (Tq == S)."""
 
 DEFAULT_BLOCK_Q = 512
 DEFAULT_BLOCK_K = 512

@@ -32,6 +32,7 @@ import famjax.data as fd
 from famjax.cli import flag_error
 from famjax.data.config import resolve_batching
 from famjax.errors import FamjaxError
+from famjax.model.decoder import target_platform
 from famjax.train import mesh as meshlib
 from famjax.train.config import resolve, validate
 from famjax.train.optim import make_optimizer
@@ -131,7 +132,7 @@ def compile_train_step(cfg, mesh):
     step = jax.jit(make_train_step(cfg, graphdef, tx, streaming=streaming),
                    in_shardings=(shardings, {k: v.sharding for k, v in batch.items()}),
                    out_shardings=(shardings, meshlib.replicated(mesh)), donate_argnums=0)
-    with meshlib.activation_rules(mesh, cfg.mesh.rules):
+    with meshlib.activation_rules(mesh, cfg.mesh.rules), target_platform(_platform_of(mesh)):
         return step.lower(state, batch).compile()
 
 
@@ -161,8 +162,13 @@ def compile_decode_step(cfg, mesh, rows: int):
 
     step = jax.jit(decode, in_shardings=(param_sh, state_sh, token_sh), out_shardings=(out_sh, state_sh),
                    donate_argnums=1)
-    with meshlib.activation_rules(mesh, rules):
+    with meshlib.activation_rules(mesh, rules), target_platform(_platform_of(mesh)):
         return step.lower(params, state, jax.ShapeDtypeStruct((rows, 1), jnp.int32)).compile()
+
+
+def _platform_of(mesh) -> str:
+    """The platform of the mesh's devices ("tpu" for a topology's devices): the kernels the model picks."""
+    return mesh.devices.flat[0].platform
 
 
 def program_report(compiled, hbm: int) -> dict:

@@ -1,0 +1,165 @@
+"""A scan whose weight gradients are one matmul after the loop instead of a sum carried through it.
+
+The FAM recurrence runs a whole layer (projections, FFN) on F rows per block, so each weight W is used once per
+block on a few rows. Plain autodiff of that scan adds every block's x_t^T dy_t into a float32 copy of W carried
+through the backward loop: per block and weight, W's size is read and written twice (plus the per-block
+[in, out] product itself), although the block contributes only F rows. `deferred_scan` records each block's
+x_t [rows, in] and dy_t [rows, out] instead and forms dW = X^T dY over all blocks at once, one matmul with a
+float32 accumulator. It also casts the weights to the compute dtype once, outside the loop.
+
+How dy_t is obtained: inside the backward loop every product with a tracked weight goes through `tap`, which
+adds a zero "tap" array to x @ W; the cotangent of the tap is dy_t. A step function only has to compute its
+weight products with `tap` (famjax.model.modules.dense does).
+"""
+import contextlib
+import contextvars
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+SAVE_NAME = "fam_scan"  # jax.ad_checkpoint name of what a remat policy should keep of the FAM loop
+_ACTIVE = contextvars.ContextVar("famjax_deferred_taps", default=None)
+
+
+@dataclasses.dataclass
+class _Recorder:
+    """The weights tracked while tracing one step: id(weight array) -> name; taps: name -> zero [rows, out]
+    (None: only record the shapes); inputs: what each tracked product read, name -> x [rows, in]."""
+    names: dict
+    taps: dict | None
+    inputs: dict = dataclasses.field(default_factory=dict)
+    shapes: dict = dataclasses.field(default_factory=dict)
+
+
+def tap(weight, x, y):
+    """Returns y = x @ weight (x [rows, in], y [rows, out], already computed), plus the weight's tap when traced
+    inside deferred_scan's backward loop, where `weight` (the array given to the scan, before any cast or
+    reshape) is tracked. Outside that, y unchanged."""
+    rec = _ACTIVE.get()
+    name = None if rec is None else rec.names.get(id(weight))
+    if name is None:
+        return y
+    if name in rec.shapes:
+        raise ValueError(f"deferred_scan: weight {name!r} is used twice in one step (tap it once per step)")
+    rec.shapes[name] = jax.ShapeDtypeStruct(y.shape, y.dtype)
+    rec.inputs[name] = x
+    return y if rec.taps is None else y + rec.taps[name].astype(y.dtype)
+
+
+@contextlib.contextmanager
+def _recording(weights: dict, taps):
+    rec = _Recorder({id(w): name for name, w in weights.items()}, taps)
+    token = _ACTIVE.set(rec)
+    try:
+        yield rec
+    finally:
+        _ACTIVE.reset(token)
+
+
+def _inexact(x) -> bool:
+    return jnp.issubdtype(x.dtype, jnp.inexact)
+
+
+def _zero_ct(x):
+    """The zero cotangent of an integer or bool array (float0)."""
+    return jnp.zeros(x.shape, jax.dtypes.float0)
+
+
+def _floats(leaves, mask):
+    """The leaves where mask is True (the differentiable ones)."""
+    return [a for a, m in zip(leaves, mask) if m]
+
+
+def _merge(floats, leaves, mask):
+    """leaves with the differentiable ones (mask True) replaced by `floats`, in order."""
+    it = iter(floats)
+    return [next(it) if m else a for a, m in zip(leaves, mask)]
+
+
+def _cast(weights: dict, dtype) -> dict:
+    return {n: w.astype(dtype) for n, w in weights.items()}
+
+
+def deferred_scan(step, weights: dict, others, carry, xs, *, dtype, unroll: int = 1):
+    """Returns jax.lax.scan(lambda c, x: step(weights, others, c, x), carry, xs), with deferred weight gradients.
+
+    step(weights, others, carry, x) -> (carry, y): one iteration; it must compute each product with a weight of
+        `weights` once per step, through `tap(weight, x2d, x2d @ weight')`, where `weight` is the very array it
+        received (weight' may be a cast or reshape of it);
+    weights: dict name -> weight array [in, ...] (its gradient is X^T dY summed over all steps and rows);
+    others: any pytree of further inputs of every step (norm scales, adapters, positions, PRNG keys);
+    carry, xs: as for lax.scan (xs with the steps on axis 0); integer, bool and key leaves of others, carry and
+        xs get zero cotangents;
+    dtype: the compute dtype the weights are cast to, once, before the loop;
+    unroll: lax.scan's unroll (steps per loop iteration).
+    The step must not close over traced values (jax.custom_vjp's backward is traced apart from the forward):
+    pass them in `others`, `carry` or `xs`.
+    """
+    def run(weights, others, carry, xs):
+        cast = _cast(weights, dtype)
+        return jax.lax.scan(lambda c, x: step(cast, others, c, x), carry, xs, unroll=unroll)
+
+    @jax.custom_vjp
+    def scan(weights, others, carry, xs):
+        return run(weights, others, carry, xs)
+
+    def forward(weights, others, carry, xs):
+        cast = _cast(weights, dtype)
+
+        def body(c, x):
+            new, y = step(cast, others, c, x)
+            return new, (y, c)
+        final, (ys, carries) = jax.lax.scan(body, carry, xs, unroll=unroll)
+        # Named, so that a rematerialised caller may keep the per-step carries instead of rerunning the loop.
+        carries = checkpoint_name(carries, SAVE_NAME)
+        return (final, ys), (weights, others, carries, xs)
+
+    def backward(res, cts):
+        weights, others, carries, xs = res
+        ct_final, ct_ys = cts
+        cast = _cast(weights, dtype)
+        first = jax.tree.map(lambda a: a[0], (carries, xs))
+        with _recording(cast, None) as probe:  # the tap shapes of one step
+            jax.eval_shape(lambda c, x: step(cast, others, c, x), *first)
+        zero_taps = {n: jnp.zeros(s.shape, s.dtype) for n, s in probe.shapes.items()}
+        c_leaves, c_def = jax.tree.flatten(first[0])
+        x_leaves, x_def = jax.tree.flatten(first[1])
+        o_leaves, o_def = jax.tree.flatten(others)
+        c_float, x_float, o_float = ([_inexact(a) for a in leaves] for leaves in (c_leaves, x_leaves, o_leaves))
+
+        def body(ct_carry, inp):
+            cl, xl, ct_y = inp  # the carry before this step and its input, as leaf lists
+
+            def one(of, cf, xf, taps):
+                o = jax.tree.unflatten(o_def, _merge(of, o_leaves, o_float))
+                c = jax.tree.unflatten(c_def, _merge(cf, cl, c_float))
+                x = jax.tree.unflatten(x_def, _merge(xf, xl, x_float))
+                with _recording(cast, taps) as rec:
+                    new, y = step(cast, o, c, x)
+                return (_floats(jax.tree.leaves(new), c_float), y), rec.inputs
+            _, vjp, inputs = jax.vjp(one, _floats(o_leaves, o_float), _floats(cl, c_float), _floats(xl, x_float),
+                                     zero_taps, has_aux=True)
+            d_of, d_cf, d_xf, d_taps = vjp((ct_carry, ct_y))
+            return d_cf, (d_of, d_xf, inputs, d_taps)
+        ct_c = _floats(jax.tree.leaves(ct_final), c_float)
+        d_cf, (d_of, d_xf, inputs, d_taps) = jax.lax.scan(
+            body, ct_c, (jax.tree.leaves(carries), jax.tree.leaves(xs), ct_ys), reverse=True, unroll=unroll)
+        d_carry = jax.tree.unflatten(c_def, _merge(d_cf, [_zero_ct(a) for a in c_leaves], c_float))
+        d_xs = jax.tree.unflatten(x_def, _merge(d_xf, [_zero_ct(a) for a in jax.tree.leaves(xs)], x_float))
+        d_others = jax.tree.unflatten(o_def, _merge([d.sum(0) for d in d_of], [_zero_ct(a) for a in o_leaves],
+                                                    o_float))
+        d_weights = {}
+        for name, w in weights.items():
+            if name not in inputs:  # a weight the step does not use
+                d_weights[name] = jnp.zeros_like(w)
+                continue
+            x, dy = inputs[name], d_taps[name]
+            dw = jnp.einsum("ti,to->io", x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]),
+                            preferred_element_type=jnp.float32)
+            d_weights[name] = dw.reshape(w.shape).astype(w.dtype)
+        return d_weights, d_others, d_carry, d_xs
+
+    scan.defvjp(forward, backward)
+    return scan(weights, others, carry, xs)

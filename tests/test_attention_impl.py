@@ -1,0 +1,62 @@
+"""ModelConfig.attention_impl: every kernel that runs on CPU gives the model of the loop reference.
+
+"pallas" runs famjax.ops.flash in Pallas interpret mode here; "cudnn" runs jax.nn.dot_product_attention's XLA
+implementation (the same call that picks cuDNN on a GPU). Calls a kernel cannot take fall back to "xla".
+"""
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from model_utils import jit_apply, make_model, random_tokens, stream
+from reference import reference_logits
+
+from famjax.model.config import ModelConfig
+from famjax.model.decoder import resolve_attention_impl
+
+CASES = {
+    "fam": dict(block_size=4, memory_blocks=1, fam_len=3),
+    "fam_F>B_m2_mqa": dict(block_size=2, memory_blocks=2, fam_len=3, num_kv_heads=1),
+    "bswa": dict(attention="bswa", block_size=4, memory_blocks=2),
+    "full": dict(attention="full", max_len=32),
+}
+
+
+@pytest.mark.parametrize("impl", ["pallas", "cudnn"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_reference_and_stream(impl, case):
+    model, cfg, params = make_model(seed=2, attention_impl=impl, **CASES[case])
+    tokens = random_tokens(2, 14, cfg.vocab_size, seed=3)
+    offset = np.array([0, 5], np.int32)
+    logits, _ = jit_apply(model, tokens, position_offset=offset)
+    want = reference_logits(params, cfg, tokens, position_offset=offset)
+    np.testing.assert_allclose(np.asarray(logits), want, atol=1e-5, rtol=1e-5)
+    # Chunks (whole blocks and partial ones, which go to the XLA path) stream like one call.
+    whole, _ = jit_apply(model, tokens)
+    got, _ = stream(model, tokens, [8, 3, 3])
+    np.testing.assert_allclose(got, np.asarray(whole), atol=2e-5, rtol=2e-5)
+
+
+def _loss(model, tokens):
+    logits, _ = model(tokens[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+
+@pytest.mark.parametrize("case", ["fam", "full"])
+def test_pallas_gradients_equal_xla(case):
+    grads = []
+    for impl in ("xla", "pallas"):
+        model, cfg, _ = make_model(seed=4, attention_impl=impl, **CASES[case])
+        tokens = random_tokens(2, 13, cfg.vocab_size, seed=5)
+        grads.append(nnx.to_flat_state(nnx.jit(nnx.grad(_loss))(model, tokens)))
+    for (path, a), (_, b) in zip(*grads):
+        a, b = np.asarray(a[...]), np.asarray(b[...])
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * max(1.0, np.abs(a).max()), err_msg=str(path))
+
+
+def test_auto_is_xla_on_cpu_and_bad_values_fail():
+    assert jax.default_backend() == "cpu"
+    assert resolve_attention_impl("auto") == "xla"
+    assert resolve_attention_impl("pallas") == "pallas"
+    with pytest.raises(ValueError, match="attention_impl must be one of"):
+        ModelConfig(attention_impl="flash")

@@ -1,0 +1,135 @@
+"""The FAM scan's fast paths against the plain scan: deferred weight gradients (ops.deferred_scan) and unroll."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from model_utils import make_model, random_tokens
+
+from famjax import ops
+
+
+def _toy_step(w, o, carry, x):
+    """A recurrence with two tapped weights, an integer input, a bool carry and a second output."""
+    h, first = carry
+    inp, index = x
+    a = (h * o["scale"]).reshape(-1, h.shape[-1])
+    y = ops.tap(w["a"], a, a @ w["a"].reshape(a.shape[-1], -1)).reshape(*h.shape[:2], -1)
+    z = jnp.tanh(y + inp).reshape(-1, y.shape[-1])
+    out = ops.tap(w["b"], z, z @ w["b"]).reshape(h.shape)
+    new = jnp.where(first[:, None, None], out, h + out) * (1.0 + 0.1 * index[:, None, None])
+    return (new, first & False), (new.sum(-1), index)
+
+
+def _toy_inputs():
+    k = jax.random.split(jax.random.key(0), 5)
+    w = {"a": jax.random.normal(k[0], (8, 2, 3)), "b": 0.3 * jax.random.normal(k[1], (6, 8))}
+    o = {"scale": jax.random.normal(k[2], (8,))}
+    h0 = jax.random.normal(k[3], (2, 4, 8))
+    xs = (jax.random.normal(k[4], (5, 2, 4, 6)), jnp.arange(10, dtype=jnp.int32).reshape(5, 2) % 3)
+    return w, o, h0, xs
+
+
+def _toy_loss(scan, w, o, h0, xs):
+    (h, _), (ys, idx) = scan(w, o, (h0, jnp.array([True, False])), xs)
+    return (h ** 2).sum() + (ys * jnp.arange(4.0)).sum() + idx.sum()
+
+
+@pytest.mark.parametrize("unroll", [1, 2])
+def test_deferred_scan_matches_lax_scan_values_and_gradients(unroll):
+    args = _toy_inputs()
+
+    def plain(w, o, c, xs):
+        return jax.lax.scan(lambda c, x: _toy_step(w, o, c, x), c, xs)
+
+    def deferred(w, o, c, xs):
+        return ops.deferred_scan(_toy_step, w, o, c, xs, dtype=jnp.float32, unroll=unroll)
+    want = jax.value_and_grad(functools.partial(_toy_loss, plain), argnums=(0, 1, 2, 3), allow_int=True)(*args)
+    got = jax.jit(jax.value_and_grad(functools.partial(_toy_loss, deferred), argnums=(0, 1, 2, 3),
+                                     allow_int=True))(*args)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    for g, r in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+        if g.dtype == jax.dtypes.float0:
+            continue
+        assert np.abs(np.asarray(r)).max() > 0
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * np.abs(np.asarray(r)).max())
+    # Without differentiation it is the plain scan.
+    out = ops.deferred_scan(_toy_step, args[0], args[1], (args[2], jnp.array([True, False])), args[3],
+                            dtype=jnp.float32)
+    np.testing.assert_allclose(out[0][0], plain(args[0], args[1], (args[2], jnp.array([True, False])),
+                                                args[3])[0][0], rtol=1e-6)
+
+
+def test_deferred_scan_refuses_a_weight_tapped_twice_per_step():
+    w, o, h0, xs = _toy_inputs()
+
+    def twice(w, o, c, x):
+        c, y = _toy_step(w, o, c, x)
+        a = c[0].reshape(-1, c[0].shape[-1])
+        ops.tap(w["a"], a, a @ w["a"].reshape(a.shape[-1], -1))
+        return c, y
+    with pytest.raises(ValueError, match="'a' is used twice"):
+        jax.grad(lambda w: ops.deferred_scan(twice, w, o, (h0, jnp.array([True, False])), xs,
+                                             dtype=jnp.float32)[0][0].sum())(w)
+
+
+def _loss(model, tokens, segment_start=None, perturb=None, dropout_key=None):
+    logits, _ = model(tokens[:, :-1], segment_start=segment_start, fam_perturb=perturb, dropout_key=dropout_key)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+
+def _grads(overrides, *, tokens_len=17, packed=False, perturb=False, dropout=False):
+    """Loss gradients of every parameter, per setting of fam_deferred_grads, in float32."""
+    out = []
+    for deferred in (False, True):
+        model, cfg, _ = make_model(seed=3, fam_deferred_grads=deferred, **overrides)
+        if cfg.lora_rank:  # fresh adapters add zeros: give B values so the adapters matter
+            for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+                if path[-1].endswith("lora_b"):
+                    var[...] = 0.1 * jax.random.normal(jax.random.key(len(path[-1])), var[...].shape)
+        tokens = jnp.asarray(random_tokens(2, tokens_len, cfg.vocab_size, seed=1))
+        nb = (tokens_len - 1) // cfg.block_size
+        kw = {}
+        if packed:
+            start = np.zeros((2, tokens_len - 1), bool)
+            start[0, 2 * cfg.block_size] = True
+            kw["segment_start"] = jnp.asarray(start)
+        if perturb:
+            scale = 1.0 + 0.1 * np.arange(cfg.num_layers * 2 * nb, dtype=np.float32).reshape(cfg.num_layers, 2, nb)
+            kw["perturb"] = ops.Perturbation(lambda f, c: f * c[:, None, None], jnp.asarray(scale))
+        if dropout:
+            kw["dropout_key"] = jax.random.key(7)
+        out.append(nnx.jit(nnx.grad(_loss))(model, tokens, **kw))
+    return [nnx.to_flat_state(g) for g in out]
+
+
+CASES = {
+    "fam": dict(),
+    "F>B, m 0, MQA": dict(block_size=3, memory_blocks=0, fam_len=5, num_kv_heads=1),
+    "m 2, unroll 2, remat": dict(memory_blocks=2, fam_unroll=2, remat="full"),
+    "layers unrolled": dict(scan_layers=False, fam_unroll=3),
+    "gemma-style": dict(post_norms=True, qkv_bias=True, attn_softcap=5.0, norm="layer", mlp_activation="gelu"),
+    "keep_norm, zero positions": dict(fam_keep_norm=True, fam_positions="zero", fam_zero_residual=False),
+    "stop_gradient": dict(fam_stop_gradient=True),
+}
+
+
+@pytest.mark.parametrize("overrides", CASES.values(), ids=CASES.keys())
+def test_deferred_gradients_equal_the_plain_scan(overrides):
+    plain, deferred = _grads(overrides)
+    for (path, a), (_, b) in zip(plain, deferred):
+        a, b = np.asarray(a[...]), np.asarray(b[...])
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * max(1.0, np.abs(a).max()), err_msg=str(path))
+
+
+@pytest.mark.parametrize("kw", [dict(packed=True), dict(perturb=True), dict(dropout=True)],
+                         ids=["packed", "perturbed", "lora dropout"])
+def test_deferred_gradients_with_training_inputs(kw):
+    overrides = dict(lora_rank=2, lora_dropout=0.2) if kw.get("dropout") else {}
+    plain, deferred = _grads(overrides, **kw)
+    for (path, a), (_, b) in zip(plain, deferred):
+        a, b = np.asarray(a[...]), np.asarray(b[...])
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * max(1.0, np.abs(a).max()), err_msg=str(path))
