@@ -69,7 +69,8 @@ if [ -n "${SWEEP_ONLY:-}" ]; then wait $SWEEP; cat "$OUT/passkey_sweep.txt"; exi
 # 1. Correctness on the GPU (the conftest keeps any JAX_PLATFORMS / XLA_FLAGS set here).
 JAX_PLATFORMS=$PLATFORM XLA_FLAGS="" timeout 200 $PY -m pytest -q -p no:cacheprovider -n 4 \
   tests/test_model_parity.py tests/test_model_identities.py tests/test_streaming.py \
-  tests/test_causality_and_grads.py tests/test_infer_generate.py ${PYTEST_ARGS:-} > "$OUT/gpu_tests.txt" 2>&1
+  tests/test_causality_and_grads.py tests/test_infer_generate.py tests/test_fam_fast_scan.py \
+  tests/test_attention_impl.py ${PYTEST_ARGS:-} > "$OUT/gpu_tests.txt" 2>&1
 echo "tests rc=$?" >> "$OUT/gpu_tests.txt"
 tail -3 "$OUT/gpu_tests.txt"
 wait $SWEEP
@@ -78,7 +79,11 @@ cat "$OUT/passkey_sweep.txt"
 # 3. Step time / MFU, alone on the GPU.
 {
   timeout ${BENCH_S:-130} $PY benchmarks/step_time.py --sizes=${BENCH_SIZES:-small,base} --lengths=${BENCH_LENGTHS:-4096,16384} --dtype=bfloat16 \
-    --block=1024 --fam=64 --batch=1 --peak_n=8192 --repeats=5
+    --block=1024 --fam=64 --batch=${BENCH_BATCH:-4} --peak_n=8192 --repeats=5
+  # the FAM loop's plain autodiff (fam_deferred_grads off) against the default above
+  timeout ${BENCH_S:-60} $PY benchmarks/step_time.py --sizes=base --lengths=16384 --modes=fam --peer=false \
+    --dtype=bfloat16 --block=1024 --fam=64 --batch=${BENCH_BATCH:-4} --peak_n=8192 --repeats=5 \
+    --model=fam_deferred_grads=False
   timeout ${BENCH_S:-80} $PY benchmarks/step_time.py --sizes=${BENCH_BIG:-1b} --lengths=${BENCH_BIG_LENGTHS:-8192} --dtype=bfloat16 \
     --block=1024 --fam=64 --batch=1 --peak_n=8192 --repeats=3 --full_max=4096
 } > "$OUT/step_time.txt" 2>&1

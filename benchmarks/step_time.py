@@ -8,6 +8,7 @@ in JAX), each configuration's best-of-N step time, and the PyTorch peer (transfo
 torch is installed: `pip install -e .[bench]`). Ratios are only meaningful within one run.
 """
 import argparse
+import ast
 import gc
 import time
 
@@ -63,9 +64,9 @@ def model_flops(cfg: famjax.ModelConfig, t: int) -> float:
     return 3 * (cfg.num_layers * (per_row * t + attention + fam) + head)
 
 
-def famjax_step(size, mode, t, repeats, block, fam, batch=1, dtype="float32"):
+def famjax_step(size, mode, t, repeats, block, fam, batch=1, dtype="float32", model_overrides=None):
     cfg = famjax.ModelConfig(vocab_size=256, **SIZES[size], attention=mode, block_size=block,
-                             memory_blocks=MEMORY, fam_len=fam, max_len=t, dtype=dtype)
+                             memory_blocks=MEMORY, fam_len=fam, max_len=t, dtype=dtype, **(model_overrides or {}))
     graphdef, params = nnx.split(famjax.FamLM(cfg, rngs=nnx.Rngs(0)))
 
     def loss(params, tokens):
@@ -119,14 +120,18 @@ def main():
     parser.add_argument("--fam", type=int, default=16, help="FAM rows F (F / B = 1 / 16 by default)")
     parser.add_argument("--full_max", type=int, default=8192, help="longest length for famjax full attention")
     parser.add_argument("--batch", type=int, default=1, help="rows per step")
+    parser.add_argument("--model", default="", help="ModelConfig overrides, e.g. attention_impl=xla,fam_unroll=2")
     parser.add_argument("--dtype", default="float32", help="compute dtype: float32 | bfloat16 (params f32)")
     parser.add_argument("--peak_n", type=int, default=2048, help="side of the matmul that measures the peak")
     args = parser.parse_args()
     peak = matmul_peak(args.peak_n, args.dtype)
     print(f"device: {jax.devices()[0].device_kind}, matmul peak (JAX {args.dtype} {args.peak_n}^3): "
           f"{peak / 1e9:.1f} GFLOP/s")
-    print(f"B={args.block} m={MEMORY} F={args.fam}; batch {args.batch}; {args.dtype}; best of {args.repeats}; "
+    print(f"B={args.block} m={MEMORY} F={args.fam}; batch {args.batch}; {args.dtype}; {args.model or 'defaults'}; "
+          f"best of {args.repeats}; "
           "memory = XLA buffers of the step\n")
+    overrides = {k: ast.literal_eval(v) if v[:1].isdigit() or v in ("True", "False") else v
+                 for k, v in (item.split("=", 1) for item in args.model.split(",") if item)}
     header = ("| size | tokens | mode | step s | compile s | mem MB | MFU | FAM/BSWA | torch s | torch/famjax |\n"
               "|---|---|---|---|---|---|---|---|---|---|")
     print(header)
@@ -139,7 +144,7 @@ def main():
                 if mode == "full" and t > args.full_max:
                     continue  # dense [T, T] scores per layer: memory grows as T^2
                 r = results[mode] = famjax_step(size, mode, t, args.repeats, args.block, args.fam, args.batch,
-                                                args.dtype)
+                                                args.dtype, overrides)
                 ratio = (f"{r['step'] / results['bswa']['step']:.2f}x"
                          if mode == "fam" and "bswa" in results else "")
                 vs = f"{torch_s / r['step']:.2f}x" if torch_s else ""

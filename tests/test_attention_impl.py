@@ -12,7 +12,7 @@ from model_utils import jit_apply, make_model, random_tokens, stream
 from reference import reference_logits
 
 from famjax.model.config import ModelConfig
-from famjax.model.decoder import resolve_attention_impl
+from famjax.model.decoder import resolve_attention_impl, target_platform
 
 CASES = {
     "fam": dict(block_size=4, memory_blocks=1, fam_len=3),
@@ -54,9 +54,11 @@ def test_pallas_gradients_equal_xla(case):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * max(1.0, np.abs(a).max()), err_msg=str(path))
 
 
-def test_auto_is_xla_on_cpu_and_bad_values_fail():
-    assert jax.default_backend() == "cpu"
-    assert resolve_attention_impl("auto") == "xla"
+def test_auto_picks_by_platform_and_bad_values_fail():
+    assert resolve_attention_impl("auto") == {"tpu": "pallas", "gpu": "cudnn"}.get(jax.default_backend(), "xla")
+    for platform, impl in (("tpu", "pallas"), ("gpu", "cudnn"), ("cpu", "xla")):
+        with target_platform(platform):
+            assert resolve_attention_impl("auto") == impl
     assert resolve_attention_impl("pallas") == "pallas"
     with pytest.raises(ValueError, match="attention_impl must be one of"):
         ModelConfig(attention_impl="flash")

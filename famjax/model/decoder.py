@@ -15,7 +15,6 @@ import re
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
 
 from famjax import ops
 from famjax.model.config import ModelConfig
@@ -262,8 +261,6 @@ class DecoderLayer(nnx.Module):
             carry, kb, vb, chunk.completes, chunk.block_index, update_fn=update_fn, kv_fn=kv_fn, params=params,
             all_complete=chunk.all_complete, resets=chunk.resets, initial=initial, collect=chunk.collect,
             stop_gradient=cfg.fam_stop_gradient, perturb=perturb, unroll=cfg.fam_unroll, scan=scan)
-        # The loop's results are small (F rows per block): every remat policy keeps them (FamLM, _REMAT_POLICIES).
-        (fam, fam_k, fam_v), read = checkpoint_name(((fam, fam_k, fam_v), read), ops.deferred.SAVE_NAME)
         return (fam, fam_k, fam_v), read, aux
 
 

@@ -12,14 +12,10 @@ from famjax.model.modules import Norm, normal, param, sub_key
 from famjax.model.sharding import constrain
 from famjax.model.state import FamState, LayerCache, reset_rows
 
-# Every policy keeps the FAM loop's outputs and per-block carries (F rows per block, named by ops.deferred): the
-# backward pass then recomputes the layer's token work but never reruns the sequential loop over blocks.
-_KEEP_FAM = jax.checkpoint_policies.save_only_these_names(ops.deferred.SAVE_NAME)
 _REMAT_POLICIES = {
-    "full": _KEEP_FAM,
-    "dots": jax.checkpoint_policies.save_from_both_policies(jax.checkpoint_policies.checkpoint_dots, _KEEP_FAM),
-    "dots_no_batch": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _KEEP_FAM),
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 

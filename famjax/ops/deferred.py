@@ -17,9 +17,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
-SAVE_NAME = "fam_scan"  # jax.ad_checkpoint name of what a remat policy should keep of the FAM loop
 _ACTIVE = contextvars.ContextVar("famjax_deferred_taps", default=None)
 
 
@@ -112,8 +110,6 @@ def deferred_scan(step, weights: dict, others, carry, xs, *, dtype, unroll: int 
             new, y = step(cast, others, c, x)
             return new, (y, c)
         final, (ys, carries) = jax.lax.scan(body, carry, xs, unroll=unroll)
-        # Named, so that a rematerialised caller may keep the per-step carries instead of rerunning the loop.
-        carries = checkpoint_name(carries, SAVE_NAME)
         return (final, ys), (weights, others, carries, xs)
 
     def backward(res, cts):
