@@ -107,6 +107,10 @@ def _grads(overrides, *, packed=False, perturb=False, dropout=False):
         with mock.patch.object(ops, "deferred_scan", wraps=ops.deferred_scan) as used:
             out.append(nnx.jit(nnx.grad(_loss))(model, tokens, **kw))
         assert used.call_count == (cfg.num_layers if not cfg.scan_layers else 1) * deferred
+        if deferred:  # every projection kernel is a deferred weight (the rest is differentiated per block)
+            kernels = {n.split("['")[-1].split("']")[0] for n in used.call_args.args[1]}
+            gate = {"gate"} if cfg.mlp_activation != "gelu" else set()
+            assert kernels == {"q", "k", "v", "o", "up", "down"} | gate
     return [nnx.to_flat_state(g) for g in out]
 
 
