@@ -8,8 +8,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from model_utils import jit_apply, make_model, random_tokens, stream
-from reference import reference_logits
+from model_utils import assert_reference_and_streams, make_model, random_tokens
 
 from famjax.model.config import ModelConfig
 from famjax.model.decoder import resolve_attention_impl, target_platform
@@ -26,15 +25,8 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_logits_match_reference_and_stream(impl, case):
     model, cfg, params = make_model(seed=2, attention_impl=impl, **CASES[case])
-    tokens = random_tokens(2, 14, cfg.vocab_size, seed=3)
-    offset = np.array([0, 5], np.int32)
-    logits, _ = jit_apply(model, tokens, position_offset=offset)
-    want = reference_logits(params, cfg, tokens, position_offset=offset)
-    np.testing.assert_allclose(np.asarray(logits), want, atol=1e-5, rtol=1e-5)
-    # Chunks (whole blocks and partial ones, which go to the XLA path) stream like one call.
-    whole, _ = jit_apply(model, tokens)
-    got, _ = stream(model, tokens, [8, 3, 3])
-    np.testing.assert_allclose(got, np.asarray(whole), atol=2e-5, rtol=2e-5)
+    # Chunks of whole blocks and partial ones (which go to the XLA path) stream like one call.
+    assert_reference_and_streams(model, cfg, params, ([8, 3, 3],))
 
 
 def _loss(model, tokens):

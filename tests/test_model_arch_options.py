@@ -3,8 +3,14 @@ query_scale): the model equals the reference with all of them on, streams, and h
 import numpy as np
 import pytest
 from flax import nnx
-from model_utils import jit_apply, load_reference_params, make_model, random_tokens, stream
-from reference import random_params, reference_logits
+from model_utils import (
+    assert_reference_and_streams,
+    jit_apply,
+    load_reference_params,
+    make_model,
+    random_tokens,
+)
+from reference import random_params
 
 import famjax
 
@@ -50,18 +56,8 @@ def options_model(mode, seed, params=None, **overrides):
 @pytest.mark.parametrize("mode", list(MODES))
 def test_all_options_match_reference_and_stream(mode):
     model, cfg, params = options_model(mode, seed=4)
-    tokens = random_tokens(2, 14, cfg.vocab_size, seed=3)
-    offset = np.array([0, 5], np.int32)
-    logits, _ = jit_apply(model, tokens, position_offset=offset)
-    want = reference_logits(params, cfg, tokens, position_offset=offset)
-    np.testing.assert_allclose(np.asarray(logits), want, atol=1e-5, rtol=1e-5)
     # One call == chunks with boundaries inside blocks == token by token (FAM updates and decode included).
-    whole, state = jit_apply(model, tokens)
-    for sizes in ([5, 1, 8], [1] * 14):
-        got, chunked = stream(model, tokens, sizes)
-        np.testing.assert_allclose(got, np.asarray(whole), atol=2e-5, rtol=2e-5, err_msg=str(sizes))
-        np.testing.assert_allclose(np.asarray(chunked.layers.fam), np.asarray(state.layers.fam), atol=2e-5,
-                                   rtol=2e-5)
+    assert_reference_and_streams(model, cfg, params, ([5, 1, 8], [1] * 14))
 
 
 def test_each_option_changes_the_logits():
