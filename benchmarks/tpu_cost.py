@@ -17,6 +17,7 @@ layers, extrapolated linearly from 2 and 3 layers to the full depth (the printed
 difference of the three: 0 when every layer costs the same).
 """
 import argparse
+import ast
 import contextlib
 import json
 import os
@@ -31,12 +32,14 @@ MODES = ("fam", "bswa", "full")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def config(mode: str, batch: int, layers: int, seq_len: int, *, scan_layers: bool = True):
-    """Returns the benchmark config of one attention mode and per-device batch (one chip: mesh 1 x 1 x 1)."""
+def config(mode: str, batch: int, layers: int, seq_len: int, *, scan_layers: bool = True, model=None):
+    """Returns the benchmark config of one attention mode and per-device batch (one chip: mesh 1 x 1 x 1);
+    model: further ModelConfig overrides."""
     cfg = sibling_config(os.path.join(REPO, "configs", "default.py"), "paper_1b").get_config()
     cfg.model.update(vocab_size=32_000, d_model=1536, num_layers=layers, num_heads=12, mlp_dim=6144,
                      dtype="bfloat16", remat="full", attention=mode, attention_impl="xla", block_size=1024,
                      memory_blocks=1, max_len=seq_len, scan_layers=scan_layers)
+    cfg.model.update(**(model or {}))
     cfg.fam.update(fam_len=64, rsp_prob=0.0)
     cfg.data.update(seq_len=seq_len, batch_size=batch)
     cfg.train.stream_state = "off"
@@ -58,11 +61,11 @@ def unrolled_scans():
         jax.lax.scan = scan
 
 
-def all_loops_cost(mode, batch, layers, seq_len, mesh, hbm) -> dict:
+def all_loops_cost(mode, batch, layers, seq_len, mesh, hbm, model=None) -> dict:
     """Returns FLOPs and bytes accessed of the step at `layers` layers with every loop iteration counted."""
     points = []
     for n in (1, 2, 3):
-        cfg = aot.prepare(config(mode, batch, n, seq_len, scan_layers=False))
+        cfg = aot.prepare(config(mode, batch, n, seq_len, scan_layers=False, model=model))
         with unrolled_scans():
             r = aot.program_report(aot.compile_train_step(cfg, mesh), hbm)
         points.append((r["flops"], r["bytes_accessed"]))
@@ -82,8 +85,11 @@ def main():
     p.add_argument("--modes", default=",".join(MODES), help="attention modes (bswa is the ratios' base)")
     p.add_argument("--layers", type=int, default=18)
     p.add_argument("--seq_len", type=int, default=8192)
+    p.add_argument("--model", default="", help="ModelConfig overrides, e.g. fam_deferred_grads=False")
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args()
+    overrides = {k: ast.literal_eval(v) if v[:1].isdigit() or v in ("True", "False") else v
+                 for k, v in (item.split("=", 1) for item in args.model.split(",") if item)}
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_enable_compilation_cache", False)  # compile-only TPU programs cannot be reloaded
 
@@ -95,22 +101,25 @@ def main():
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
         for mode in args.modes.split(","):
-            cfg = aot.prepare(config(mode, batch, args.layers, args.seq_len))
+            cfg = aot.prepare(config(mode, batch, args.layers, args.seq_len, model=overrides))
             mesh = aot.meshlib.make_mesh(cfg.mesh, devices[:1])
             t0 = time.perf_counter()
             r = aot.try_compile(lambda: aot.compile_train_step(cfg, mesh), hbm)  # noqa: B023  # called at once
             r = {"mode": mode, "batch": batch, "compile_s": time.perf_counter() - t0, **r}
             r["xla_flops"], r["xla_bytes_accessed"] = r.pop("flops", None), r.pop("bytes_accessed", None)
-            r.update(all_loops_cost(mode, batch, args.layers, args.seq_len, mesh, hbm))
+            r.update(all_loops_cost(mode, batch, args.layers, args.seq_len, mesh, hbm, overrides))
             rows.append(r)
             print(f"  {mode} batch {batch}: step compiled in {r['compile_s']:.0f} s, costs in "
                   f"{time.perf_counter() - t0 - r['compile_s']:.0f} s", flush=True)
 
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
     print("\n| batch | mode | TFLOP | GB accessed | peak GiB | fits | FLOPs / BSWA | bytes / BSWA | peak / BSWA "
           "| XLA TFLOP (loops once) | lin |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        base = next(b for b in rows if b["batch"] == r["batch"] and b["mode"] == "bswa")
+        base = next((b for b in rows if b["batch"] == r["batch"] and b["mode"] == "bswa"), {})  # ratios need bswa
         peak = f"{r['peak_bytes'] / aot.GIB:.2f}" if "peak_bytes" in r else \
             f"> {r.get('needs_at_least_bytes', 0) / aot.GIB:.1f}"
         ratios = [f"{r[k] / base[k]:.3f}x" if k in r and k in base else "" for k in
@@ -119,9 +128,6 @@ def main():
         lin = max(r["flops_linearity"], r["bytes_accessed_linearity"])
         print(f"| {r['batch']} | {r['mode']} | {r['flops'] / 1e12:.2f} | {r['bytes_accessed'] / 1e9:.1f} | {peak} | "
               f"{'yes' if r['fits'] else 'no'} | " + " | ".join(ratios) + f" | {xla} | {lin:.1e} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
 
 
 if __name__ == "__main__":
