@@ -99,7 +99,7 @@ class DecoderLayer(nnx.Module):
             if flash.supports(q, segments):
                 return _flash_per_shard(q, segments, scale=cfg.query_scale, softcap=cfg.attn_softcap,
                                         interpret=platform() != "tpu")
-        if impl == "cudnn" and not return_probs and _cudnn_expresses(segments, cfg.attn_softcap):
+        if impl == "cudnn" and not return_probs and _cudnn_expresses(q, segments, cfg.attn_softcap):
             return _dot_product_attention(q, segments[0], cfg.query_scale)
         return ops.segment_attention(q, segments, scale=cfg.query_scale, softcap=cfg.attn_softcap,
                                      return_probs=return_probs)
@@ -297,7 +297,7 @@ def _flash_per_shard(q, segments, **kwargs):
     from famjax.ops import flash
     arrays = [q] + [a for k, v, _ in segments for a in (k, v)]
     masks = [m for _, _, m in segments]
-    mask_at = [i for i, m in enumerate(masks) if isinstance(m, jax.Array)]
+    mask_at = [i for i, m in enumerate(masks) if m is not None and m is not ops.CAUSAL]
     q_names, kv_names = ("batch", None, None, "q_heads", None), ("batch", None, None, "kv_heads", None)
     names = [q_names] + [kv_names] * (2 * len(segments)) + [("batch", None, None, None)] * len(mask_at)
     arrays += [jnp.broadcast_to(masks[i], (q.shape[0], q.shape[1], 1, 1)) for i in mask_at]
@@ -311,10 +311,13 @@ def _flash_per_shard(q, segments, **kwargs):
     return per_shard(local, arrays, names)
 
 
-def _cudnn_expresses(segments, softcap: float) -> bool:
-    """jax.nn.dot_product_attention's masks express one causal segment (full attention from a fresh state);
-    BSWA/FAM blocks, a KV cache and softcap stay on the XLA path."""
-    return len(segments) == 1 and segments[0][2] is ops.CAUSAL and not softcap
+def _cudnn_expresses(q, segments, softcap: float) -> bool:
+    """cuDNN attention (jax.nn.dot_product_attention) takes one causal segment (full attention from a fresh
+    state) in bf16/fp16 with a head dim up to 128 and a multiple of 8; BSWA/FAM blocks, a KV cache, float32 and
+    softcap stay on the XLA path."""
+    hd = q.shape[-1]
+    return (len(segments) == 1 and segments[0][2] is ops.CAUSAL and not softcap
+            and q.dtype in (jnp.bfloat16, jnp.float16) and hd <= 128 and hd % 8 == 0)
 
 
 def _dot_product_attention(q, segment, scale):
