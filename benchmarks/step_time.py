@@ -8,7 +8,6 @@ in JAX), each configuration's best-of-N step time, and the PyTorch peer (transfo
 torch is installed: `pip install -e .[bench]`). Ratios are only meaningful within one run.
 """
 import argparse
-import ast
 import gc
 import time
 
@@ -17,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from tpu_cost import model_overrides  # benchmarks/ is the script's folder
 
 import famjax
 
@@ -130,8 +130,7 @@ def main():
     print(f"B={args.block} m={MEMORY} F={args.fam}; batch {args.batch}; {args.dtype}; {args.model or 'defaults'}; "
           f"best of {args.repeats}; "
           "memory = XLA buffers of the step\n")
-    overrides = {k: ast.literal_eval(v) if v[:1].isdigit() or v in ("True", "False") else v
-                 for k, v in (item.split("=", 1) for item in args.model.split(",") if item)}
+    overrides = model_overrides(args.model)
     header = ("| size | tokens | mode | step s | compile s | mem MB | MFU | FAM/BSWA | torch s | torch/famjax |\n"
               "|---|---|---|---|---|---|---|---|---|---|")
     print(header)

@@ -47,6 +47,12 @@ def config(mode: str, batch: int, layers: int, seq_len: int, *, scan_layers: boo
     return cfg
 
 
+def model_overrides(text: str) -> dict:
+    """The ModelConfig overrides of a --model flag, "name=value,...": numbers and True/False parsed, else strings."""
+    return {k: ast.literal_eval(v) if v[:1].isdigit() or v in ("True", "False") else v
+            for k, v in (item.split("=", 1) for item in text.split(",") if item)}
+
+
 @contextlib.contextmanager
 def unrolled_scans():
     """Every jax.lax.scan traced inside is fully unrolled (the same computation, every iteration visible)."""
@@ -88,8 +94,7 @@ def main():
     p.add_argument("--model", default="", help="ModelConfig overrides, e.g. fam_deferred_grads=False")
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args()
-    overrides = {k: ast.literal_eval(v) if v[:1].isdigit() or v in ("True", "False") else v
-                 for k, v in (item.split("=", 1) for item in args.model.split(",") if item)}
+    overrides = model_overrides(args.model)
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_enable_compilation_cache", False)  # compile-only TPU programs cannot be reloaded
 

@@ -46,7 +46,7 @@ def _check(q, segments, *, block_q, block_k, softcap=0.0):
                                              block_k=block_k, interpret=True)
 
     def xla_fn(q, ks, vs):
-        return ops.segment_attention(q, flash.xla_segments(list(zip(ks, vs, masks))), softcap=softcap)
+        return ops.segment_attention(q, list(zip(ks, vs, masks)), softcap=softcap)
 
     def run(fn):
         def loss(q, ks, vs):
@@ -132,7 +132,7 @@ def test_bfloat16_matches_the_xla_path_at_bfloat16_precision():
             q, [k for k, _, _ in segments])
 
     (_, out), grads = run(functools.partial(flash.flash_segment_attention, block_q=8, block_k=8, interpret=True))
-    (_, ref), ref_grads = run(lambda q, segs: ops.segment_attention(q, flash.xla_segments(segs)))
+    (_, ref), ref_grads = run(ops.segment_attention)
     assert out.dtype == bf16
     for a, r in zip(jax.tree.leaves((out, grads)), jax.tree.leaves((ref, ref_grads))):
         np.testing.assert_allclose(np.float32(a), np.float32(r), rtol=2e-2, atol=2e-2)
@@ -149,10 +149,12 @@ def test_supports_only_structured_masks_and_tiled_lengths():
     assert not flash.supports(q[:, :, :8], [(k, k, flash.CAUSAL)])  # causal needs Tq == S
     assert not flash.supports(q, [(k, k, None)], block_k=6)  # 16 keys in tiles of 6
     assert not flash.supports(q, [(jnp.zeros((1, 2, 16, 3, 8)),) * 2 + (None,)])  # 3 kv heads for 4 heads
-    with pytest.raises(ValueError, match="xla_segments"):
+    with pytest.raises(ValueError, match=r"ops.segment_attention\(q, segments\), which takes every mask"):
         flash.flash_segment_attention(q, [(k, k, jnp.ones((1, 2, 16, 16), bool))])
-    (_, _, dense), = flash.xla_segments([(k, k, flash.CAUSAL)])
-    np.testing.assert_array_equal(dense, ops.causal_mask(16)[None, None])
+    # The XLA fallback reads the CAUSAL marker as the dense causal mask.
+    qr, kr = _normal(1, q.shape), _normal(2, k.shape)
+    np.testing.assert_array_equal(ops.segment_attention(qr, [(kr, kr, flash.CAUSAL)]),
+                                  ops.segment_attention(qr, [(kr, kr, ops.causal_mask(16)[None, None])]))
 
 
 # ---- TPU compiles (libtpu: compile-only devices of a v5e topology) ---------------------------------------

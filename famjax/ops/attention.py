@@ -10,7 +10,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-_MASKED = float(jnp.finfo(jnp.float32).min)
+MASKED = float(jnp.finfo(jnp.float32).min)  # the score of a masked key (before the softmax)
 
 
 class _Causal:
@@ -52,7 +52,7 @@ def segment_attention(q, segments, *, scale: float | None = None, softcap: float
         if softcap:
             s = softcap * jnp.tanh(s / softcap)
         if mask is not None:
-            s = jnp.where(mask[:, :, None, None], s, _MASKED)
+            s = jnp.where(mask[:, :, None, None], s, MASKED)
         scores.append(s)
     # One softmax over all segments without concatenating them (the concat/split costs more than the
     # matmuls in the backward pass on CPU): shared max, per-segment exponentials, one normaliser applied

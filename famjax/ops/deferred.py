@@ -95,13 +95,10 @@ def deferred_scan(step, weights: dict, others, carry, xs, *, dtype, unroll: int 
     The step must not close over traced values (jax.custom_vjp's backward is traced apart from the forward):
     pass them in `others`, `carry` or `xs`.
     """
-    def run(weights, others, carry, xs):
-        cast = _cast(weights, dtype)
-        return jax.lax.scan(lambda c, x: step(cast, others, c, x), carry, xs, unroll=unroll)
-
     @jax.custom_vjp
     def scan(weights, others, carry, xs):
-        return run(weights, others, carry, xs)
+        cast = _cast(weights, dtype)
+        return jax.lax.scan(lambda c, x: step(cast, others, c, x), carry, xs, unroll=unroll)
 
     def forward(weights, others, carry, xs):
         cast = _cast(weights, dtype)

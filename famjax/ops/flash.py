@@ -6,8 +6,8 @@ the ones every training-time mode needs (docs/design.md, "Segment attention kern
   bool array    broadcastable to [b, n, 1, 1]: the whole segment is visible or not for each group (BSWA memory
                 blocks before a sequence's start, packed examples);
   CAUSAL        query i sees key j <= i (the own block / the chunk itself; needs Tq == S).
-`supports` says whether a call fits; `xla_segments` turns CAUSAL into the dense mask ops.segment_attention takes,
-so a caller can fall back to the XLA path for anything else (decode's compact chunks, a KV cache).
+`supports` says whether a call fits; a caller falls back to ops.segment_attention, which takes the same segments
+(CAUSAL included) and dense masks, for anything else (decode's compact chunks, a KV cache).
 
 The forward pass walks the key tiles of all segments in turn with float32 running max / sum (flash attention),
 so no [Tq, S] score array reaches HBM, and saves the logsumexp per query. The backward pass (custom_vjp) is two
@@ -32,9 +32,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from famjax.ops.attention import CAUSAL, causal_mask
+from famjax.ops.attention import CAUSAL, MASKED  # the marker and masked score of the XLA path
 
-_MASKED = float(jnp.finfo(jnp.float32).min)  # the masked score of ops.segment_attention
 _NT = (((1,), (1,)), ((), ()))  # dot_general: a [m, d] . b [n, d] -> [m, n]
 
 
@@ -133,11 +132,6 @@ def supports(q, segments, *, block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFA
     return True
 
 
-def xla_segments(segments):
-    """Returns the segments with CAUSAL replaced by ops.causal_mask, for ops.segment_attention."""
-    return [(k, v, causal_mask(k.shape[2])[None, None] if mask is CAUSAL else mask) for k, v, mask in segments]
-
-
 def flash_segment_attention(q, segments, *, scale: float | None = None, softcap: float = 0.0,
                             block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K,
                             interpret: bool = False):
@@ -153,7 +147,7 @@ def flash_segment_attention(q, segments, *, scale: float | None = None, softcap:
     if not supports(q, segments, block_q=block_q, block_k=block_k):
         raise ValueError("flash_segment_attention: unsupported shapes or masks (masks must be None, flash.CAUSAL "
                          "or bool broadcastable to [b, n, 1, 1]; every T a multiple of its tile); use "
-                         "ops.segment_attention(q, flash.xla_segments(segments))")
+                         "ops.segment_attention(q, segments), which takes every mask")
     b, n, tq, h, hd = q.shape
     kv = segments[0][0].shape[3]
     plan = _Plan(
@@ -241,7 +235,7 @@ def _scores(plan: _Plan, a, b, a_start, b_start, causal: bool, queries_first: bo
     if causal:
         rows = a_start + lax.broadcasted_iota(jnp.int32, s.shape, 0)
         cols = b_start + lax.broadcasted_iota(jnp.int32, s.shape, 1)
-        s = jnp.where(rows >= cols if queries_first else rows <= cols, s, _MASKED)
+        s = jnp.where(rows >= cols if queries_first else rows <= cols, s, MASKED)
     return s, t
 
 
@@ -265,7 +259,7 @@ def _forward_kernel(visible_ref, q_ref, *refs, plan: _Plan):
 
     @pl.when(j == 0)
     def _init():
-        m_ref[...] = jnp.full(m_ref.shape, _MASKED, jnp.float32)
+        m_ref[...] = jnp.full(m_ref.shape, MASKED, jnp.float32)
         l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
@@ -278,8 +272,8 @@ def _forward_kernel(visible_ref, q_ref, *refs, plan: _Plan):
             scores, _ = _scores(plan, q_ref[...], k_ref[...], i * plan.block_q, t * seg.block, seg.causal, True)
             m_prev = m_ref[...]
             m_next = jnp.maximum(m_prev, scores.max(axis=-1, keepdims=True))
-            # A row whose scores so far are all masked has m = _MASKED and weights exp(0) = 1 on them; its first
-            # visible key rescales them by exp(_MASKED - m) = 0, so they never count (as in segment_attention).
+            # A row whose scores so far are all masked has m = MASKED and weights exp(0) = 1 on them; its first
+            # visible key rescales them by exp(MASKED - m) = 0, so they never count (as in segment_attention).
             p = jnp.exp(scores - m_next)
             alpha = jnp.exp(m_prev - m_next)
             l_ref[...] = alpha * l_ref[...] + p.sum(axis=-1, keepdims=True)
