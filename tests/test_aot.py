@@ -64,6 +64,16 @@ def test_small_fam_config_compiles_with_memory_and_flops(tmp_path):
 
 
 @pytest.mark.slow
+def test_programs_are_traced_for_the_topology_platform():
+    """On this CPU host the model picks TPU kernels for a TPU topology: attention_impl "auto" compiles the Pallas
+    kernel into the train step (a Mosaic custom call), "xla" does not."""
+    devices = aot.topology_devices(TOPOLOGY)
+    for impl, pallas in (("auto", True), ("xla", False)):
+        cfg = aot.prepare(_config(**{"model.attention_impl": impl}))
+        text = aot.compile_train_step(cfg, aot.meshlib.make_mesh(cfg.mesh, devices)).as_text()
+        assert ('custom_call_target="tpu_custom_call"' in text) == pallas, impl
+
+
 def test_config_too_big_for_the_chip_exits_1_with_one_line():
     r = _cli(f"--topology={TOPOLOGY}", *[f"--config.{k}={v}" for k, v in SMALL.items()],
              "--config.model.d_model=4096", "--config.model.mlp_dim=16384", "--config.model.num_heads=32",
