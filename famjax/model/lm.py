@@ -100,14 +100,15 @@ class FamLM(nnx.Module):
             return layer.initial_fam_step(s, self._layer_key(dropout_key, index)), s
         return self._scan_layers(body, self.fam_init[...].astype(jnp.float32), self._layer_ids(dropout_key))[1]
 
-    def _fam_key_value(self, fam, pos, offset, dropout_key=None):
-        """Returns keys/values [L, b, F, KV, hd] of the FAMs fam [L, b, F, d] held before position pos [b]."""
-        block = pos // self.cfg.block_size - 1
-
-        def body(layer, _, fam_l, index):
-            key = sub_key(self._layer_key(dropout_key, index), layer.SITE_STATE_FAM_KV)
-            return None, layer.fam_key_value(fam_l, block, offset, key)
-        return self._scan_layers(body, None, fam, self._layer_ids(dropout_key))[1]
+    def _restart_fam(self, layer, cache, initial, state, refresh, offset, key):
+        """Returns one layer's cache whose initial rows hold the layer's initial FAM `initial` [F, d], with fresh
+        FAM keys/values (those of the FAM held before state.pos) where `refresh` [b] is set."""
+        fam = jnp.where(state.is_initial[:, None, None], initial, cache.fam)
+        block = state.pos // self.cfg.block_size - 1
+        fam_k, fam_v = layer.fam_key_value(fam, block, offset, sub_key(key, layer.SITE_STATE_FAM_KV))
+        sel = refresh[:, None, None, None]
+        return cache.replace(fam=fam, fam_k=jnp.where(sel, fam_k, cache.fam_k),
+                             fam_v=jnp.where(sel, fam_v, cache.fam_v))
 
     def _dropout_key(self, key):
         """Returns the LoRA dropout key of a call as a typed key, or None when it would change nothing."""
@@ -192,18 +193,11 @@ class FamLM(nnx.Module):
                 segment_start = segment_start[:, 0]
             state = reset_rows(state, jnp.broadcast_to(segment_start, (b,)))
         cache = state.layers
-        restart = cfg.num_fam and (fresh or segment_start is not None)
-        # F rows through L layers: not per decode step
-        initial_fam = self._initial_fam(dropout_key) if restart else None
-        if restart:
-            # Rows flagged initial read the initial FAM of the current parameters (so it gets gradients);
-            # a fresh state also gets its FAM keys here, at this call's position offset.
-            refresh = jnp.ones_like(state.is_initial) if fresh else state.is_initial
-            fam = jnp.where(state.is_initial[None, :, None, None], initial_fam[:, None], cache.fam)
-            fam_k, fam_v = self._fam_key_value(fam, state.pos, offset, dropout_key)
-            sel = refresh[None, :, None, None, None]
-            cache = cache.replace(fam=fam, fam_k=jnp.where(sel, fam_k, cache.fam_k),
-                                  fam_v=jnp.where(sel, fam_v, cache.fam_v))
+        restart = bool(cfg.num_fam) and (fresh or segment_start is not None)
+        # Rows flagged initial read the initial FAM of the current parameters (so it gets gradients); a fresh state
+        # also gets its FAM keys here, at this call's position offset. Both happen layer by layer inside the layer
+        # scan (below), not per decode step.
+        refresh = (jnp.ones_like(state.is_initial) if fresh else state.is_initial) if restart else None
 
         chunk, new_pos, is_initial, aligned_after = self._chunk(state, t, offset, fresh, inner_resets, collect)
         if perturb is not None:
@@ -219,11 +213,16 @@ class FamLM(nnx.Module):
             x = ops.to_grid(x, chunk.phase, chunk.num_blocks, cfg.block_size)
         x = constrain(x, "batch", None, "embed")
 
-        def body(layer, x, layer_cache, layer_initial_fam, layer_perturb, index):
-            return layer(x, layer_cache, chunk, layer_initial_fam, layer_perturb, self._layer_key(dropout_key, index))
-        per_layer_fam = initial_fam if inner_resets is not None else None
-        x, (cache, diagnostics) = self._scan_layers(body, x, cache, per_layer_fam, perturb,
-                                                    self._layer_ids(dropout_key), remat=True)
+        def body(layer, carry, layer_cache, layer_perturb, index):
+            x, initial = carry  # initial: this layer's initial FAM S_0^l [F, d] (None unless restart)
+            key = self._layer_key(dropout_key, index)
+            if restart:
+                layer_cache = self._restart_fam(layer, layer_cache, initial, state, refresh, offset, key)
+            x, out = layer(x, layer_cache, chunk, initial if inner_resets is not None else None, layer_perturb, key)
+            return (x, layer.initial_fam_step(initial, key) if restart else None), out
+        initial = self.fam_init[...].astype(jnp.float32) if restart else None
+        (x, _), (cache, diagnostics) = self._scan_layers(body, (x, initial), cache, perturb,
+                                                         self._layer_ids(dropout_key), remat=True)
 
         h = self.final_norm(x if chunk.compact else ops.from_grid(x, chunk.phase, t), cfg.compute_dtype)
         head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]

@@ -7,9 +7,11 @@ through the backward loop: per block and weight, W's size is read and written tw
 x_t [rows, in] and dy_t [rows, out] instead and forms dW = X^T dY over all blocks at once, one matmul with a
 float32 accumulator. It also casts the weights to the compute dtype once, outside the loop.
 
-How dy_t is obtained: inside the backward loop every product with a tracked weight goes through `tap`, which
-adds a zero "tap" array to x @ W; the cotangent of the tap is dy_t. A step function only has to compute its
-weight products with `tap` (famjax.model.modules.dense does).
+How dy_t is obtained: the forward runs the scan under jax.vjp with a zero "tap" array per step and weight, and
+every product with a tracked weight goes through `tap`, which adds the tap to x @ W; the cotangent of the tap
+is dy_t. The weights are constants of that scan, so lax.scan's partial evaluation keeps them out of the stacked
+per-step residuals, and the backward (the vjp's reverse loop) reads each weight once per step, for dx. A step
+function only has to compute its weight products with `tap` (famjax.model.modules.dense does).
 """
 import contextlib
 import contextvars
@@ -33,8 +35,8 @@ class _Recorder:
 
 def tap(weight, x, y):
     """Returns y = x @ weight (x [rows, in], y [rows, out], already computed), plus the weight's tap when traced
-    inside deferred_scan's backward loop, where `weight` (the array given to the scan, before any cast or
-    reshape) is tracked. Outside that, y unchanged."""
+    inside deferred_scan's differentiated loop, where `weight` (the array given to the step, after the scan's
+    one cast) is tracked. Outside that, y unchanged."""
     rec = _ACTIVE.get()
     name = None if rec is None else rec.names.get(id(weight))
     if name is None:
@@ -92,8 +94,8 @@ def deferred_scan(step, weights: dict, others, carry, xs, *, dtype, unroll: int 
         xs get zero cotangents;
     dtype: the compute dtype the weights are cast to, once, before the loop;
     unroll: lax.scan's unroll (steps per loop iteration).
-    The step must not close over traced values (jax.custom_vjp's backward is traced apart from the forward):
-    pass them in `others`, `carry` or `xs`.
+    The step must not close over traced values (jax.custom_vjp would not differentiate them): pass them in
+    `others`, `carry` or `xs`.
     """
     @jax.custom_vjp
     def scan(weights, others, carry, xs):
@@ -102,47 +104,46 @@ def deferred_scan(step, weights: dict, others, carry, xs, *, dtype, unroll: int 
 
     def forward(weights, others, carry, xs):
         cast = _cast(weights, dtype)
-
-        def body(c, x):
-            new, y = step(cast, others, c, x)
-            return new, (y, c)
-        final, (ys, carries) = jax.lax.scan(body, carry, xs, unroll=unroll)
-        return (final, ys), (weights, others, carries, xs)
-
-    def backward(res, cts):
-        weights, others, carries, xs = res
-        ct_final, ct_ys = cts
-        cast = _cast(weights, dtype)
-        first = jax.tree.map(lambda a: a[0], (carries, xs))
+        first = jax.tree.map(lambda a: a[0], xs)
         with _recording(cast, None) as probe:  # the tap shapes of one step
-            jax.eval_shape(lambda c, x: step(cast, others, c, x), *first)
-        zero_taps = {n: jnp.zeros(s.shape, s.dtype) for n, s in probe.shapes.items()}
-        c_leaves, c_def = jax.tree.flatten(first[0])
-        x_leaves, x_def = jax.tree.flatten(first[1])
+            jax.eval_shape(lambda c, x: step(cast, others, c, x), carry, first)
+        steps = jax.tree.leaves(xs)[0].shape[0]
+        zero_taps = {n: jnp.zeros((steps, *s.shape), s.dtype) for n, s in probe.shapes.items()}
+        c_leaves, c_def = jax.tree.flatten(carry)
+        x_leaves, x_def = jax.tree.flatten(xs)
         o_leaves, o_def = jax.tree.flatten(others)
         c_float, x_float, o_float = ([_inexact(a) for a in leaves] for leaves in (c_leaves, x_leaves, o_leaves))
 
-        def body(ct_carry, inp):
-            cl, xl, ct_y = inp  # the carry before this step and its input, as leaf lists
+        def tapped(of, cf, xf, taps):
+            """The scan as a function of the differentiable inputs and the per-step taps; the weights are
+            constants here (loop-invariant residuals, which lax.scan's partial evaluation keeps unstacked)."""
+            o = jax.tree.unflatten(o_def, _merge(of, o_leaves, o_float))
+            c0 = jax.tree.unflatten(c_def, _merge(cf, c_leaves, c_float))
+            x_all = jax.tree.unflatten(x_def, _merge(xf, x_leaves, x_float))
 
-            def one(of, cf, xf, taps):
-                o = jax.tree.unflatten(o_def, _merge(of, o_leaves, o_float))
-                c = jax.tree.unflatten(c_def, _merge(cf, cl, c_float))
-                x = jax.tree.unflatten(x_def, _merge(xf, xl, x_float))
-                with _recording(cast, taps) as rec:
+            def body(c, inp):
+                x, t = inp
+                with _recording(cast, t) as rec:
                     new, y = step(cast, o, c, x)
-                return (_floats(jax.tree.leaves(new), c_float), y), rec.inputs
-            _, vjp, inputs = jax.vjp(one, _floats(o_leaves, o_float), _floats(cl, c_float), _floats(xl, x_float),
-                                     zero_taps, has_aux=True)
-            d_of, d_cf, d_xf, d_taps = vjp((ct_carry, ct_y))
-            return d_cf, (d_of, d_xf, inputs, d_taps)
-        ct_c = _floats(jax.tree.leaves(ct_final), c_float)
-        d_cf, (d_of, d_xf, inputs, d_taps) = jax.lax.scan(
-            body, ct_c, (jax.tree.leaves(carries), jax.tree.leaves(xs), ct_ys), reverse=True, unroll=unroll)
-        d_carry = jax.tree.unflatten(c_def, _merge(d_cf, [_zero_ct(a) for a in c_leaves], c_float))
-        d_xs = jax.tree.unflatten(x_def, _merge(d_xf, [_zero_ct(a) for a in jax.tree.leaves(xs)], x_float))
-        d_others = jax.tree.unflatten(o_def, _merge([d.sum(0) for d in d_of], [_zero_ct(a) for a in o_leaves],
-                                                    o_float))
+                return new, (y, rec.inputs)
+            final, (ys, inputs) = jax.lax.scan(body, c0, (x_all, taps), unroll=unroll)
+            return (final, ys), inputs
+        out, vjp, inputs = jax.vjp(tapped, _floats(o_leaves, o_float), _floats(c_leaves, c_float),
+                                   _floats(x_leaves, x_float), zero_taps, has_aux=True)
+        return out, (weights, vjp, inputs, others, carry, xs)
+
+    def backward(res, cts):
+        weights, vjp, inputs, others, carry, xs = res
+        d_of, d_cf, d_xf, d_taps = vjp(cts)
+        c_leaves, c_def = jax.tree.flatten(carry)
+        x_leaves, x_def = jax.tree.flatten(xs)
+        o_leaves, o_def = jax.tree.flatten(others)
+        d_carry = jax.tree.unflatten(c_def, _merge(d_cf, [_zero_ct(a) for a in c_leaves],
+                                                   [_inexact(a) for a in c_leaves]))
+        d_xs = jax.tree.unflatten(x_def, _merge(d_xf, [_zero_ct(a) for a in x_leaves],
+                                                [_inexact(a) for a in x_leaves]))
+        d_others = jax.tree.unflatten(o_def, _merge(d_of, [_zero_ct(a) for a in o_leaves],
+                                                    [_inexact(a) for a in o_leaves]))
         d_weights = {}
         for name, w in weights.items():
             if name not in inputs:  # a weight the step does not use
