@@ -3,6 +3,8 @@
 "pallas" runs famjax.ops.flash in Pallas interpret mode here; "cudnn" runs jax.nn.dot_product_attention's XLA
 implementation (the same call that picks cuDNN on a GPU). Calls a kernel cannot take fall back to "xla".
 """
+from unittest import mock
+
 import jax
 import numpy as np
 import optax
@@ -43,6 +45,22 @@ def test_pallas_gradients_equal_xla(case):
     for (path, a), (_, b) in zip(*grads):
         a, b = np.asarray(a[...]), np.asarray(b[...])
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * max(1.0, np.abs(a).max()), err_msg=str(path))
+
+
+def test_pallas_runs_the_fam_rows_attention_too():
+    """The F-row update's attention (F queries over the previous FAM and the whole block) goes through the kernel,
+    in training's deferred scan too; the tests above then compare it with xla."""
+    from famjax.ops import flash
+    model, cfg, _ = make_model(seed=4, attention_impl="pallas", **CASES["fam"])
+    queries = []
+    real = flash.flash_segment_attention
+
+    def spy(q, segments, **kw):
+        queries.append((q.shape[2], [k.shape[2] for k, _, _ in segments]))
+        return real(q, segments, **kw)
+    with mock.patch.object(flash, "flash_segment_attention", spy):
+        nnx.grad(_loss)(model, random_tokens(2, 13, cfg.vocab_size, seed=5))
+    assert (cfg.num_fam, [cfg.num_fam, cfg.block_size]) in queries, queries
 
 
 def test_cudnn_path_in_bfloat16_tracks_xla():

@@ -241,7 +241,7 @@ class DecoderLayer(nnx.Module):
                                   out_fn=functools.partial(layer.attn_out, key=key),
                                   ffn_fn=functools.partial(layer.ffn, key=key), return_probs=chunk.collect,
                                   zero_residual=cfg.fam_zero_residual, keep_norm=cfg.fam_keep_norm,
-                                  scale=cfg.query_scale, softcap=cfg.attn_softcap)
+                                  scale=cfg.query_scale, softcap=cfg.attn_softcap, attend=layer.attention)
 
         def kv_fn(params, fam, index):
             state, offset, dropout_key = params

@@ -44,7 +44,7 @@ def norm_ratio(target, x):
 
 def fam_update(fam, is_initial, fam_k, fam_v, block_k, block_v, *, query_fn, out_fn, ffn_fn,
                return_probs: bool = False, zero_residual: bool = True, keep_norm: bool = False,
-               scale: float | None = None, softcap: float = 0.0):
+               scale: float | None = None, softcap: float = 0.0, attend: Callable | None = None):
     """Returns S_t, float32 [b, F, d]: the FAM after reading one complete block.
 
     fam: S_{t-1} [b, F, d]; is_initial: bool [b] (S_{t-1} is the learned initial FAM: zero residual);
@@ -56,11 +56,16 @@ def fam_update(fam, is_initial, fam_k, fam_v, block_k, block_v, *, query_fn, out
     zero_residual: False gives the first update the normal residual too (an ablation of the paper's choice);
     keep_norm: rescale every row of S_t to the L2 norm of the same row of S_{t-1}, so the FAM keeps the norm of
     the initial FAM forever (not in the paper: a parameter-free bound on the recurrence, docs/design.md);
-    scale, softcap: the attention's score scale and softcap (segment_attention).
+    scale, softcap: the attention's score scale and softcap (segment_attention);
+    attend: None, or a function (q, segments) -> heads computing segment_attention with that scale and softcap
+    (e.g. a fused kernel); not used when return_probs.
     """
     q = query_fn(fam)[:, None]
     segments = [(fam_k[:, None], fam_v[:, None], None), (block_k[:, None], block_v[:, None], None)]
-    heads, probs = segment_attention(q, segments, scale=scale, softcap=softcap, return_probs=True)
+    if return_probs or attend is None:
+        heads, probs = segment_attention(q, segments, scale=scale, softcap=softcap, return_probs=True)
+    else:
+        heads, probs = attend(q, segments), None
     residual = jnp.where(is_initial[:, None, None], 0.0, fam) if zero_residual else fam
     a = out_fn(heads[:, 0]).astype(jnp.float32) + residual
     new = a + ffn_fn(a).astype(jnp.float32)
