@@ -139,3 +139,69 @@ def test_deferred_gradients_equal_the_plain_scan(overrides):
 def test_deferred_gradients_with_training_inputs(kw):
     overrides = dict(lora_rank=2, lora_dropout=0.2) if kw.get("dropout") else {}
     _assert_same(*_grads(overrides, **kw))
+
+
+def test_deferred_scan_splits_the_gradient_of_weights_tapped_together():
+    """ops.tap((w1, w2), x, x @ [w1 | w2]): one product, each weight gets its own columns of X^T dY."""
+    w, o, h0, xs = _toy_inputs()
+    w = {**w, "c": 0.5 * jax.random.normal(jax.random.key(9), (8, 5))}
+
+    def fused(w, o, c, x):
+        h, first = c
+        a = h.reshape(-1, h.shape[-1])
+        both = a @ jnp.concatenate([w["a"].reshape(8, -1), w["c"]], axis=1)
+        y = ops.tap((w["a"], w["c"]), a, both)
+        c, out = _toy_step({"a": w["a"], "b": w["b"]}, o, c, x)  # taps a again: not allowed with the group
+        return c, out, y
+
+    def step(w, o, c, x):
+        h, first = c
+        a = h.reshape(-1, h.shape[-1])
+        both = a @ jnp.concatenate([w["a"].reshape(8, -1), w["c"]], axis=1)
+        mixed = ops.tap((w["a"], w["c"]), a, both)
+        new = jnp.tanh(mixed[:, :6].reshape(h.shape[0], h.shape[1], 6) + x[0]).reshape(-1, 6)
+        out = ops.tap(w["b"], new, new @ w["b"]).reshape(h.shape) + mixed[:, 6:].sum(-1).reshape(h.shape[:2])[..., None]
+        return (h + out, first), (out.sum(-1), x[1])
+
+    def loss(scan, w):
+        (h, _), (ys, _) = scan(w, o, (h0, jnp.array([True, False])), xs)
+        return (h ** 2).sum() + (ys * jnp.arange(4.0)).sum()
+    plain = jax.grad(functools.partial(loss, lambda w, o, c, xs: jax.lax.scan(
+        lambda c, x: step(w, o, c, x), c, xs)))(w)
+    deferred = jax.jit(jax.grad(functools.partial(loss, functools.partial(
+        ops.deferred_scan, step, dtype=jnp.float32))))(w)
+    for name in w:
+        assert np.abs(np.asarray(plain[name])).max() > 0, name
+        np.testing.assert_allclose(deferred[name], plain[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    with pytest.raises(ValueError, match="used twice"):
+        jax.grad(functools.partial(loss, functools.partial(ops.deferred_scan, lambda *a: fused(*a)[:2],
+                                                           dtype=jnp.float32)))(w)
+
+
+def test_carried_fam_queries_equal_queries_projected_per_block():
+    """In training the scan carries each block's FAM queries, projected with the previous FAM's keys and values in
+    one matmul; the logits and gradients equal those of projecting them at the block (ops.fam_scan without
+    qkv_fn), with LoRA dropout (whose masks depend on the site and block index), packed rows and a position
+    offset."""
+    model, cfg, _ = make_model(seed=3, lora_rank=2, lora_dropout=0.3, qkv_bias=True)
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if path[-1].endswith("lora_b"):
+            var[...] = 0.1 * jax.random.normal(jax.random.key(len(path[-1])), var[...].shape)
+    tokens = jnp.asarray(random_tokens(2, 4 * cfg.block_size + 1, cfg.vocab_size, seed=1))
+    start = np.zeros((2, 4 * cfg.block_size), bool)
+    start[0, 2 * cfg.block_size] = True
+
+    def loss(model):
+        logits, _ = model(tokens[:, :-1], segment_start=jnp.asarray(start), dropout_key=jax.random.key(7),
+                          position_offset=jnp.array([0, 5]))
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean(), logits
+
+    real = ops.fam_scan
+    outs = []
+    for carried in (True, False):
+        scan = real if carried else functools.partial(real, qkv_fn=None)
+        with mock.patch.object(ops, "fam_scan", scan):
+            outs.append(nnx.grad(loss, has_aux=True)(model))
+    (g1, logits1), (g0, logits0) = outs
+    np.testing.assert_allclose(logits1, logits0, rtol=1e-5, atol=1e-5)
+    _assert_same(nnx.to_flat_state(g0), nnx.to_flat_state(g1))

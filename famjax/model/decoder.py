@@ -229,15 +229,18 @@ class DecoderLayer(nnx.Module):
         graphdef, state = nnx.split(self)
         params = (state, offset, dropout_key)  # all the steps read: ops.deferred_scan's steps close over nothing
 
-        def update_fn(params, fam, is_initial, fam_k, fam_v, k, v, index):
+        def query_fn(params, fam, index):  # the queries of the FAM that block `index` reads
             state, offset, dropout_key = params
             layer = nnx.merge(graphdef, state)
-            prev_positions = layer.fam_positions(index - 1, offset)
             key = row_keys(sub_key(dropout_key, self.SITE_FAM_UPDATE), index)
+            return layer.attn.query(layer.norm1(fam, dtype), layer.fam_positions(index - 1, offset), key)
 
-            def query_fn(s):
-                return layer.attn.query(layer.norm1(s, dtype), prev_positions, key)
-            return ops.fam_update(fam, is_initial, fam_k, fam_v, k, v, query_fn=query_fn,
+        def update_fn(params, fam, is_initial, fam_k, fam_v, k, v, index, queries=None):
+            state, offset, dropout_key = params
+            layer = nnx.merge(graphdef, state)
+            key = row_keys(sub_key(dropout_key, self.SITE_FAM_UPDATE), index)
+            return ops.fam_update(fam, is_initial, fam_k, fam_v, k, v, queries=queries,
+                                  query_fn=functools.partial(query_fn, params, index=index),
                                   out_fn=functools.partial(layer.attn_out, key=key),
                                   ffn_fn=functools.partial(layer.ffn, key=key), return_probs=chunk.collect,
                                   zero_residual=cfg.fam_zero_residual, keep_norm=cfg.fam_keep_norm,
@@ -247,6 +250,16 @@ class DecoderLayer(nnx.Module):
             state, offset, dropout_key = params
             key = row_keys(sub_key(dropout_key, self.SITE_FAM_KV), index)
             return nnx.merge(graphdef, state).fam_key_value(fam, index, offset, key)
+
+        def qkv_fn(params, fam, index):
+            """The next block's queries and the keys/values of the FAM that compressed block `index`: one norm, one
+            matmul for the three projections (the same positions and dropout keys as query_fn and kv_fn)."""
+            state, offset, dropout_key = params
+            layer = nnx.merge(graphdef, state)
+            return layer.attn.query_key_value(
+                layer.norm1(fam, dtype), layer.fam_positions(index, offset),
+                row_keys(sub_key(dropout_key, self.SITE_FAM_UPDATE), index + 1),
+                row_keys(sub_key(dropout_key, self.SITE_FAM_KV), index))
 
         initial = None
         if chunk.resets is not None:
@@ -260,7 +273,8 @@ class DecoderLayer(nnx.Module):
         (fam, _, fam_k, fam_v), read, aux = ops.fam_scan(
             carry, kb, vb, chunk.completes, chunk.block_index, update_fn=update_fn, kv_fn=kv_fn, params=params,
             all_complete=chunk.all_complete, resets=chunk.resets, initial=initial, collect=chunk.collect,
-            stop_gradient=cfg.fam_stop_gradient, perturb=perturb, unroll=cfg.fam_unroll, scan=scan)
+            stop_gradient=cfg.fam_stop_gradient, perturb=perturb, unroll=cfg.fam_unroll, scan=scan,
+            query_fn=query_fn, qkv_fn=qkv_fn)
         return (fam, fam_k, fam_v), read, aux
 
 

@@ -4,6 +4,7 @@ Parameters carry logical axis names ("embed", "q_heads", "kv_heads", "head_dim",
 layer stack adds "layers"), which the trainer maps to mesh axes. Compute happens in `cfg.dtype`, parameters are
 stored in `cfg.param_dtype`, and norms and softmax run in float32.
 """
+import itertools
 import math
 
 import jax
@@ -185,6 +186,22 @@ class AttentionProjections(nnx.Module, LoRA):
         """x: [..., T, d] (normed) -> keys (with RoPE) and values, each [..., T, KV, hd]."""
         k = apply_rope(self._project_bias("k", x, key), positions, self.rope_base)
         return k, self._project_bias("v", x, key)
+
+    def query_key_value(self, x, positions, q_key=None, kv_key=None):
+        """x: [..., T, d] (normed), positions int [..., T] -> query(x, positions, q_key) and key_value(x,
+        positions, kv_key), with the three base projections computed as one matmul (adapters and biases apart)."""
+        weights = (self.q[...], self.k[...], self.v[...])
+        n = x.shape[-1]
+        x2 = x.reshape(-1, n).astype(self.dtype)
+        fused = jnp.concatenate([w.astype(self.dtype).reshape(n, -1) for w in weights], axis=1)
+        y = ops.tap(weights, x2, x2 @ fused)
+        parts = jnp.split(y, list(itertools.accumulate(w.size // n for w in weights[:2])), axis=1)
+        out = {}
+        for name, w, part, key in zip("qkv", weights, parts, (q_key, kv_key, kv_key)):
+            part = self._lora(name, x, part.reshape(*x.shape[:-1], *w.shape[1:]), key, self.dtype)
+            out[name] = part + getattr(self, f"{name}_bias")[...].astype(self.dtype) if self.use_bias else part
+        return (apply_rope(out["q"], positions, self.rope_base), apply_rope(out["k"], positions, self.rope_base),
+                out["v"])
 
     def out(self, heads, key=None):
         """heads: [..., H, hd] -> [..., d]."""

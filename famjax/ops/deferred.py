@@ -16,6 +16,7 @@ function only has to compute its weight products with `tap` (famjax.model.module
 import contextlib
 import contextvars
 import dataclasses
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -36,16 +37,27 @@ class _Recorder:
 def tap(weight, x, y):
     """Returns y = x @ weight (x [rows, in], y [rows, out], already computed), plus the weight's tap when traced
     inside deferred_scan's differentiated loop, where `weight` (the array given to the step, after the scan's
-    one cast) is tracked. Outside that, y unchanged."""
+    one cast) is tracked. Outside that, y unchanged.
+
+    weight may also be a tuple of tracked weights whose [in, out_i] matrices the product concatenated along the
+    output axis (several projections of one input as one matmul); each gets its columns of the gradient."""
+    group = weight if isinstance(weight, tuple) else (weight,)
     rec = _ACTIVE.get()
-    name = None if rec is None else rec.names.get(id(weight))
-    if name is None:
+    names = [None if rec is None else rec.names.get(id(w)) for w in group]
+    if all(n is None for n in names):
         return y
-    if name in rec.shapes:
-        raise ValueError(f"deferred_scan: weight {name!r} is used twice in one step (tap it once per step)")
+    if None in names:
+        raise ValueError("deferred_scan: a product mixes tracked and untracked weights")
+    for n in names:
+        if any(n in key.split(_GROUP) for key in rec.shapes):
+            raise ValueError(f"deferred_scan: weight {n!r} is used twice in one step (tap it once per step)")
+    name = _GROUP.join(names)
     rec.shapes[name] = jax.ShapeDtypeStruct(y.shape, y.dtype)
     rec.inputs[name] = x
     return y if rec.taps is None else y + rec.taps[name].astype(y.dtype)
+
+
+_GROUP = "+"  # joins the names of weights tapped together
 
 
 @contextlib.contextmanager
@@ -144,15 +156,15 @@ def deferred_scan(step, weights: dict, others, carry, xs, *, dtype, unroll: int 
                                                 [_inexact(a) for a in x_leaves]))
         d_others = jax.tree.unflatten(o_def, _merge(d_of, [_zero_ct(a) for a in o_leaves],
                                                     [_inexact(a) for a in o_leaves]))
-        d_weights = {}
-        for name, w in weights.items():
-            if name not in inputs:  # a weight the step does not use
-                d_weights[name] = jnp.zeros_like(w)
-                continue
-            x, dy = inputs[name], d_taps[name]
+        d_weights = {name: jnp.zeros_like(w) for name, w in weights.items()}  # weights the step does not use
+        for key, x in inputs.items():
+            dy = d_taps[key]
             dw = jnp.einsum("ti,to->io", x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]),
                             preferred_element_type=jnp.float32)
-            d_weights[name] = dw.reshape(w.shape).astype(w.dtype)
+            names = key.split(_GROUP)
+            sizes = [weights[n].size // x.shape[-1] for n in names]
+            for name, part in zip(names, jnp.split(dw, list(itertools.accumulate(sizes))[:-1], axis=1)):
+                d_weights[name] = part.reshape(weights[name].shape).astype(weights[name].dtype)
         return d_weights, d_others, d_carry, d_xs
 
     scan.defvjp(forward, backward)

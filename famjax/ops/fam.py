@@ -44,7 +44,7 @@ def norm_ratio(target, x):
 
 def fam_update(fam, is_initial, fam_k, fam_v, block_k, block_v, *, query_fn, out_fn, ffn_fn,
                return_probs: bool = False, zero_residual: bool = True, keep_norm: bool = False,
-               scale: float | None = None, softcap: float = 0.0, attend: Callable | None = None):
+               scale: float | None = None, softcap: float = 0.0, attend: Callable | None = None, queries=None):
     """Returns S_t, float32 [b, F, d]: the FAM after reading one complete block.
 
     fam: S_{t-1} [b, F, d]; is_initial: bool [b] (S_{t-1} is the learned initial FAM: zero residual);
@@ -58,9 +58,10 @@ def fam_update(fam, is_initial, fam_k, fam_v, block_k, block_v, *, query_fn, out
     the initial FAM forever (not in the paper: a parameter-free bound on the recurrence, docs/design.md);
     scale, softcap: the attention's score scale and softcap (segment_attention);
     attend: None, or a function (q, segments) -> heads computing segment_attention with that scale and softcap
-    (e.g. a fused kernel); not used when return_probs.
+    (e.g. a fused kernel); not used when return_probs;
+    queries: None, or query_fn(fam) computed already [b, F, H, hd] (query_fn is then not called).
     """
-    q = query_fn(fam)[:, None]
+    q = (query_fn(fam) if queries is None else queries)[:, None]
     segments = [(fam_k[:, None], fam_v[:, None], None), (block_k[:, None], block_v[:, None], None)]
     if return_probs or attend is None:
         heads, probs = segment_attention(q, segments, scale=scale, softcap=softcap, return_probs=True)
@@ -76,14 +77,19 @@ def fam_update(fam, is_initial, fam_k, fam_v, block_k, block_v, *, query_fn, out
 
 def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv_fn, all_complete: bool,
              params=None, resets=None, initial=None, collect: bool = False, stop_gradient: bool = False,
-             perturb: Perturbation | None = None, unroll: int = 1, scan=None):
+             perturb: Perturbation | None = None, unroll: int = 1, scan=None, query_fn=None, qkv_fn=None):
     """Runs the FAM over the blocks of a chunk; returns (final carry, what each block's tokens read, aux).
 
     carry: (fam [b, F, d] f32, is_initial bool [b], fam_k, fam_v [b, F, KV, hd]) before grid block 0;
     blocks_k, blocks_v: [b, nb, B, KV, hd]; completes: bool [b, nb] (the block's last token is in this chunk:
     only then is the FAM updated); block_index: int [b, nb] block indices counted from the segment start;
-    update_fn(params, fam, is_initial, fam_k, fam_v, k, v, block_index) -> S_t, or (S_t, probs) when collecting;
+    update_fn(params, fam, is_initial, fam_k, fam_v, k, v, block_index, queries=None) -> S_t, or (S_t, probs)
+    when collecting; queries: the FAM queries of the block when the scan has them already (see qkv_fn);
     kv_fn(params, fam, block_index) -> keys/values of a FAM that compressed block `block_index`;
+    query_fn, qkv_fn: None, or (with all_complete) query_fn(params, fam, block_index) -> the queries [b, F, H, hd]
+    the FAM gives when block `block_index` reads it, and qkv_fn(params, fam, block_index) -> (the queries of
+    the FAM that compressed block `block_index` for the next block, its keys, its values): then the carry also
+    holds the next block's queries, so each block projects Q, K and V of one normed FAM together;
     params: the weights update_fn and kv_fn read, passed to them explicitly (a pytree, e.g. the layer's state),
     so that `scan` may treat them specially;
     all_complete: static promise that every block completes (training), which skips the per-block branch;
@@ -105,15 +111,19 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
     if (collect or perturb is not None) and not all_complete:
         raise ValueError("FAM diagnostics and FAM perturbations need a chunk of whole blocks from an aligned "
                          "state")
+    carry_queries = all_complete and qkv_fn is not None
 
     def update(params, state, k, v, done, index, data=None):
-        fam, is_initial, fk, fv = state
-        new = update_fn(params, fam, is_initial, fk, fv, k, v, index)
+        fam, is_initial, fk, fv = state[:4]
+        new = update_fn(params, fam, is_initial, fk, fv, k, v, index, queries=state[4] if carry_queries else None)
         new, probs = new if collect else (new, None)
         if perturb is not None:
             new = perturb.fn(new, data)
         if stop_gradient:
             new = jax.lax.stop_gradient(new)
+        if carry_queries:
+            nq, nk, nv = qkv_fn(params, new, index)
+            return (new, jnp.zeros_like(is_initial), nk, nv, nq), probs
         nk, nv = kv_fn(params, new, index)
         if all_complete:  # every row's block completes: no per-row select (nor its mask kept for the backward)
             return (new, jnp.zeros_like(is_initial), nk, nv), probs
@@ -125,11 +135,12 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
         params, initial = both
         k, v, done, index, reset, data = xs
         if reset is not None:
-            fam0, k0, v0 = initial
+            fam0, k0, v0 = initial[:3]
             r3, r4 = reset[:, None, None], reset[:, None, None, None]
             state = (jnp.where(r3, fam0, state[0]), state[1] | reset,
-                     jnp.where(r4, k0, state[2]), jnp.where(r4, v0, state[3]))
-        read = state[2:]
+                     jnp.where(r4, k0, state[2]), jnp.where(r4, v0, state[3]),
+                     *([jnp.where(r4, initial[3], state[4])] if carry_queries else []))
+        read = state[2:4]
         if all_complete:
             state, probs = update(params, state, k, v, done, index, data)
         else:
@@ -140,11 +151,16 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
         return state, (read, aux)
 
     data = None if perturb is None else perturb.data
+    carry = tuple(carry)
+    if carry_queries:  # the first block's queries; a reset block (block index 0) reads the initial FAM's
+        carry += (query_fn(params, carry[0], block_index[:, 0]),)
+        if initial is not None:
+            initial = (*initial, query_fn(params, initial[0], jnp.zeros_like(block_index[:, 0])))
     xs = jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), (blocks_k, blocks_v, completes, block_index, resets, data))
     if scan is None:
-        carry, ((fk, fv), aux) = jax.lax.scan(functools.partial(step, (params, initial)), tuple(carry), xs,
+        carry, ((fk, fv), aux) = jax.lax.scan(functools.partial(step, (params, initial)), carry, xs,
                                               unroll=unroll)
     else:
-        carry, ((fk, fv), aux) = scan(step, (params, initial), tuple(carry), xs)
+        carry, ((fk, fv), aux) = scan(step, (params, initial), carry, xs)
     read = (jnp.moveaxis(fk, 0, 1), jnp.moveaxis(fv, 0, 1))
-    return carry, read, jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), aux)
+    return carry[:4], read, jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), aux)
