@@ -142,40 +142,36 @@ def test_deferred_gradients_with_training_inputs(kw):
 
 
 def test_deferred_scan_splits_the_gradient_of_weights_tapped_together():
-    """ops.tap((w1, w2), x, x @ [w1 | w2]): one product, each weight gets its own columns of X^T dY."""
+    """ops.tap((w1, w2), x, x @ [w1 | w2]): one product, each weight gets its own columns of X^T dY; tapping a
+    member of a group again in the same step is refused."""
     w, o, h0, xs = _toy_inputs()
     w = {**w, "c": 0.5 * jax.random.normal(jax.random.key(9), (8, 5))}
 
-    def fused(w, o, c, x):
+    def step(w, o, c, x, tap_a_again=False):
         h, first = c
         a = h.reshape(-1, h.shape[-1])
-        both = a @ jnp.concatenate([w["a"].reshape(8, -1), w["c"]], axis=1)
-        y = ops.tap((w["a"], w["c"]), a, both)
-        c, out = _toy_step({"a": w["a"], "b": w["b"]}, o, c, x)  # taps a again: not allowed with the group
-        return c, out, y
-
-    def step(w, o, c, x):
-        h, first = c
-        a = h.reshape(-1, h.shape[-1])
-        both = a @ jnp.concatenate([w["a"].reshape(8, -1), w["c"]], axis=1)
-        mixed = ops.tap((w["a"], w["c"]), a, both)
-        new = jnp.tanh(mixed[:, :6].reshape(h.shape[0], h.shape[1], 6) + x[0]).reshape(-1, 6)
-        out = ops.tap(w["b"], new, new @ w["b"]).reshape(h.shape) + mixed[:, 6:].sum(-1).reshape(h.shape[:2])[..., None]
+        both = ops.tap((w["a"], w["c"]), a, a @ jnp.concatenate([w["a"].reshape(8, -1), w["c"]], axis=1))
+        if tap_a_again:
+            ops.tap(w["a"], a, a @ w["a"].reshape(8, -1))
+        new = jnp.tanh(both[:, :6].reshape(*h.shape[:2], 6) + x[0]).reshape(-1, 6)
+        out = ops.tap(w["b"], new, new @ w["b"]).reshape(h.shape) + both[:, 6:].sum(-1).reshape(*h.shape[:2], 1)
         return (h + out, first), (out.sum(-1), x[1])
 
     def loss(scan, w):
         (h, _), (ys, _) = scan(w, o, (h0, jnp.array([True, False])), xs)
         return (h ** 2).sum() + (ys * jnp.arange(4.0)).sum()
-    plain = jax.grad(functools.partial(loss, lambda w, o, c, xs: jax.lax.scan(
-        lambda c, x: step(w, o, c, x), c, xs)))(w)
-    deferred = jax.jit(jax.grad(functools.partial(loss, functools.partial(
-        ops.deferred_scan, step, dtype=jnp.float32))))(w)
+
+    def plain(w, o, c, xs):
+        return jax.lax.scan(lambda c, x: step(w, o, c, x), c, xs)
+    want = jax.grad(functools.partial(loss, plain))(w)
+    got = jax.jit(jax.grad(functools.partial(loss, functools.partial(ops.deferred_scan, step,
+                                                                      dtype=jnp.float32))))(w)
     for name in w:
-        assert np.abs(np.asarray(plain[name])).max() > 0, name
-        np.testing.assert_allclose(deferred[name], plain[name], rtol=1e-5, atol=1e-6, err_msg=name)
-    with pytest.raises(ValueError, match="used twice"):
-        jax.grad(functools.partial(loss, functools.partial(ops.deferred_scan, lambda *a: fused(*a)[:2],
-                                                           dtype=jnp.float32)))(w)
+        assert np.abs(np.asarray(want[name])).max() > 0, name
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    twice = functools.partial(step, tap_a_again=True)
+    with pytest.raises(ValueError, match="'.*a.*' is used twice"):
+        jax.grad(functools.partial(loss, functools.partial(ops.deferred_scan, twice, dtype=jnp.float32)))(w)
 
 
 def test_carried_fam_queries_equal_queries_projected_per_block():
