@@ -29,11 +29,20 @@ def dense(x, kernel, dtype, in_axes: int = 1):
     """Returns x [..., n] @ kernel [*in, *out] as [..., *out], computed as one 2-D matmul (n = prod(in), the
     kernel's first in_axes axes).
 
+    kernel may also be a tuple of kernels with the same input axes: their products side by side as one matmul
+    over the concatenated kernels, returned flat, [..., sum of their output sizes].
+
     Flattening the leading axes first matters on CPU: with several contracting axes in the weight gradient,
     XLA materialises transposed [hidden, tokens] copies that cost more than the matmuls themselves. The product
     goes through ops.tap, so inside the FAM's deferred-gradient scan the kernel's gradient is formed after the
     loop (famjax.ops.deferred).
     """
+    if isinstance(kernel, tuple):
+        ws = tuple(k[...] for k in kernel)
+        n = math.prod(ws[0].shape[:in_axes])
+        x2 = x.reshape(-1, n).astype(dtype)
+        y = ops.tap(ws, x2, x2 @ jnp.concatenate([w.astype(dtype).reshape(n, -1) for w in ws], axis=1))
+        return y.reshape(*x.shape[:-1], -1)
     w = kernel[...]
     n = math.prod(w.shape[:in_axes])
     x2 = x.reshape(-1, n).astype(dtype)
@@ -174,9 +183,12 @@ class AttentionProjections(nnx.Module, LoRA):
             "v": ((d,), (kv, hd), ("embed",), ("kv_heads", "head_dim")),
             "o": ((h, hd), (d,), ("q_heads", "head_dim"), ("embed",))})
 
-    def _project_bias(self, name, x, key):
-        y = self._project(name, x, key)
+    def _bias(self, name, y):
+        """y plus projection `name`'s bias, if the module has biases."""
         return y + getattr(self, f"{name}_bias")[...].astype(self.dtype) if self.use_bias else y
+
+    def _project_bias(self, name, x, key):
+        return self._bias(name, self._project(name, x, key))
 
     def query(self, x, positions, key=None):
         """x: [..., T, d] (normed), positions int [..., T] -> [..., T, H, hd] with RoPE."""
@@ -190,16 +202,14 @@ class AttentionProjections(nnx.Module, LoRA):
     def query_key_value(self, x, positions, q_key=None, kv_key=None):
         """x: [..., T, d] (normed), positions int [..., T] -> query(x, positions, q_key) and key_value(x,
         positions, kv_key), with the three base projections computed as one matmul (adapters and biases apart)."""
-        weights = (self.q[...], self.k[...], self.v[...])
-        n = x.shape[-1]
-        x2 = x.reshape(-1, n).astype(self.dtype)
-        fused = jnp.concatenate([w.astype(self.dtype).reshape(n, -1) for w in weights], axis=1)
-        y = ops.tap(weights, x2, x2 @ fused)
-        parts = jnp.split(y, list(itertools.accumulate(w.size // n for w in weights[:2])), axis=1)
+        kernels = (self.q, self.k, self.v)
+        y = dense(x, kernels, self.dtype)
+        y = y.reshape(-1, y.shape[-1])  # splitting [rows, sum], not [..., sum]: one TPU kernel fewer per block
+        shapes = [k[...].shape[1:] for k in kernels]  # [H, hd], [KV, hd], [KV, hd]
         out = {}
-        for name, w, part, key in zip("qkv", weights, parts, (q_key, kv_key, kv_key)):
-            part = self._lora(name, x, part.reshape(*x.shape[:-1], *w.shape[1:]), key, self.dtype)
-            out[name] = part + getattr(self, f"{name}_bias")[...].astype(self.dtype) if self.use_bias else part
+        parts = jnp.split(y, list(itertools.accumulate(math.prod(sh) for sh in shapes[:2])), axis=1)
+        for name, shape, part, key in zip("qkv", shapes, parts, (q_key, kv_key, kv_key)):
+            out[name] = self._bias(name, self._lora(name, x, part.reshape(*x.shape[:-1], *shape), key, self.dtype))
         return (apply_rope(out["q"], positions, self.rope_base), apply_rope(out["k"], positions, self.rope_base),
                 out["v"])
 

@@ -121,12 +121,9 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
             new = perturb.fn(new, data)
         if stop_gradient:
             new = jax.lax.stop_gradient(new)
-        if carry_queries:
-            nq, nk, nv = qkv_fn(params, new, index)
-            return (new, jnp.zeros_like(is_initial), nk, nv, nq), probs
-        nk, nv = kv_fn(params, new, index)
+        nq, nk, nv = qkv_fn(params, new, index) if carry_queries else (None, *kv_fn(params, new, index))
         if all_complete:  # every row's block completes: no per-row select (nor its mask kept for the backward)
-            return (new, jnp.zeros_like(is_initial), nk, nv), probs
+            return (new, jnp.zeros_like(is_initial), nk, nv, *([nq] if carry_queries else [])), probs
         sel, sel4 = done[:, None, None], done[:, None, None, None]
         state = (jnp.where(sel, new, fam), is_initial & ~done, jnp.where(sel4, nk, fk), jnp.where(sel4, nv, fv))
         return state, probs
