@@ -1,0 +1,42 @@
+"""The suite's own set-up (the repository's conftest.py): a test that crashes its pytest-xdist worker runs once
+more on a fresh worker, and fails the run if it crashes again."""
+import os
+import shutil
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CRASHING = '''
+import os
+
+def test_crashes_once():
+    marker = os.path.join(os.environ["CRASH_MARKER_DIR"], "crashed")
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os.abort()
+
+def test_crashes_always():
+    if os.environ.get("CRASH_ALWAYS"):
+        os.abort()
+'''
+
+
+def run_pytest(tmp_path, select, **env):
+    shutil.copy(os.path.join(ROOT, "conftest.py"), tmp_path / "conftest.py")
+    (tmp_path / "test_crash.py").write_text(CRASHING)
+    env = {**os.environ, "CRASH_MARKER_DIR": str(tmp_path), **env}
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "1", "-p", "no:cacheprovider",
+                          "-k", select, "test_crash.py"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    return out.returncode, out.stdout.strip().splitlines()[-1], out.stdout
+
+
+def test_a_crashed_test_reruns_once_and_a_second_crash_fails(tmp_path):
+    rc, summary, out = run_pytest(tmp_path, "crashes_once")
+    assert rc == 0, out
+    assert "1 passed" in summary and "1 rerun" in summary, out
+    assert "RERUN test_crash.py::test_crashes_once: its worker crashed" in out
+    rc, summary, out = run_pytest(tmp_path, "crashes_always", CRASH_ALWAYS="1")
+    assert rc == 1, out
+    assert "1 failed" in summary and "1 rerun" in summary, out
