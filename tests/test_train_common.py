@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -135,3 +136,42 @@ def test_optimizers_build_and_step(passkey_dir):
         s = tx.init(params)
         upd, _ = tx.update(jax.tree.map(jnp.ones_like, params), s, params)
         assert all(np.isfinite(np.asarray(u)).all() for u in jax.tree.leaves(upd))
+
+
+def _layer_scans(jaxpr, num_layers: int) -> int:
+    """The scans over the layers (length num_layers) in a jaxpr, nested ones included."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan" and eqn.params["length"] == num_layers:
+            count += 1
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            count += _layer_scans(sub, num_layers)
+    return count
+
+
+def test_train_step_computes_the_initial_fam_inside_its_one_layer_scan(passkey_dir):
+    """A fresh state's call installs the initial FAM of the trained parameters layer by layer, so the train step
+    starts from init_state(initial_fam=False): the forward layer scan and its transpose, no third scan over
+    the layers for an initial FAM that nothing reads. The same logits either way."""
+    from flax import nnx
+
+    from famjax.train import mesh as meshlib
+    from famjax.train.state import abstract_model, create_train_state
+    from famjax.train.step import make_train_step
+
+    cfg = tiny_config(passkey_dir)
+    cfg.mesh.shape = (1, 1, 1)
+    tx = optim.make_optimizer(cfg.train)
+    ts, _ = create_train_state(cfg, tx, meshlib.make_mesh(cfg.mesh, jax.devices()[:1]), stream=False)
+    graphdef, _, _ = abstract_model(cfg)
+    batch = synthetic_batch(8, 128, cfg.model.vocab_size, 16)
+    step = make_train_step(cfg, graphdef, tx, streaming=False)
+    assert _layer_scans(jax.make_jaxpr(step)(ts, batch).jaxpr, cfg.model.num_layers) == 2
+
+    model = nnx.merge(graphdef, ts.params)
+    tokens = jnp.asarray(batch["tokens"][:2, :40])
+    with_fam, without = model.init_state(2), model.init_state(2, initial_fam=False)
+    assert float(jnp.abs(with_fam.layers.fam).max()) > 0 and not bool(jnp.any(without.layers.fam))
+    logits = [model(tokens, state)[0] for state in (with_fam, without, None)]
+    np.testing.assert_array_equal(logits[0], logits[1])
+    np.testing.assert_array_equal(logits[0], logits[2])

@@ -49,11 +49,15 @@ class FamLM(nnx.Module):
             self.lm_head = param(rngs, normal(d ** -0.5), (d, cfg.vocab_size), ("embed", "vocab"), pd)
 
     # ---------------------------------------------------------------- state
-    def init_state(self, batch_size: int, max_len: int | None = None) -> FamState:
+    def init_state(self, batch_size: int, max_len: int | None = None, *, initial_fam: bool = True) -> FamState:
         """Returns the state of `batch_size` empty streams (fixed shapes: constant memory in stream length).
 
         max_len: KV-cache capacity for attention="full" (default cfg.max_len); ignored by bswa/fam, whose
         memory is m blocks + the current block + F FAM rows per layer.
+        initial_fam: False leaves `layers.fam` zero instead of the initial FAM. The first call on the (fresh)
+        state gives its rows flagged initial the initial FAM of the parameters it runs with anyway, so a state
+        that goes straight into a call (a jitted train step) need not compute it twice: one F-row pass over the
+        layers.
         """
         cfg = self.cfg
         if not (isinstance(batch_size, int) and batch_size > 0):
@@ -67,7 +71,7 @@ class FamLM(nnx.Module):
         else:
             mem_shape, cur_len = (L, b, cfg.memory_blocks, cfg.block_size, kv, hd), cfg.block_size
         fam = jnp.zeros((L, b, cfg.num_fam, cfg.d_model), jnp.float32)
-        if cfg.num_fam:
+        if cfg.num_fam and initial_fam:
             fam = fam + self._initial_fam()[:, None]
         fam_kv_shape = (L, b, cfg.num_fam, kv, hd)  # keys/values are computed from fam on the first call
         layers = LayerCache(mem_k=jnp.zeros(mem_shape, dt), mem_v=jnp.zeros(mem_shape, dt),
@@ -82,7 +86,7 @@ class FamLM(nnx.Module):
         This is random state passing (RSP, docs/fam.md): a saved final FAM seeds the next sequences, with the normal
         residual on their first update. Positions still start at 0.
         """
-        state = self.init_state(batch_size)
+        state = self.init_state(batch_size, initial_fam=False)  # every row's FAM is replaced
         fam = jnp.asarray(fam, jnp.float32)
         L, _, F, d = state.layers.fam.shape
         if fam.shape != (L, F, d):
@@ -177,7 +181,7 @@ class FamLM(nnx.Module):
         b, t = tokens.shape
         if state is None:
             cap = max(cfg.max_len, t) if cfg.attention == "full" else None
-            state = self.init_state(b, max_len=cap)
+            state = self.init_state(b, max_len=cap, initial_fam=False)  # a fresh call installs it (below)
         if state.batch_size != b:
             raise ValueError(f"state holds {state.batch_size} rows but tokens have batch {b}")
         if collect and not state.aligned:

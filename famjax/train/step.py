@@ -170,7 +170,7 @@ def make_train_step(cfg, graphdef, tx: optax.GradientTransformation, *, streamin
             use_rsp = jnp.zeros((), bool)
         else:
             offset = position_offsets(jax.random.fold_in(key, _RPO), rows, cfg) if rpo else None
-            state0 = model.init_state(rows)
+            state0 = model.init_state(rows, initial_fam=False)  # the call installs it
             use_rsp = ts.rsp_valid & (jax.random.uniform(jax.random.fold_in(key, _RSP)) < rsp_p)
             if rsp_p > 0:
                 saved = jax.lax.stop_gradient(ts.rsp_fam)[:, None]
@@ -239,7 +239,7 @@ def make_eval_step(cfg, graphdef, *, streaming: bool):
     def eval_step(params, batch, stream):
         rows = batch["tokens"].shape[0]
         model = nnx.merge(graphdef, params)
-        state0 = stream if streaming else model.init_state(rows)
+        state0 = stream if streaming else model.init_state(rows, initial_fam=False)
         logits, state = _forward(graphdef, params, batch, state0, None, None, streaming=streaming)
         ce, _, w, correct, count = cross_entropy(logits, batch["targets"], batch["loss_mask"])
         sums = {"loss_sum": ce, "weight": w, "correct": correct, "count": count.astype(jnp.float32)}
