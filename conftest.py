@@ -38,9 +38,10 @@ import pytest  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
-# A test that kills its pytest-xdist worker (a segfault or abort inside XLA's CPU runtime) is run once more on a
-# fresh worker: a worker once died in a train step that passed in every other run, an XLA flake rather than a
-# failing test. A test that crashes twice still fails the run, and a rerun is named in the summary.
+# A test that kills its pytest-xdist worker is run once more on a fresh worker. XLA has aborted (SIGABRT, about
+# one suite run in 15) in executable.serialize() while JAX wrote a compilation-cache entry of a train step that
+# passed in every other run: a flake, not a failing test. A test that crashes twice still fails the run, and a
+# rerun is named in the summary.
 CRASH_RERUNS = 1
 _crashes: dict = {}
 
