@@ -1,0 +1,160 @@
+"""Bytes the looped train step moves, estimated kernel by kernel: FAM vs BSWA on one TPU chip.
+
+    python benchmarks/loop_bytes.py                                   # v5p, 1B shape, 18 layers, batch 1 and 4
+    python benchmarks/loop_bytes.py --layers=2 --batches=4 --top=15 --calibrate
+
+tpu_cost.py takes bytes from XLA's cost analysis of the step with every loop unrolled, because the analysis
+counts a loop body once; but XLA fuses an unrolled program differently from the looped one the trainer runs.
+This script reads the looped program itself (benchmarks/tpu_cost.py's config, layers in a lax.scan): every
+kernel of the compiled step (a fusion, an unfused op, a custom call) moves its operands and its result, times
+the trip counts of the loops around it. A fusion operand that is only sliced, directly or inside a nested
+fusion, counts its slices; an operand updated in place by a dynamic-update-slice counts nothing and the result
+counts the update, read and written. Anything XLA's cost model sees differently (e.g. a fusion that reads an
+operand twice) makes it an estimate; `--calibrate` compares it with XLA's count on the unrolled program.
+"""
+import argparse
+import os
+import re
+import sys
+
+import jax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fam_kernels  # noqa: E402
+import tpu_cost  # noqa: E402
+
+from famjax.tools import aot  # noqa: E402
+
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+          "f64": 8, "s64": 8, "u64": 8}
+_ARRAY = re.compile(r"\b(pred|bf16|[suf]\d+)\[([\d,]*)\]")
+_DEF = re.compile(r"^\s*(?:ROOT )?(%[\w.\-]+) = (.*?) ([\w\-]+)\((.*)$")  # name = type opcode(operands...
+_NAME = re.compile(r"%[\w.\-]+")
+_CALLEE = re.compile(r"calls=%?([\w.\-]+)")
+
+
+def nbytes(type_text: str) -> int:
+    """Bytes of every array in an HLO type (a tuple counts all its parts)."""
+    total = 0
+    for dtype, dims in _ARRAY.findall(type_text):
+        n = 1
+        for d in filter(None, dims.split(",")):
+            n *= int(d)
+        total += n * _BYTES.get(dtype, 4)
+    return total
+
+
+class Program:
+    """One compiled HLO module: its computations' instructions as (name, type, opcode, operands, line)."""
+
+    def __init__(self, hlo: str):
+        self.comps, loops = fam_kernels.parse(hlo)
+        self.trips = dict(loops)
+        self.entry = re.search(r"^ENTRY %?([\w.\-]+)", hlo, re.M).group(1)
+        self.defs = {}
+        for comp, instrs in self.comps.items():
+            rows = self.defs[comp] = []
+            for _, line in instrs:
+                m = _DEF.match(line)
+                if m:
+                    rows.append((m.group(1), m.group(2), m.group(3), _NAME.findall(m.group(4).split("), ")[0]),
+                                 line))
+
+    def operand_read(self, fused: str, index: int, full: int) -> int:
+        """Bytes a fusion reads of its operand `index`, the computation `fused` seeing it as parameter(index)."""
+        rows = self.defs.get(fused, [])
+        param = next((n for n, _, op, _, line in rows if op == "parameter" and f"parameter({index})" in line),
+                     None)
+        users = [r for r in rows if param in r[3]] if param else []
+        if not users:
+            return full
+        total = 0
+        for _, type_text, op, operands, line in users:
+            if op in ("slice", "dynamic-slice"):
+                total += nbytes(type_text)
+            elif op == "dynamic-update-slice" and operands[0] == param:
+                pass  # the buffer updated in place: the result's count covers the update
+            elif op == "fusion":
+                callee = _CALLEE.search(line).group(1)
+                total += sum(self.operand_read(callee, i, full) for i, o in enumerate(operands) if o == param)
+            else:
+                return full
+        return min(total, full)
+
+    def result_bytes(self, type_text: str, op: str, line: str) -> int:
+        """Bytes a kernel writes (a dynamic-update-slice in place: its update, read and written)."""
+        callee = _CALLEE.search(line) if op == "fusion" else None
+        rows = self.defs.get(callee.group(1), []) if callee else []
+        root = next((r for r in rows if r[4].lstrip().startswith("ROOT")), None)
+        if root and root[2] == "dynamic-update-slice":
+            update = next((r for r in rows if r[0] == root[3][1]), None)
+            if update:
+                return 2 * nbytes(update[1])
+        return nbytes(type_text)
+
+    def kernels(self, comp: str | None = None, times: int = 1):
+        """Yields (bytes, type, opcode, op_name) of every kernel run by `comp` (default: the entry), counted
+        `times` x the trip counts of the loops it sits in."""
+        comp = comp or self.entry
+        types = {r[0]: r[1] for r in self.defs.get(comp, [])}
+        for _, type_text, op, operands, line in self.defs.get(comp, []):
+            if op == "while":
+                body = fam_kernels._WHILE.search(line).group(1)
+                yield from self.kernels(body, times * (self.trips.get(body) or 1))
+            elif op in ("call", "conditional"):
+                for callee in fam_kernels._CALLS.findall(line):
+                    yield from self.kernels(callee, times)
+            elif op not in fam_kernels._FREE:
+                callee = _CALLEE.search(line) if op == "fusion" else None
+                read = sum(self.operand_read(callee.group(1), i, nbytes(types.get(o, ""))) if callee
+                           else nbytes(types.get(o, "")) for i, o in enumerate(operands))
+                meta = re.search(r'op_name="([^"]*)"', line)
+                yield ((read + self.result_bytes(type_text, op, line)) * times, type_text, op,
+                       meta.group(1) if meta else "")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--topology", default="v5p:1x1x1")
+    p.add_argument("--batches", default="1,4", help="per-device batch sizes")
+    p.add_argument("--modes", default="fam,bswa", help="attention modes (bswa is the ratios' base)")
+    p.add_argument("--layers", type=int, default=18)
+    p.add_argument("--seq_len", type=int, default=8192)
+    p.add_argument("--model", default="", help="ModelConfig overrides, e.g. fam_deferred_grads=False")
+    p.add_argument("--top", type=int, default=0, help="also list the largest kernels of each program")
+    p.add_argument("--calibrate", action="store_true",
+                   help="also estimate the unrolled program and compare with XLA's count (slow)")
+    args = p.parse_args()
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_enable_compilation_cache", False)
+    devices = aot.topology_devices(args.topology)
+    overrides = tpu_cost.model_overrides(args.model)
+    print(f"{devices[0].device_kind}: {args.layers} layers, {args.seq_len} tokens per row; estimated bytes of the "
+          "looped train step")
+    for batch in (int(b) for b in args.batches.split(",")):
+        totals = {}
+        for mode in args.modes.split(","):
+            cfg = aot.prepare(tpu_cost.config(mode, batch, args.layers, args.seq_len, model=overrides))
+            mesh = aot.meshlib.make_mesh(cfg.mesh, devices[:1])
+            rows = sorted(Program(aot.compile_train_step(cfg, mesh).as_text()).kernels(), key=lambda r: -r[0])
+            totals[mode] = sum(r[0] for r in rows)
+            line = f"  batch {batch} {mode:5s} {totals[mode] / 1e9:8.1f} GB in {len(rows)} kernels"
+            if args.calibrate:
+                cfg = aot.prepare(tpu_cost.config(mode, batch, args.layers, args.seq_len, scan_layers=False,
+                                                  model=overrides))
+                with tpu_cost.unrolled_scans():
+                    compiled = aot.compile_train_step(cfg, mesh)
+                estimate = sum(r[0] for r in Program(compiled.as_text()).kernels())
+                xla = aot.program_report(compiled, 1 << 50)["bytes_accessed"]
+                line += f"; unrolled: estimate {estimate / 1e9:.1f} GB, XLA {xla / 1e9:.1f} GB"
+            print(line, flush=True)
+            for r in rows[:args.top]:
+                print(f"      {r[0] / 1e6:9.1f} MB  {r[2]:10s} {re.sub(r'{[^}]*}', '', r[1])[:70]:70s} "
+                      f"{r[3][-60:]}")
+        for mode in totals:
+            if mode != "bswa" and "bswa" in totals:
+                print(f"  batch {batch} {mode} / bswa: {totals[mode] / totals['bswa']:.3f}x")
+
+
+if __name__ == "__main__":
+    main()
