@@ -127,6 +127,12 @@ class DecoderLayer(nnx.Module):
         positions = self.fam_positions(block_index, offset)
         return self.attn.key_value(self.norm1(fam, self.cfg.compute_dtype), positions, key)
 
+    def fam_query_key_value(self, fam, block_index, offset, q_key=None, kv_key=None):
+        """fam_key_value's keys/values of a FAM [b, F, d] that compressed block block_index [b], and the queries it
+        gives when the next block reads it (the same positions), from one norm and one matmul: (q, k, v)."""
+        positions = self.fam_positions(block_index, offset)
+        return self.attn.query_key_value(self.norm1(fam, self.cfg.compute_dtype), positions, q_key, kv_key)
+
     def initial_fam_step(self, fam, key=None):
         """Returns S_0 of the next layer from this layer's S_0 [F, d]: the F rows alone, like a block with
         no tokens (full attention among themselves at positions -F..-1, normal residual, FFN)."""
@@ -251,14 +257,10 @@ class DecoderLayer(nnx.Module):
             key = row_keys(sub_key(dropout_key, self.SITE_FAM_KV), index)
             return nnx.merge(graphdef, state).fam_key_value(fam, index, offset, key)
 
-        def qkv_fn(params, fam, index):
-            """The next block's queries and the keys/values of the FAM that compressed block `index`: one norm, one
-            matmul for the three projections (the same positions and dropout keys as query_fn and kv_fn)."""
+        def qkv_fn(params, fam, index):  # query_fn's queries for block index + 1 and kv_fn's keys/values, together
             state, offset, dropout_key = params
-            layer = nnx.merge(graphdef, state)
-            return layer.attn.query_key_value(
-                layer.norm1(fam, dtype), layer.fam_positions(index, offset),
-                row_keys(sub_key(dropout_key, self.SITE_FAM_UPDATE), index + 1),
+            return nnx.merge(graphdef, state).fam_query_key_value(
+                fam, index, offset, row_keys(sub_key(dropout_key, self.SITE_FAM_UPDATE), index + 1),
                 row_keys(sub_key(dropout_key, self.SITE_FAM_KV), index))
 
         initial = None
