@@ -86,11 +86,17 @@ class Program:
         callee = _CALLEE.search(line) if op == "fusion" else None
         rows = self.defs.get(callee.group(1), []) if callee else []
         root = next((r for r in rows if r[4].lstrip().startswith("ROOT")), None)
-        if root and root[2] == "dynamic-update-slice":
-            update = next((r for r in rows if r[0] == root[3][1]), None)
-            if update:
-                return 2 * nbytes(update[1])
-        return nbytes(type_text)
+        if not root:
+            return nbytes(type_text)
+        by_name = {r[0]: r for r in rows}
+        outputs = [by_name.get(n) for n in root[3]] if root[2] == "tuple" else [root]  # a multi-output fusion
+        total = 0
+        for out in outputs:
+            if out is None:
+                return nbytes(type_text)
+            update = by_name.get(out[3][1]) if out[2] == "dynamic-update-slice" else None
+            total += 2 * nbytes(update[1]) if update else nbytes(out[1])
+        return total
 
     def kernels(self, comp: str | None = None, times: int = 1):
         """Yields (bytes, type, opcode, op_name) of every kernel run by `comp` (default: the entry), counted

@@ -242,9 +242,16 @@ class MLP(nnx.Module, LoRA):
         """x: [..., d] -> [..., d]."""
         up = self._project("up", x, key)
         if self.activation == "gelu":
-            hidden = jax.nn.gelu(up, approximate=True)
+            hidden = _recomputed(lambda u: jax.nn.gelu(u, approximate=True))(up)
         else:
             gate = self._project("gate", x, key)
             act = jax.nn.silu if self.activation == "swiglu" else lambda g: jax.nn.gelu(g, approximate=True)
-            hidden = act(gate) * up
+            hidden = _recomputed(lambda g, u: act(g) * u)(gate, up)
         return self._project("down", hidden, key)
+
+
+def _recomputed(fn):
+    """fn, whose backward pass recomputes it from its inputs: autodiff keeps only the projections going in,
+    not the activation's elementwise intermediates (tanh, its square, ...), which a loop over blocks would
+    otherwise stack per block as residuals."""
+    return jax.checkpoint(fn, prevent_cse=False)

@@ -48,7 +48,8 @@ def fam_update(fam, is_initial, fam_k, fam_v, block_k, block_v, *, query_fn, out
     """Returns S_t, float32 [b, F, d]: the FAM after reading one complete block.
 
     fam: S_{t-1} [b, F, d]; is_initial: bool [b] (S_{t-1} is the learned initial FAM: zero residual);
-    fam_k, fam_v: keys/values of S_{t-1} [b, F, KV, hd]; block_k, block_v: the block's [b, B, KV, hd];
+    fam_k, fam_v: keys/values of S_{t-1} [b, F, KV, hd]; block_k, block_v: the block's [b, B, KV, hd], or
+        [b, 1, B, KV, hd] (the attention's layout; fam_scan passes that, see there);
     query_fn: fam -> queries [b, F, H, hd] (Norm1, query projection, RoPE at S_{t-1}'s positions);
     out_fn: heads [b, F, H, hd] -> [b, F, d]; ffn_fn: a [b, F, d] -> FFN(Norm2(a)) [b, F, d].
     FAM queries see all of S_{t-1} and the whole block (no causal mask), never the memory blocks.
@@ -62,12 +63,15 @@ def fam_update(fam, is_initial, fam_k, fam_v, block_k, block_v, *, query_fn, out
     queries: None, or query_fn(fam) computed already [b, F, H, hd] (query_fn is then not called).
     """
     q = (query_fn(fam) if queries is None else queries)[:, None]
-    segments = [(fam_k[:, None], fam_v[:, None], None), (block_k[:, None], block_v[:, None], None)]
+    if block_k.ndim == 4:
+        block_k, block_v = block_k[:, None], block_v[:, None]
+    segments = [(fam_k[:, None], fam_v[:, None], None), (block_k, block_v, None)]
     if return_probs or attend is None:
         heads, probs = segment_attention(q, segments, scale=scale, softcap=softcap, return_probs=True)
     else:
         heads, probs = attend(q, segments), None
-    residual = jnp.where(is_initial[:, None, None], 0.0, fam) if zero_residual else fam
+    # A [b, 1, 1] factor rather than a select: the backward then keeps b numbers per block, not a [b, F, d] mask.
+    residual = fam * jnp.where(is_initial, 0.0, 1.0)[:, None, None] if zero_residual else fam
     a = out_fn(heads[:, 0]).astype(jnp.float32) + residual
     new = a + ffn_fn(a).astype(jnp.float32)
     if keep_norm:
@@ -153,7 +157,11 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
         carry += (query_fn(params, carry[0], block_index[:, 0]),)
         if initial is not None:
             initial = (*initial, query_fn(params, initial[0], jnp.zeros_like(block_index[:, 0])))
-    xs = jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), (blocks_k, blocks_v, completes, block_index, resets, data))
+    # Blocks in front for the scan; each block's keys/values already [b, 1, B, KV, hd], the layout the attention
+    # reads, so that what autodiff keeps of them for the backward is the scan's own input slice (which lax.scan
+    # forwards) instead of a per-block reshaped copy stacked into a residual array of the blocks' size.
+    xs = (*(jnp.moveaxis(a, 1, 0)[:, :, None] for a in (blocks_k, blocks_v)),
+          *jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), (completes, block_index, resets, data)))
     if scan is None:
         carry, ((fk, fv), aux) = jax.lax.scan(functools.partial(step, (params, initial)), carry, xs,
                                               unroll=unroll)
