@@ -9,7 +9,7 @@ from flax import nnx
 
 import famjax
 from famjax import ops
-from famjax.model.modules import MLP
+from famjax.model.modules import MLP, Norm
 
 
 def _residuals(fn, *args):
@@ -68,3 +68,15 @@ def test_the_ffn_keeps_its_projections_not_the_activations_intermediates(activat
     rows = x.size // cfg.d_model
     wide = [r for r in _residuals(lambda s, x: nnx.merge(graphdef, s)(x), state, x) if r.size == rows * cfg.mlp_dim]
     assert len(wide) == (2 if activation == "gelu" else 3), [r.shape for r in wide]
+
+
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+def test_a_norm_keeps_its_input_only(norm):
+    """A norm's backward pass recomputes the normalised rows from its input: of the input's size it keeps the
+    input alone, not also the normalised rows or their float32 copy."""
+    cfg = famjax.ModelConfig(vocab_size=11, d_model=8, num_layers=1, num_heads=2, norm=norm)
+    graphdef, state = nnx.split(Norm(cfg, nnx.Rngs(0)))
+    x = jax.random.normal(jax.random.key(1), (3, 5, cfg.d_model))
+    rows = [r for r in _residuals(lambda s, x: nnx.merge(graphdef, s)(x, jnp.float32), state, x)
+            if r.size == x.size]
+    assert len(rows) == 1, [r.shape for r in rows]

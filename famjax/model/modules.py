@@ -4,6 +4,7 @@ Parameters carry logical axis names ("embed", "q_heads", "kv_heads", "head_dim",
 layer stack adds "layers"), which the trainer maps to mesh axes. Compute happens in `cfg.dtype`, parameters are
 stored in `cfg.param_dtype`, and norms and softmax run in float32.
 """
+import functools
 import itertools
 import math
 
@@ -125,6 +126,13 @@ class LoRA:
         return y + dense(h, b, dtype).reshape(y.shape)
 
 
+def _recomputed(fn):
+    """fn, whose backward pass recomputes it from its inputs. For the elementwise parts of a layer (norms,
+    activations): autodiff then keeps their inputs, not their intermediates (the normalised rows, tanh, its
+    square, ...), which the FAM loop would otherwise stack per block as residuals for its backward loop."""
+    return jax.checkpoint(fn, prevent_cse=False)
+
+
 class Norm(nnx.Module):
     """RMSNorm (scale) or LayerNorm (scale and bias) over the last axis, computed in float32.
 
@@ -141,14 +149,18 @@ class Norm(nnx.Module):
 
     def __call__(self, x, dtype):
         """x: [..., d] -> [..., d] in dtype."""
+        bias = self.bias[...] if self.kind == "layer" else None
+        return _recomputed(functools.partial(self._normalize, dtype=dtype))(x, self.scale[...], bias)
+
+    def _normalize(self, x, scale, bias, dtype):
         x = x.astype(jnp.float32)
         if self.kind == "layer":
             x = x - x.mean(-1, keepdims=True)
         y = x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + self.eps)
-        scale = self.scale[...].astype(jnp.float32)
+        scale = scale.astype(jnp.float32)
         y = y * (scale + self.offset if self.offset else scale)
         if self.kind == "layer":
-            y = y + self.bias[...].astype(jnp.float32)
+            y = y + bias.astype(jnp.float32)
         return y.astype(dtype)
 
 
@@ -249,9 +261,3 @@ class MLP(nnx.Module, LoRA):
             hidden = _recomputed(lambda g, u: act(g) * u)(gate, up)
         return self._project("down", hidden, key)
 
-
-def _recomputed(fn):
-    """fn, whose backward pass recomputes it from its inputs: autodiff keeps only the projections going in,
-    not the activation's elementwise intermediates (tanh, its square, ...), which a loop over blocks would
-    otherwise stack per block as residuals."""
-    return jax.checkpoint(fn, prevent_cse=False)
