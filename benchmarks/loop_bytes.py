@@ -9,8 +9,9 @@ This script reads the looped program itself (benchmarks/tpu_cost.py's config, la
 kernel of the compiled step (a fusion, an unfused op, a custom call) moves its operands and its result, times
 the trip counts of the loops around it. A fusion operand that is only sliced, directly or inside a nested
 fusion, counts its slices; an operand updated in place by a dynamic-update-slice counts nothing and the result
-counts the update, read and written. Anything XLA's cost model sees differently (e.g. a fusion that reads an
-operand twice) makes it an estimate; `--calibrate` compares it with XLA's count on the unrolled program.
+(each result of a multi-output fusion) counts the update, read and written. Anything XLA's cost model sees
+differently (e.g. a fusion that reads an operand twice) makes it an estimate; `--calibrate` compares it with
+XLA's count on the unrolled program.
 """
 import argparse
 import os

@@ -325,7 +325,6 @@ class FamLM(nnx.Module):
             layer_params, *rest = inputs
             return body(nnx.merge(graphdef, layer_params), carry, *rest)
 
-
         if remat and self.cfg.remat != "none":
             step = jax.checkpoint(step, policy=_REMAT_POLICIES[self.cfg.remat])
         if self.cfg.scan_layers:
