@@ -260,4 +260,3 @@ class MLP(nnx.Module, LoRA):
             act = jax.nn.silu if self.activation == "swiglu" else lambda g: jax.nn.gelu(g, approximate=True)
             hidden = _recomputed(lambda g, u: act(g) * u)(gate, up)
         return self._project("down", hidden, key)
-
