@@ -48,8 +48,8 @@ def fam_update(fam, is_initial, fam_k, fam_v, block_k, block_v, *, query_fn, out
     """Returns S_t, float32 [b, F, d]: the FAM after reading one complete block.
 
     fam: S_{t-1} [b, F, d]; is_initial: bool [b] (S_{t-1} is the learned initial FAM: zero residual);
-    fam_k, fam_v: keys/values of S_{t-1} [b, F, KV, hd]; block_k, block_v: the block's [b, B, KV, hd], or
-        [b, 1, B, KV, hd] (the attention's layout; fam_scan passes that, see there);
+    fam_k, fam_v: keys/values of S_{t-1} [b, F, KV, hd]; block_k, block_v: the block's, in the attention's
+        layout [b, 1, B, KV, hd] (as fam_scan passes them, see there);
     query_fn: fam -> queries [b, F, H, hd] (Norm1, query projection, RoPE at S_{t-1}'s positions);
     out_fn: heads [b, F, H, hd] -> [b, F, d]; ffn_fn: a [b, F, d] -> FFN(Norm2(a)) [b, F, d].
     FAM queries see all of S_{t-1} and the whole block (no causal mask), never the memory blocks.
@@ -63,8 +63,6 @@ def fam_update(fam, is_initial, fam_k, fam_v, block_k, block_v, *, query_fn, out
     queries: None, or query_fn(fam) computed already [b, F, H, hd] (query_fn is then not called).
     """
     q = (query_fn(fam) if queries is None else queries)[:, None]
-    if block_k.ndim == 4:
-        block_k, block_v = block_k[:, None], block_v[:, None]
     segments = [(fam_k[:, None], fam_v[:, None], None), (block_k, block_v, None)]
     if return_probs or attend is None:
         heads, probs = segment_attention(q, segments, scale=scale, softcap=softcap, return_probs=True)
