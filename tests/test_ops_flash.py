@@ -35,15 +35,16 @@ def _segments(b, n, kv, hd, lengths_and_masks, seed=1):
             for i, (s, mask) in enumerate(lengths_and_masks)]
 
 
-def _check(q, segments, *, block_q, block_k, softcap=0.0):
-    """Asserts flash == segment_attention in values and in gradients of <out, w> for q and every k, v."""
+def _check(q, segments, *, softcap=0.0, kernel=flash, **blocks):
+    """Asserts kernel (ops.flash or ops.flash_gpu, with its tiles `blocks`) == segment_attention in values and in
+    gradients of <out, w> for q and every k, v."""
     masks = [m for _, _, m in segments]
     ks, vs = [k for k, _, _ in segments], [v for _, v, _ in segments]
     w = _normal(99, q.shape)
 
     def flash_fn(q, ks, vs):
-        return flash.flash_segment_attention(q, list(zip(ks, vs, masks)), softcap=softcap, block_q=block_q,
-                                             block_k=block_k, interpret=True)
+        return kernel.flash_segment_attention(q, list(zip(ks, vs, masks)), softcap=softcap, interpret=True,
+                                              **blocks)
 
     def xla_fn(q, ks, vs):
         return ops.segment_attention(q, list(zip(ks, vs, masks)), softcap=softcap)
@@ -54,7 +55,7 @@ def _check(q, segments, *, block_q, block_k, softcap=0.0):
             return (out * w).sum(), out
         return _jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, ks, vs)
 
-    assert flash.supports(q, segments, block_q=block_q, block_k=block_k)
+    assert kernel.supports(q, segments, **blocks)
     (_, out), grads = run(flash_fn)
     (_, ref), ref_grads = run(xla_fn)
     assert out.shape == ref.shape and out.dtype == ref.dtype

@@ -35,8 +35,9 @@ class ModelConfig:
     param_dtype: str = "float32"      # storage dtype of parameters
     scan_layers: bool = True          # lax.scan over layers (compile time independent of depth)
     remat: str = "none"               # rematerialisation per layer: "none" | "full" | "dots" | "dots_no_batch"
-    attention_impl: str = "auto"      # "xla" | "pallas" (TPU kernel; CPU: interpret mode) | "cudnn" (GPU; full
-                                      # attention) | "auto": pallas on TPU, cudnn on GPU, xla elsewhere
+    attention_impl: str = "auto"      # "xla" | "pallas" (Pallas kernel: Mosaic on TPU, Triton on GPU, CPU: TPU's
+                                      # in interpret mode) | "cudnn" (GPU; full attention) | "auto": pallas on
+                                      # TPU, cudnn on GPU, xla elsewhere
     fam_unroll: int = 1               # blocks per iteration of the FAM's loop over blocks (lax.scan unroll)
     fam_deferred_grads: bool = True   # training: the F rows' weight gradients as one matmul after the loop
     attention: str = "fam"            # "full" (causal) | "bswa" | "fam" (BSWA + feedback memory)

@@ -95,10 +95,10 @@ class DecoderLayer(nnx.Module):
         cfg = self.cfg
         impl = resolve_attention_impl(cfg.attention_impl)
         if impl == "pallas" and not return_probs:
-            from famjax.ops import flash  # Pallas is imported only when used
-            if flash.supports(q, segments):
-                return _flash_per_shard(q, segments, scale=cfg.query_scale, softcap=cfg.attn_softcap,
-                                        interpret=platform() != "tpu")
+            kernel, interpret = _pallas_kernel()
+            if kernel.supports(q, segments):
+                return _flash_per_shard(kernel, q, segments, scale=cfg.query_scale, softcap=cfg.attn_softcap,
+                                        interpret=interpret)
         if impl == "cudnn" and not return_probs and _cudnn_expresses(q, segments, cfg.attn_softcap):
             return _dot_product_attention(q, segments[0], cfg.query_scale)
         return ops.segment_attention(q, segments, scale=cfg.query_scale, softcap=cfg.attn_softcap,
@@ -307,10 +307,22 @@ def resolve_attention_impl(impl: str) -> str:
     return {"tpu": "pallas", "gpu": "cudnn"}.get(platform(), "xla")
 
 
-def _flash_per_shard(q, segments, **kwargs):
-    """ops.flash.flash_segment_attention on each device's rows (and heads, when query and key/value heads split
-    alike, which keeps every query head with its key/value head); masks that are arrays go along."""
+def _pallas_kernel():
+    """(kernel module, interpret) of attention_impl="pallas" on the target platform: ops.flash_gpu (Triton) on
+    GPU, ops.flash (Mosaic) on TPU, and on CPU ops.flash in interpret mode. Pallas is imported only when used.
+    The GPU kernel interprets on a machine without a GPU (how tests run it under target_platform("gpu")); the
+    TPU kernel compiles whenever the target is TPU (how tools.aot compiles it on a CPU)."""
+    if platform() == "gpu":
+        from famjax.ops import flash_gpu
+        return flash_gpu, jax.default_backend() != "gpu"
     from famjax.ops import flash
+    return flash, platform() != "tpu"
+
+
+def _flash_per_shard(kernel, q, segments, **kwargs):
+    """kernel.flash_segment_attention (ops.flash or ops.flash_gpu) on each device's rows (and heads, when query
+    and key/value heads split alike, which keeps every query head with its key/value head); masks that are arrays
+    go along."""
     arrays = [q] + [a for k, v, _ in segments for a in (k, v)]
     masks = [m for _, _, m in segments]
     mask_at = [i for i, m in enumerate(masks) if m is not None and m is not ops.CAUSAL]
@@ -321,7 +333,7 @@ def _flash_per_shard(q, segments, **kwargs):
     def local(q, *rest):
         kv, local_masks = rest[:2 * len(segments)], dict(zip(mask_at, rest[2 * len(segments):]))
         segs = [(kv[2 * i], kv[2 * i + 1], local_masks.get(i, m)) for i, m in enumerate(masks)]
-        return flash.flash_segment_attention(q, segs, **kwargs)
+        return kernel.flash_segment_attention(q, segs, **kwargs)
     if q.shape[3] != segments[0][0].shape[3]:  # GQA: split heads only if the query heads of a group stay together
         names = [(*n[:3], None, *n[4:]) if len(n) == 5 else n for n in names]
     return per_shard(local, arrays, names)
