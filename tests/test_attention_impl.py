@@ -1,8 +1,11 @@
 """ModelConfig.attention_impl: every kernel that runs on CPU gives the model of the loop reference.
 
-"pallas" runs famjax.ops.flash in Pallas interpret mode here; "cudnn" runs jax.nn.dot_product_attention's XLA
-implementation (the same call that picks cuDNN on a GPU). Calls a kernel cannot take fall back to "xla".
+"pallas" runs famjax.ops.flash in Pallas interpret mode here, and under target_platform("gpu") the GPU kernel
+famjax.ops.flash_gpu (interpret mode too, at Triton's tiles: hd and blocks of 16); "cudnn" runs
+jax.nn.dot_product_attention's XLA implementation (the same call that picks cuDNN on a GPU). Calls a kernel
+cannot take fall back to "xla".
 """
+import contextlib
 from unittest import mock
 
 import jax
@@ -29,6 +32,39 @@ def test_logits_match_reference_and_stream(impl, case):
     # Chunks of whole blocks and partial ones (which go to the XLA path) stream like one call.
     assert_reference_and_streams(model, cfg, params, ([8, 3, 3],))
 
+# The GPU kernel's cases: hd 16 (d_model 64, 4 heads), blocks and FAM of 16-32 rows.
+GPU_CASES = {
+    "fam": dict(d_model=64, block_size=16, memory_blocks=1, fam_len=16),
+    "fam_F>B_m2_mqa": dict(d_model=64, block_size=16, memory_blocks=2, fam_len=32, num_kv_heads=1),
+    "bswa": dict(d_model=64, attention="bswa", block_size=16, memory_blocks=2),
+    "full": dict(d_model=64, attention="full", max_len=64),
+}
+
+
+@contextlib.contextmanager
+def gpu_kernel_calls():
+    """Traces for a GPU target (so "pallas" picks ops.flash_gpu, interpreted on this CPU) and yields the list of
+    its calls' (query length, key segment lengths): a test asserts the kernel ran, not only a fallback."""
+    from famjax.ops import flash_gpu
+    calls, real = [], flash_gpu.flash_segment_attention
+
+    def spy(q, segments, **kw):
+        calls.append((q.shape[2], tuple(k.shape[2] for k, _, _ in segments)))
+        return real(q, segments, **kw)
+    with target_platform("gpu"), mock.patch.object(flash_gpu, "flash_segment_attention", spy):
+        yield calls
+
+
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_gpu_kernel_logits_match_reference_and_stream(case):
+    model, cfg, params = make_model(seed=2, attention_impl="pallas", **GPU_CASES[case])
+    length = 32 if case == "full" else 40  # full: the kernel takes a power-of-two length; else 2.5 blocks
+    with gpu_kernel_calls() as calls:
+        # At these sizes the XLA path too is up to 1.9e-5 from the float64 reference (float32 sums).
+        assert_reference_and_streams(model, cfg, params, ([16, 16, 8] if length == 40 else [16, 16],),
+                                     length=length, tol=4e-5)
+    assert calls, "the GPU kernel never ran"
+
 
 def _loss(model, tokens):
     logits, _ = model(tokens[:, :-1])
@@ -42,9 +78,25 @@ def test_pallas_gradients_equal_xla(case):
         model, cfg, _ = make_model(seed=4, attention_impl=impl, **CASES[case])
         tokens = random_tokens(2, 13, cfg.vocab_size, seed=5)
         grads.append(nnx.to_flat_state(nnx.jit(nnx.grad(_loss))(model, tokens)))
-    for (path, a), (_, b) in zip(*grads):
+    _assert_same_grads(*grads)
+
+
+def _assert_same_grads(want, got, atol=1e-6):
+    for (path, a), (_, b) in zip(want, got):
         a, b = np.asarray(a[...]), np.asarray(b[...])
-        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * max(1.0, np.abs(a).max()), err_msg=str(path))
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=atol * max(1.0, np.abs(a).max()), err_msg=str(path))
+
+
+def test_gpu_kernel_gradients_equal_xla():
+    grads = []
+    for impl in ("xla", "pallas"):
+        model, cfg, _ = make_model(seed=4, attention_impl=impl, **GPU_CASES["fam"])
+        tokens = random_tokens(2, 41, cfg.vocab_size, seed=5)
+        with gpu_kernel_calls() as calls:
+            grads.append(nnx.to_flat_state(nnx.jit(nnx.grad(_loss))(model, tokens)))
+        # the block rows ([memory, FAM, own block]) and the F rows' update ([FAM, whole block]) ran the kernel
+        assert calls == [] if impl == "xla" else {(16, (16, 16, 16)), (16, (16, 16))} <= set(calls), calls
+    _assert_same_grads(*grads, atol=3e-6)  # 2.5 blocks of 16 at d 64: float32 sums in another order
 
 
 def test_pallas_runs_the_fam_rows_attention_too():
