@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One short device session on a GPU machine (run from the repo root; results under $OUT):
-#   1. the model / streaming / causality / decode tests on the GPU (float32, matmul precision highest),
+#   1. the model / streaming / causality / decode tests on the GPU (float32, matmul precision highest), and the
+#      Pallas GPU kernel (ops.flash_gpu) compiled and run against the XLA path,
 #   2. at the same time, a PassKey recipe sweep: ten passkey_tiny variants trained side by side on the one GPU
 #      (eval every 250 steps; the curves say which knob makes the tiny model learn sooner),
-#   3. alone on the GPU: step time, memory and MFU of full / BSWA / FAM next to the PyTorch peer (bf16).
+#   3. alone on the GPU: step time, memory and MFU of full / BSWA / FAM next to the PyTorch peer (bf16), and
+#      BSWA / FAM with the Pallas GPU kernel (attention_impl=pallas).
 # Packages the GPU image lacks travel as wheels in .whl (see /work/.library/device/README.md).
 set -u
 OUT=${OUT:-/tmp/famjax_gpu}
@@ -70,7 +72,7 @@ if [ -n "${SWEEP_ONLY:-}" ]; then wait $SWEEP; cat "$OUT/passkey_sweep.txt"; exi
 JAX_PLATFORMS=$PLATFORM XLA_FLAGS="" timeout 200 $PY -m pytest -q -p no:cacheprovider -n 4 \
   tests/test_model_parity.py tests/test_model_identities.py tests/test_streaming.py \
   tests/test_causality_and_grads.py tests/test_infer_generate.py tests/test_fam_fast_scan.py \
-  tests/test_attention_impl.py ${PYTEST_ARGS:-} > "$OUT/gpu_tests.txt" 2>&1
+  tests/test_attention_impl.py tests/test_ops_flash_gpu.py ${PYTEST_ARGS:-} > "$OUT/gpu_tests.txt" 2>&1
 echo "tests rc=$?" >> "$OUT/gpu_tests.txt"
 tail -3 "$OUT/gpu_tests.txt"
 wait $SWEEP
@@ -84,6 +86,10 @@ cat "$OUT/passkey_sweep.txt"
   timeout ${BENCH_S:-60} $PY benchmarks/step_time.py --sizes=base --lengths=16384 --modes=fam --peer=false \
     --dtype=bfloat16 --block=1024 --fam=64 --batch=${BENCH_BATCH:-4} --peak_n=8192 --repeats=5 \
     --model=fam_deferred_grads=False
+  # the Pallas GPU kernel (ops.flash_gpu, attention_impl=pallas) against the default above (XLA block attention)
+  timeout ${BENCH_S:-80} $PY benchmarks/step_time.py --sizes=base --lengths=16384 --modes=bswa,fam --peer=false \
+    --dtype=bfloat16 --block=1024 --fam=64 --batch=${BENCH_BATCH:-4} --peak_n=8192 --repeats=5 \
+    --model=attention_impl=pallas
   timeout ${BENCH_S:-80} $PY benchmarks/step_time.py --sizes=${BENCH_BIG:-1b} --lengths=${BENCH_BIG_LENGTHS:-8192} --dtype=bfloat16 \
     --block=1024 --fam=64 --batch=1 --peak_n=8192 --repeats=3 --full_max=4096
 } > "$OUT/step_time.txt" 2>&1

@@ -35,7 +35,7 @@ def _segments(b, n, kv, hd, lengths_and_masks, seed=1):
             for i, (s, mask) in enumerate(lengths_and_masks)]
 
 
-def _check(q, segments, *, softcap=0.0, kernel=flash, **blocks):
+def _check(q, segments, *, softcap=0.0, kernel=flash, interpret=True, **blocks):
     """Asserts kernel (ops.flash or ops.flash_gpu, with its tiles `blocks`) == segment_attention in values and in
     gradients of <out, w> for q and every k, v."""
     masks = [m for _, _, m in segments]
@@ -43,7 +43,7 @@ def _check(q, segments, *, softcap=0.0, kernel=flash, **blocks):
     w = _normal(99, q.shape)
 
     def flash_fn(q, ks, vs):
-        return kernel.flash_segment_attention(q, list(zip(ks, vs, masks)), softcap=softcap, interpret=True,
+        return kernel.flash_segment_attention(q, list(zip(ks, vs, masks)), softcap=softcap, interpret=interpret,
                                               **blocks)
 
     def xla_fn(q, ks, vs):

@@ -1,7 +1,7 @@
 """famjax.ops.flash_gpu: the Pallas GPU (Triton) segment attention kernel against ops.segment_attention, and
 its lowering for CUDA.
 
-Interpret mode (CPU) checks values and gradients (q, every k and v) in float32 for every mode's segments, at
+Interpret mode (CPU; on a GPU the kernels themselves) checks values and gradients (q, every k and v) in float32 for every mode's segments, at
 Triton's smallest tiles (16): full causal attention over several query and key tiles, BSWA with 0-2 memory
 blocks (some hidden, packed examples), FAM with F smaller and larger than the block, the FAM update (Tq = F !=
 S), GQA and softcap. Without a GPU, the forward and backward kernels at the 1B shape lower to Triton for CUDA
@@ -19,7 +19,8 @@ from test_ops_flash import _check, _jit, _normal, _segments
 from famjax import ops
 from famjax.ops import flash_gpu
 
-check = functools.partial(_check, kernel=flash_gpu)
+INTERPRET = jax.default_backend() != "gpu"
+check = functools.partial(_check, kernel=flash_gpu, interpret=INTERPRET)
 
 
 @pytest.mark.parametrize("block_q,block_k,block_bwd", [(16, 32, 16), (32, 16, 32)])
@@ -77,7 +78,7 @@ def test_bfloat16_matches_the_xla_path_at_bfloat16_precision():
         return _jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(q, [k for k, _, _ in segments])
 
     (_, out), grads = run(functools.partial(flash_gpu.flash_segment_attention, block_q=16, block_k=16,
-                                            block_bwd=16, interpret=True))
+                                            block_bwd=16, interpret=INTERPRET))
     (_, ref), ref_grads = run(ops.segment_attention)
     assert out.dtype == bf16
     for a, r in zip(jax.tree.leaves((out, grads)), jax.tree.leaves((ref, ref_grads))):
