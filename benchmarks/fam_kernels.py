@@ -27,6 +27,7 @@ SETTINGS = {
     "plain scan": dict(fam_deferred_grads=False),
     "deferred grads": dict(fam_deferred_grads=True),
     "deferred unroll 2": dict(fam_deferred_grads=True, fam_unroll=2),
+    "pallas attention": dict(fam_deferred_grads=True, attention_impl="pallas"),  # TPU's default kernel
 }
 # Instructions that do no work of their own (they alias, index or bookkeep); everything else is a kernel.
 _FREE = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "after-all", "partition-id",

@@ -99,6 +99,45 @@ def test_gpu_kernel_gradients_equal_xla():
     _assert_same_grads(*grads, atol=3e-6)  # 2.5 blocks of 16 at d 64: float32 sums in another order
 
 
+@pytest.mark.parametrize("target", ["cpu", "gpu"])
+def test_pallas_kernels_run_per_shard_under_the_trainers_mesh(target):
+    """Under a (2, 2, 2) mesh with the trainer's rules (batch over data x fsdp, heads over tensor) a Pallas kernel
+    runs on each device's rows and heads (jax.shard_map): loss and gradients equal the XLA path's on one device.
+    "cpu": ops.flash, "gpu": ops.flash_gpu, both interpreted here."""
+    import os
+
+    import ml_collections
+
+    from famjax.ops import flash, flash_gpu
+    from famjax.train import mesh as meshlib
+    from famjax.train.config import sibling_config
+
+    configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    rules = sibling_config(os.path.join(configs, "x.py"), "default").get_config().mesh.rules
+    mesh = meshlib.make_mesh(ml_collections.ConfigDict({"shape": (2, 2, 2)}), jax.devices()[:8])
+    kernel = flash_gpu if target == "gpu" else flash
+    tokens = random_tokens(4, 41, 37, seed=5)
+    shapes, real = [], kernel.flash_segment_attention
+
+    def spy(q, segments, **kw):
+        shapes.append(q.shape)
+        return real(q, segments, **kw)
+    results = []
+    for impl in ("xla", "pallas"):
+        model, cfg, _ = make_model(seed=4, attention_impl=impl, **{**GPU_CASES["fam"], "num_kv_heads": 4})
+        step = nnx.jit(nnx.value_and_grad(_loss))
+        if impl == "xla":
+            results.append(step(model, tokens))
+            continue
+        with target_platform(target), meshlib.activation_rules(mesh, rules), \
+                mock.patch.object(kernel, "flash_segment_attention", spy):
+            results.append(step(model, tokens))
+    # every call saw one device's rows (batch 4 over 4 devices) and heads (MHA: 4 heads over 2; GQA's stay whole)
+    assert shapes and {(s[0], s[3]) for s in shapes} == {(1, cfg.num_heads // 2)}, shapes
+    np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-6)
+    _assert_same_grads(*(nnx.to_flat_state(g) for _, g in results), atol=3e-6)
+
+
 def test_pallas_runs_the_fam_rows_attention_too():
     """The F-row update's attention (F queries over the previous FAM and the whole block) goes through the kernel,
     in training's deferred scan too; the tests above then compare it with xla."""
