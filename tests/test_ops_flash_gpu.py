@@ -1,11 +1,11 @@
 """famjax.ops.flash_gpu: the Pallas GPU (Triton) segment attention kernel against ops.segment_attention, and
 its lowering for CUDA.
 
-Interpret mode (CPU; on a GPU the kernels themselves) checks values and gradients (q, every k and v) in float32 for every mode's segments, at
-Triton's smallest tiles (16): full causal attention over several query and key tiles, BSWA with 0-2 memory
-blocks (some hidden, packed examples), FAM with F smaller and larger than the block, the FAM update (Tq = F !=
-S), GQA and softcap. Without a GPU, the forward and backward kernels at the 1B shape lower to Triton for CUDA
-(jax's Triton lowering runs on any machine; compiling that to PTX needs the GPU's XLA).
+Interpret mode (CPU; on a GPU, the compiled kernels) checks values and gradients (q, every k and v) in float32
+for every mode's segments, at Triton's smallest tiles (16): full causal attention over several query and key
+tiles, BSWA with 0-2 memory blocks (some hidden, packed examples), FAM with F smaller and larger than the block,
+the FAM update (Tq = F != S), GQA and softcap. Without a GPU, the forward and backward kernels at the 1B shape
+lower to Triton for CUDA (jax's Triton lowering runs on any machine; compiling that to PTX needs the GPU's XLA).
 """
 import functools
 import re

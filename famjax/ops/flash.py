@@ -111,15 +111,22 @@ def supports(q, segments, *, block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFA
 
     q: [b, n, Tq, H, hd] (an array or a ShapeDtypeStruct); segments: sequence of (k, v, mask), see the module.
     """
+    return fits(q, segments, lambda length, query_axis: _tile(length, block_q if query_axis else block_k) is not None)
+
+
+def fits(q, segments, tiles) -> bool:
+    """Whether q [b, n, Tq, H, hd] and segments of (k, v, mask) take the form every segment kernel needs (the
+    module's masks, k and v alike [b, n, S, KV, hd] with KV dividing H, causal only with S == Tq) and
+    tiles(length, query_axis) holds for Tq (query_axis True) and every S: the kernels' `supports`."""
     if len(q.shape) != 5 or not segments:
         return False
     b, n, tq, h, hd = q.shape
-    if _tile(tq, block_q) is None:
+    if not tiles(tq, True):
         return False
     for k, v, mask in segments:
         kind = _mask_kind(mask)
         if (kind is None or k.shape != v.shape or len(k.shape) != 5 or k.shape[-1] != hd
-                or k.shape[3] != segments[0][0].shape[3] or h % k.shape[3] or _tile(k.shape[2], block_k) is None):
+                or k.shape[3] != segments[0][0].shape[3] or h % k.shape[3] or not tiles(k.shape[2], False)):
             return False
         if kind == "causal" and k.shape[2] != tq:
             return False
@@ -454,27 +461,38 @@ def _dkv(plan: _Plan, s: int, q, k, v, visible, do, lse, delta):
 # ---- custom_vjp ------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attend(plan: _Plan, q, ks, vs, visible):
-    """q, ks, vs in the kernel layout; visible int32 [segments, b n]. Returns out like q."""
-    return _forward(plan, q, ks, vs, visible)[0]
+def segment_vjp(forward, delta_of, dq, dkv):
+    """Returns attend(plan, q, ks, vs, visible) -> out, differentiable in q, ks, vs through a kernel family's
+    backward kernels (this module's, ops.flash_gpu's): forward(plan, q, ks, vs, visible) -> (out, lse);
+    delta_of(plan, do, out) -> rowsum(dO * O) in the layout the backward kernels read; dq(plan, q, ks, vs, visible,
+    do, lse, delta) -> dq; dkv(plan, s, q, k, v, visible, do, lse, delta) -> (dk, dv) of segment s."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+    def attend(plan, q, ks, vs, visible):
+        return forward(plan, q, ks, vs, visible)[0]
+
+    def attend_fwd(plan, q, ks, vs, visible):
+        out, lse = forward(plan, q, ks, vs, visible)
+        return out, (q, ks, vs, visible, out, lse)
+
+    def attend_bwd(plan, residuals, do):
+        q, ks, vs, visible, out, lse = residuals
+        delta = delta_of(plan, do, out)
+        grads = [dkv(plan, s, q, k, v, visible, do, lse, delta) for s, (k, v) in enumerate(zip(ks, vs))]
+        return (dq(plan, q, ks, vs, visible, do, lse, delta), tuple(dk for dk, _ in grads),
+                tuple(dv for _, dv in grads), None)
+
+    attend.defvjp(attend_fwd, attend_bwd)
+    return attend
 
 
-def _attend_fwd(plan: _Plan, q, ks, vs, visible):
-    out, lse = _forward(plan, q, ks, vs, visible)
-    return out, (q, ks, vs, visible, out, lse)
-
-
-def _attend_bwd(plan: _Plan, residuals, do):
-    q, ks, vs, visible, out, lse = residuals
-    delta = (do.astype(jnp.float32) * out.astype(jnp.float32))
+def _delta(plan: _Plan, do, out):
+    """rowsum(dO * O) float32 [b n, H, 1, Tq] from do, out in the kernel layout."""
+    delta = do.astype(jnp.float32) * out.astype(jnp.float32)
     if plan.flat:  # [bn, T, H hd] -> [bn, H, 1, T]
-        delta = delta.reshape(*delta.shape[:2], plan.heads, plan.head_dim).sum(-1).transpose(0, 2, 1)[:, :, None]
-    else:  # [bn, H, T, hd] -> [bn, H, 1, T]
-        delta = delta.sum(-1)[:, :, None]
-    dq = _dq(plan, q, ks, vs, visible, do, lse, delta)
-    dkv = [_dkv(plan, s, q, k, v, visible, do, lse, delta) for s, (k, v) in enumerate(zip(ks, vs))]
-    return dq, tuple(dk for dk, _ in dkv), tuple(dv for _, dv in dkv), None
+        return delta.reshape(*delta.shape[:2], plan.heads, plan.head_dim).sum(-1).transpose(0, 2, 1)[:, :, None]
+    return delta.sum(-1)[:, :, None]  # [bn, H, T, hd] -> [bn, H, 1, T]
 
 
-_attend.defvjp(_attend_fwd, _attend_bwd)
+# q, ks, vs in the kernel layout; visible int32 [segments, b n]. Returns out like q.
+_attend = segment_vjp(_forward, _delta, _dq, _dkv)

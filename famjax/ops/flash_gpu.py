@@ -23,7 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from famjax.ops.attention import CAUSAL, MASKED
-from famjax.ops.flash import _NT, _Segment, _dot, _mask_kind, _score_grad, _scores
+from famjax.ops.flash import _NT, _dot, _mask_kind, _score_grad, _scores, _Segment, fits, segment_vjp
 
 DEFAULT_BLOCK_Q = 64
 DEFAULT_BLOCK_K = 64
@@ -64,26 +64,10 @@ def supports(q, segments, *, block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFA
 
     q: [b, n, Tq, H, hd] (an array or a ShapeDtypeStruct); segments: sequence of (k, v, mask), see ops.flash.
     """
-    if len(q.shape) != 5 or not segments:
-        return False
-    b, n, tq, h, hd = q.shape
-    if _tile(tq, block_q) is None or _tile(tq, block_bwd) is None or _tile(hd, hd) is None:
-        return False
-    for k, v, mask in segments:
-        kind = _mask_kind(mask)
-        if (kind is None or k.shape != v.shape or len(k.shape) != 5 or k.shape[-1] != hd
-                or k.shape[3] != segments[0][0].shape[3] or h % k.shape[3]
-                or _tile(k.shape[2], block_k) is None or _tile(k.shape[2], block_bwd) is None):
-            return False
-        if kind == "causal" and k.shape[2] != tq:
-            return False
-        if kind == "block":
-            try:
-                if jnp.broadcast_shapes(jnp.shape(mask), (b, n, 1, 1)) != (b, n, 1, 1):
-                    return False
-            except ValueError:
-                return False
-    return True
+    def tiles(length: int, query_axis: bool) -> bool:
+        return (_tile(length, block_q if query_axis else block_k) is not None
+                and _tile(length, block_bwd) is not None)
+    return len(q.shape) == 5 and _tile(q.shape[-1], q.shape[-1]) is not None and fits(q, segments, tiles)
 
 
 def flash_segment_attention(q, segments, *, scale: float | None = None, softcap: float = 0.0,
@@ -296,23 +280,10 @@ def _dkv(plan: _Plan, s: int, q, k, v, visible, do, lse, delta):
 # ---- custom_vjp ------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attend(plan: _Plan, q, ks, vs, visible):
-    """q [b n, Tq, H, hd], ks, vs [b n, S, KV, hd]; visible int32 [segments, b n]. Returns out like q."""
-    return _forward(plan, q, ks, vs, visible)[0]
+def _delta(plan: _Plan, do, out):
+    """rowsum(dO * O) float32 [b n, H, Tq] from do, out [b n, Tq, H, hd]."""
+    return (do.astype(jnp.float32) * out.astype(jnp.float32)).sum(-1).transpose(0, 2, 1)
 
 
-def _attend_fwd(plan: _Plan, q, ks, vs, visible):
-    out, lse = _forward(plan, q, ks, vs, visible)
-    return out, (q, ks, vs, visible, out, lse)
-
-
-def _attend_bwd(plan: _Plan, residuals, do):
-    q, ks, vs, visible, out, lse = residuals
-    delta = (do.astype(jnp.float32) * out.astype(jnp.float32)).sum(-1).transpose(0, 2, 1)  # [b n, H, Tq]
-    dq = _dq(plan, q, ks, vs, visible, do, lse, delta)
-    dkv = [_dkv(plan, s, q, k, v, visible, do, lse, delta) for s, (k, v) in enumerate(zip(ks, vs))]
-    return dq, tuple(dk for dk, _ in dkv), tuple(dv for _, dv in dkv), None
-
-
-_attend.defvjp(_attend_fwd, _attend_bwd)
+# q [b n, Tq, H, hd], ks, vs [b n, S, KV, hd]; visible int32 [segments, b n]. Returns out like q.
+_attend = segment_vjp(_forward, _delta, _dq, _dkv)
