@@ -67,7 +67,8 @@ def supports(q, segments, *, block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFA
     def tiles(length: int, query_axis: bool) -> bool:
         return (_tile(length, block_q if query_axis else block_k) is not None
                 and _tile(length, block_bwd) is not None)
-    return len(q.shape) == 5 and _tile(q.shape[-1], q.shape[-1]) is not None and fits(q, segments, tiles)
+    hd_ok = len(q.shape) == 5 and _tile(q.shape[-1], q.shape[-1]) is not None  # a power of two >= 16
+    return hd_ok and fits(q, segments, tiles)
 
 
 def flash_segment_attention(q, segments, *, scale: float | None = None, softcap: float = 0.0,
@@ -81,8 +82,8 @@ def flash_segment_attention(q, segments, *, scale: float | None = None, softcap:
     """
     if not supports(q, segments, block_q=block_q, block_k=block_k, block_bwd=block_bwd):
         raise ValueError("flash_gpu.flash_segment_attention: unsupported shapes or masks (masks must be None, "
-                         "CAUSAL or bool broadcastable to [b, n, 1, 1]; every T and hd a power of two >= 16 "
-                         "or a multiple of its tile); use ops.segment_attention(q, segments)")
+                         "CAUSAL or bool broadcastable to [b, n, 1, 1]; every T a multiple of its tiles, tiles "
+                         "and hd powers of two >= 16); use ops.segment_attention(q, segments)")
     b, n, tq, h, hd = q.shape
     plan = _Plan(
         segments=tuple(_Segment(k.shape[2], _tile(k.shape[2], block_k), mask is CAUSAL) for k, _, mask in segments),
@@ -226,11 +227,10 @@ def _dq_kernel(visible_ref, q_ref, do_ref, lse_ref, delta_ref, *refs, plan: _Pla
 
 def _dq(plan: _Plan, q, ks, vs, visible, do, lse, delta):
     bn, nseg, rows = q.shape[0], len(plan.segments), plan.block_q_bwd
-    bwd = dataclasses.replace(plan, segments=plan.bwd_segments)
     return _call(
         functools.partial(_dq_kernel, plan=plan), plan, (bn, plan.heads, plan.q_len // rows),
         [_visible_spec(nseg), _q_spec(rows, plan.head_dim), _q_spec(rows, plan.head_dim), _row_spec(rows),
-         _row_spec(rows), *_segment_specs(bwd)],
+         _row_spec(rows), *_segment_specs(plan)],
         _q_spec(rows, plan.head_dim), jax.ShapeDtypeStruct(q.shape, q.dtype),
         "flash_segment_attention_gpu_dq", _cost(plan, bn, 6, (q, q, q, *ks, *vs)),
     )(visible, q, do, lse, delta, *[x for kv in zip(ks, vs) for x in kv])
