@@ -162,14 +162,19 @@ def flash_segment_attention(q, segments, *, scale: float | None = None, softcap:
         q_len=tq, block_q=_tile(tq, block_q), heads=h, kv_heads=kv, head_dim=hd,
         scale=float(hd ** -0.5 if scale is None else scale), softcap=float(softcap), flat=hd % 128 == 0,
         interpret=bool(interpret))
-    visible = jnp.stack([
-        jnp.ones((b * n,), jnp.int32) if _mask_kind(mask) != "block"
-        else jnp.broadcast_to(mask, (b, n, 1, 1)).reshape(b * n).astype(jnp.int32)
-        for _, _, mask in segments])  # [segments, b n]
+    visible = visibility(segments, b, n)
     to = functools.partial(_to_layout, plan.flat)
     out = _attend(plan, to(q), tuple(to(k) for k, _, _ in segments), tuple(to(v) for _, v, _ in segments),
                   visible)
     return _from_layout(plan.flat, out, b, n, h)
+
+
+def visibility(segments, b: int, n: int):
+    """int32 [segments, b n]: 1 where a segment is visible to a group (its bool mask, else always)."""
+    return jnp.stack([
+        jnp.ones((b * n,), jnp.int32) if _mask_kind(mask) != "block"
+        else jnp.broadcast_to(mask, (b, n, 1, 1)).reshape(b * n).astype(jnp.int32)
+        for _, _, mask in segments])
 
 
 def _to_layout(flat: bool, x):

@@ -23,7 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from famjax.ops.attention import CAUSAL, MASKED
-from famjax.ops.flash import _NT, _dot, _mask_kind, _score_grad, _scores, _Segment, fits, segment_vjp
+from famjax.ops.flash import _NT, _dot, _score_grad, _scores, _Segment, fits, segment_vjp, visibility
 
 DEFAULT_BLOCK_Q = 64
 DEFAULT_BLOCK_K = 64
@@ -92,10 +92,7 @@ def flash_segment_attention(q, segments, *, scale: float | None = None, softcap:
         q_len=tq, block_q=_tile(tq, block_q), block_q_bwd=_tile(tq, block_bwd), heads=h,
         kv_heads=segments[0][0].shape[3], head_dim=hd, scale=float(hd ** -0.5 if scale is None else scale),
         softcap=float(softcap), interpret=bool(interpret))
-    visible = jnp.stack([
-        jnp.ones((b * n,), jnp.int32) if _mask_kind(mask) != "block"
-        else jnp.broadcast_to(mask, (b, n, 1, 1)).reshape(b * n).astype(jnp.int32)
-        for _, _, mask in segments])  # [segments, b n]
+    visible = visibility(segments, b, n)  # [segments, b n]
 
     def flat(x):
         return x.reshape(b * n, *x.shape[2:])
