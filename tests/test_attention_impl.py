@@ -43,17 +43,23 @@ GPU_CASES = {
 
 
 @contextlib.contextmanager
-def gpu_kernel_calls():
-    """Traces for a GPU target (so "pallas" picks ops.flash_gpu, interpreted on this CPU) and yields the list of
-    its calls' (query length, key segment lengths): a test asserts the kernel ran, not only a fallback."""
-    from famjax.ops import flash_gpu
-    calls, real = [], flash_gpu.flash_segment_attention
+def kernel_calls(platform):
+    """Traces for `platform` and yields the list of the Pallas kernel's calls (query length, key segment lengths):
+    ops.flash_gpu on "gpu" (interpreted on this CPU), else ops.flash. A test asserts the kernel ran, not only a
+    fallback."""
+    from famjax.ops import flash, flash_gpu
+    module = flash_gpu if platform == "gpu" else flash
+    calls, real = [], module.flash_segment_attention
 
     def spy(q, segments, **kw):
         calls.append((q.shape[2], tuple(k.shape[2] for k, _, _ in segments)))
         return real(q, segments, **kw)
-    with target_platform("gpu"), mock.patch.object(flash_gpu, "flash_segment_attention", spy):
+    with target_platform(platform), mock.patch.object(module, "flash_segment_attention", spy):
         yield calls
+
+
+def gpu_kernel_calls():
+    return kernel_calls("gpu")
 
 
 @pytest.mark.parametrize("case", GPU_CASES)
@@ -143,17 +149,26 @@ def test_pallas_kernels_run_per_shard_under_the_trainers_mesh(target):
 def test_pallas_runs_the_fam_rows_attention_too():
     """The F-row update's attention (F queries over the previous FAM and the whole block) goes through the kernel,
     in training's deferred scan too; the tests above then compare it with xla."""
-    from famjax.ops import flash
     model, cfg, _ = make_model(seed=4, attention_impl="pallas", **CASES["fam"])
-    queries = []
-    real = flash.flash_segment_attention
-
-    def spy(q, segments, **kw):
-        queries.append((q.shape[2], [k.shape[2] for k, _, _ in segments]))
-        return real(q, segments, **kw)
-    with target_platform("cpu"), mock.patch.object(flash, "flash_segment_attention", spy):
+    with kernel_calls("cpu") as calls:
         nnx.grad(_loss)(model, random_tokens(2, 13, cfg.vocab_size, seed=5))
-    assert (cfg.num_fam, [cfg.num_fam, cfg.block_size]) in queries, queries
+    assert (cfg.num_fam, (cfg.num_fam, cfg.block_size)) in calls, calls
+
+
+@pytest.mark.parametrize("impl", ["auto", "pallas"])
+@pytest.mark.parametrize("kv_heads,fam_len,f_rows_in_kernel", [(2, 3, False), (1, 5, True)])
+def test_on_tpu_the_fam_rows_attention_takes_the_path_that_moves_fewer_bytes(impl, kv_heads, fam_len,
+                                                                            f_rows_in_kernel):
+    """On TPU the kernel reads keys/values as [..., KV·hd], a layout the FAM loop would copy each block's into:
+    the F rows take it only where those copies are smaller than the XLA path's float32 scores, 2·KV·hd·itemsize
+    < H·F·4 bytes per row (here H 4, hd 8, float32: KV 2 and F 3 -> xla, KV 1 and F 5 -> the kernel). The
+    block rows take the kernel either way. Traced for TPU, not compiled."""
+    model, cfg, _ = make_model(seed=4, attention_impl=impl, num_kv_heads=kv_heads, fam_len=fam_len)
+    tokens = random_tokens(2, 13, cfg.vocab_size, seed=5)
+    with kernel_calls("tpu") as calls:
+        jax.make_jaxpr(lambda t: _loss(model, t))(tokens)
+    assert any(t == cfg.block_size for t, _ in calls), calls
+    assert ((cfg.num_fam, (cfg.num_fam, cfg.block_size)) in calls) == f_rows_in_kernel, calls
 
 
 def test_cudnn_path_in_bfloat16_tracks_xla():

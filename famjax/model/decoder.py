@@ -104,6 +104,20 @@ class DecoderLayer(nnx.Module):
         return ops.segment_attention(q, segments, scale=cfg.query_scale, softcap=cfg.attn_softcap,
                                      return_probs=return_probs)
 
+    def fam_rows_attention(self, q, segments):
+        """The FAM update's attention (q [b, 1, F, H, hd] over [the FAM's, the block's] keys): self.attention,
+        except on TPU where the XLA path moves fewer bytes than the Pallas kernel. The kernel reads keys/values as
+        [..., KV·hd], and TPU tiles an array on its last two axes, so in the FAM loop each block's keys and values
+        would be copied into that layout in every pass (forward, remat's rerun, backward); the XLA path reads
+        them in place and writes the F rows' float32 scores instead. The XLA path is taken when the copies are
+        the larger: 2·KV·hd·itemsize > H·F·4 bytes per batch row (docs/design.md, "The FAM update's attention on
+        TPU")."""
+        k = segments[-1][0]
+        if (platform() == "tpu" and resolve_attention_impl(self.cfg.attention_impl) == "pallas"
+                and 2 * k.shape[-2] * k.shape[-1] * k.dtype.itemsize > q.shape[-2] * q.shape[-3] * 4):
+            return ops.segment_attention(q, segments, scale=self.cfg.query_scale, softcap=self.cfg.attn_softcap)
+        return self.attention(q, segments)
+
     def attn_out(self, heads, key=None):
         """heads: [..., H, hd] -> the attention's contribution to the residual, [..., d] (PostAttnNorm(Wo h))."""
         out = self.attn.out(heads, key)
@@ -250,7 +264,8 @@ class DecoderLayer(nnx.Module):
                                   out_fn=functools.partial(layer.attn_out, key=key),
                                   ffn_fn=functools.partial(layer.ffn, key=key), return_probs=chunk.collect,
                                   zero_residual=cfg.fam_zero_residual, keep_norm=cfg.fam_keep_norm,
-                                  scale=cfg.query_scale, softcap=cfg.attn_softcap, attend=layer.attention)
+                                  scale=cfg.query_scale, softcap=cfg.attn_softcap,
+                                  attend=layer.fam_rows_attention)
 
         def kv_fn(params, fam, index):
             state, offset, dropout_key = params
