@@ -109,6 +109,17 @@ def torch_step(size, t, repeats, batch=1, dtype="float32"):
     return best_time(step, repeats)
 
 
+def out_of_memory_is_none(fn, *args):
+    """fn(*args), or None when the device runs out of memory (XLA's RESOURCE_EXHAUSTED, torch's OutOfMemoryError):
+    one configuration too large for the device does not end a one-shot device run."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 -- anything else is re-raised below
+        if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+            return None
+        raise
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="tiny,small")
@@ -136,14 +147,18 @@ def main():
     print(header)
     for size in args.sizes.split(","):
         for t in map(int, args.lengths.split(",")):
-            torch_s = (torch_step(size, t, args.repeats, args.batch, args.dtype) if args.peer == "true"
-                       else None)
+            torch_s = (out_of_memory_is_none(torch_step, size, t, args.repeats, args.batch, args.dtype)
+                       if args.peer == "true" else None)
             results = {}
             for mode in args.modes.split(","):
                 if mode == "full" and t > args.full_max:
                     continue  # dense [T, T] scores per layer: memory grows as T^2
-                r = results[mode] = famjax_step(size, mode, t, args.repeats, args.block, args.fam, args.batch,
-                                                args.dtype, overrides)
+                r = out_of_memory_is_none(famjax_step, size, mode, t, args.repeats, args.block, args.fam,
+                                          args.batch, args.dtype, overrides)
+                if r is None:  # a row that says so; the rows after it still run
+                    print(f"| {size} | {t} | {mode} | out of memory | | | | | | |", flush=True)
+                    continue
+                results[mode] = r
                 ratio = (f"{r['step'] / results['bswa']['step']:.2f}x"
                          if mode == "fam" and "bswa" in results else "")
                 vs = f"{torch_s / r['step']:.2f}x" if torch_s else ""
