@@ -58,13 +58,41 @@ def segment_attention(q, segments, *, scale: float | None = None, softcap: float
     # matmuls in the backward pass on CPU): shared max, per-segment exponentials, one normaliser applied
     # to the output. The max is a constant of the softmax, so stopping its gradient is exact.
     top = jax.lax.stop_gradient(functools.reduce(jnp.maximum, [s.max(-1, keepdims=True) for s in scores]))
-    exps = [jnp.exp(s - top) for s in scores]
-    norm = functools.reduce(jnp.add, [e.sum(-1) for e in exps])[..., None]  # [b, n, KV, G, Tq, 1]
-    out = functools.reduce(jnp.add, [
-        jnp.einsum("bnkgqs,bnskd->bnkgqd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        for e, (_, v, _) in zip(exps, segments)]) / norm
+    parts = [_exp_sum_and_values(s - top, v) for s, (_, v, _) in zip(scores, segments)]
+    norm = functools.reduce(jnp.add, [p[0] for p in parts])[..., None]  # [b, n, KV, G, Tq, 1]
+    out = functools.reduce(jnp.add, [p[1] for p in parts]) / norm
     out = jnp.moveaxis(out, 4, 2).reshape(b, n, tq, h, hd).astype(q.dtype)
     if return_probs:
+        exps = [jnp.exp(s - top).astype(v.dtype).astype(jnp.float32) for s, (_, v, _) in zip(scores, segments)]
         probs = jnp.concatenate(exps, axis=-1) / norm
         return out, probs.reshape(b, n, h, tq, probs.shape[-1])
     return out
+
+
+@jax.custom_vjp
+def _exp_sum_and_values(s, v):
+    """One segment's softmax numerator: (sum of e, e @ v), float32 [b, n, KV, G, Tq] and [b, n, KV, G, Tq, hd], for
+    e = exp(s) rounded to v's dtype (the matmul's input), s [b, n, KV, G, Tq, S] float32 (max-shifted scores) and
+    v [b, n, S, KV, hd]. The backward pass keeps only e in v's dtype, where autodiff of the plain expression would
+    keep exp(s) in float32 as well, the attention's largest array (docs/design.md, "The attention's
+    probabilities, kept once")."""
+    return _exp_sum_and_values_fwd(s, v)[0]
+
+
+def _exp_sum_and_values_fwd(s, v):
+    e = jnp.exp(s).astype(v.dtype)
+    out = (e.astype(jnp.float32).sum(-1),
+           jnp.einsum("bnkgqs,bnskd->bnkgqd", e, v, preferred_element_type=jnp.float32))
+    return out, (e, v)
+
+
+def _exp_sum_and_values_bwd(res, cts):
+    e, v = res
+    d_norm, d_out = cts
+    d_out = d_out.astype(v.dtype)
+    d_e = jnp.einsum("bnkgqd,bnskd->bnkgqs", d_out, v, preferred_element_type=jnp.float32) + d_norm[..., None]
+    d_v = jnp.einsum("bnkgqs,bnkgqd->bnskd", e, d_out, preferred_element_type=jnp.float32).astype(v.dtype)
+    return d_e * e.astype(jnp.float32), d_v
+
+
+_exp_sum_and_values.defvjp(_exp_sum_and_values_fwd, _exp_sum_and_values_bwd)
