@@ -58,15 +58,11 @@ def kernel_calls(platform):
         yield calls
 
 
-def gpu_kernel_calls():
-    return kernel_calls("gpu")
-
-
 @pytest.mark.parametrize("case", GPU_CASES)
 def test_gpu_kernel_logits_match_reference_and_stream(case):
     model, cfg, params = make_model(seed=2, attention_impl="pallas", **GPU_CASES[case])
     length = 32 if case == "full" else 40  # full: the kernel takes a power-of-two length; else 2.5 blocks
-    with gpu_kernel_calls() as calls:
+    with kernel_calls("gpu") as calls:
         # At these sizes the XLA path too is up to 1.9e-5 from the float64 reference (float32 sums).
         assert_reference_and_streams(model, cfg, params, ([16, 16, 8] if length == 40 else [16, 16],),
                                      length=length, tol=4e-5)
@@ -100,7 +96,7 @@ def test_gpu_kernel_gradients_equal_xla():
     for impl in ("xla", "pallas"):
         model, cfg, _ = make_model(seed=4, attention_impl=impl, **GPU_CASES["fam"])
         tokens = random_tokens(2, 41, cfg.vocab_size, seed=5)
-        with gpu_kernel_calls() as calls:
+        with kernel_calls("gpu") as calls:
             grads.append(nnx.to_flat_state(nnx.jit(nnx.grad(_loss))(model, tokens)))
         # the block rows ([memory, FAM, own block]) and the F rows' update ([FAM, whole block]) ran the kernel
         assert calls == [] if impl == "xla" else {(16, (16, 16, 16)), (16, (16, 16))} <= set(calls), calls
