@@ -45,7 +45,7 @@ def _value_and_grads(fn, q, kvs, masks, softcap):
 
     def loss(q, kvs):
         return (fn(q, kvs, masks, softcap).astype(jnp.float32) * weights).sum()
-    return jax.value_and_grad(loss, argnums=(0, 1))(q, kvs)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(q, kvs)
 
 
 def _segment(q, kvs, masks, softcap):
