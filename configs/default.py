@@ -34,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
     m.attention_impl = "auto"  # xla | pallas (TPU kernel) | cudnn (GPU, full attention) | auto (by backend)
     m.fam_unroll = 1  # blocks per iteration of each layer's FAM loop over blocks (lax.scan unroll)
     m.fam_deferred_grads = True  # the FAM rows' weight gradients as one matmul after the loop (same math)
+    m.fam_remat = "rerun"  # with remat, the FAM loop is rerun in the backward pass | keep: its residuals are kept
     m.attention = "fam"  # full | bswa | fam
     m.block_size = 32  # B: tokens per block
     m.memory_blocks = 0  # m: previous blocks each token attends to (besides the FAM)

@@ -37,7 +37,8 @@ MODEL_FIELDS = tuple(f for f in ModelConfig.__dataclass_fields__ if f not in FAM
 # A run fine-tuned from a pretrained source (train.init_from): the ModelConfig fields its config decides; every
 # other field of `model` comes from the source.
 OVERRIDE_FIELDS = ("attention", "block_size", "memory_blocks", "max_len", "dtype", "param_dtype", "scan_layers",
-                   "remat", "attention_impl", "fam_unroll", "fam_deferred_grads") + tuple(FAM_MODEL_FIELDS.values())
+                   "remat", "attention_impl", "fam_unroll", "fam_deferred_grads", "fam_remat"
+                   ) + tuple(FAM_MODEL_FIELDS.values())
 LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
 
 _LOG = logging.getLogger(__name__)

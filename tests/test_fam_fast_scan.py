@@ -201,3 +201,34 @@ def test_carried_fam_queries_equal_queries_projected_per_block():
     (g1, logits1), (g0, logits0) = outs
     np.testing.assert_allclose(logits1, logits0, rtol=1e-5, atol=1e-5)
     _assert_same(nnx.to_flat_state(g0), nnx.to_flat_state(g1))
+
+
+def _loops_over(jaxpr, length):
+    """The scans of `length` steps in a jaxpr and every jaxpr nested in it."""
+    found = []
+    for eqn in jaxpr.eqns:
+        found += [eqn] if eqn.primitive.name == "scan" and eqn.params["length"] == length else []
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found += _loops_over(inner, length)
+    return found
+
+
+def test_fam_remat_keep_reads_the_loops_residuals_instead_of_running_it_again():
+    """Under remat, fam_remat="keep" saves what the FAM loop stacks for its backward pass: the gradient's program
+    has one loop over the blocks fewer (no rerun; with remat "full" and with "dots") and the gradients are those
+    of "rerun"."""
+    grads, loops = [], {}
+    for remat, mode in [("full", "rerun"), ("full", "keep"), ("dots", "rerun"), ("dots", "keep")]:
+        model, cfg, _ = make_model(seed=3, remat=remat, fam_remat=mode)
+        tokens = jnp.asarray(random_tokens(2, 4 * cfg.block_size + 1, cfg.vocab_size, seed=1))
+        graphdef, state = nnx.split(model)
+        grad = jax.grad(lambda state: _loss(nnx.merge(graphdef, state), tokens))
+        loops[remat, mode] = len(_loops_over(jax.make_jaxpr(grad)(state).jaxpr, 4))
+        if remat == "full":
+            grads.append(nnx.to_flat_state(jax.jit(grad)(state)))
+    assert loops["full", "keep"] == loops["full", "rerun"] - 1, loops
+    assert loops["dots", "keep"] == loops["dots", "rerun"] - 1, loops
+    _assert_same(*grads)

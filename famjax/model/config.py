@@ -9,6 +9,7 @@ ATTENTION_MODES = ("full", "bswa", "fam")
 NORMS = ("rms", "layer")
 MLP_ACTIVATIONS = ("swiglu", "geglu", "gelu")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+FAM_REMAT = ("rerun", "keep")
 FAM_POSITIONS = ("block", "zero")
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -40,6 +41,9 @@ class ModelConfig:
                                       # TPU, cudnn on GPU, xla elsewhere
     fam_unroll: int = 1               # blocks per iteration of the FAM's loop over blocks (lax.scan unroll)
     fam_deferred_grads: bool = True   # training: the F rows' weight gradients as one matmul after the loop
+    fam_remat: str = "rerun"          # with remat: the backward pass "rerun"s each layer's FAM loop, or "keep"s
+                                      # what the loop stacked in the forward (fewer kernels and FLOPs, more
+                                      # memory; needs fam_deferred_grads)
     attention: str = "fam"            # "full" (causal) | "bswa" | "fam" (BSWA + feedback memory)
     block_size: int = 64              # B: tokens per block (bswa, fam)
     memory_blocks: int = 1            # m: previous blocks each token sees (bswa, fam)
@@ -87,7 +91,7 @@ class ModelConfig:
         for name, allowed in (("attention", ATTENTION_MODES), ("norm", NORMS),
                               ("mlp_activation", MLP_ACTIVATIONS), ("remat", REMAT_POLICIES),
                               ("dtype", DTYPES), ("param_dtype", DTYPES), ("fam_positions", FAM_POSITIONS),
-                              ("attention_impl", ATTENTION_IMPLS)):
+                              ("attention_impl", ATTENTION_IMPLS), ("fam_remat", FAM_REMAT)):
             value = getattr(self, name)
             check(value in allowed, f"{name} must be one of {', '.join(allowed)}; got {value!r}")
         for name in ("fam_zero_residual", "fam_stop_gradient", "fam_keep_norm", "fam_deferred_grads", "qkv_bias",
@@ -133,6 +137,8 @@ class ModelConfig:
         check(isinstance(mlp, int) and mlp > 0, f"mlp_dim must be an integer > 0 or None, got {mlp!r}")
         check(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps!r}")
         check(self.rope_base > 0, f"rope_base must be > 0, got {self.rope_base!r}")
+        check(self.fam_remat == "rerun" or self.fam_deferred_grads,
+              "fam_remat='keep' needs fam_deferred_grads=True (it keeps what ops.deferred_scan's loop stacks)")
         if errors:
             raise ValueError("; ".join(errors))
         head_dim = self.d_model // heads if self.head_dim is None else self.head_dim

@@ -374,6 +374,9 @@ def _dot_product_attention(q, segment, scale):
     return out.reshape(q.shape)
 
 
+# What the FAM loop stacks for its backward pass is tagged with this name; FamLM's remat policy saves it under
+# ModelConfig.fam_remat="keep".
+FAM_LOOP_NAME = "famjax_fam_loop"
 _KERNEL = re.compile(r"\['(attn|mlp)'\]\['(q|k|v|o|gate|up|down)'\]")
 
 
@@ -390,4 +393,4 @@ def _deferred_layer_scan(step, params, carry, xs, *, dtype, unroll: int):
         it = iter(rest)
         return step(jax.tree.unflatten(treedef, [weights[n] if k else next(it) for n, k in zip(names, is_kernel)]),
                     c, x)
-    return ops.deferred_scan(inner, weights, rest, carry, xs, dtype=dtype, unroll=unroll)
+    return ops.deferred_scan(inner, weights, rest, carry, xs, dtype=dtype, unroll=unroll, save_name=FAM_LOOP_NAME)

@@ -7,7 +7,7 @@ from flax import nnx
 
 from famjax import ops
 from famjax.model.config import ModelConfig
-from famjax.model.decoder import Chunk, DecoderLayer
+from famjax.model.decoder import FAM_LOOP_NAME, Chunk, DecoderLayer
 from famjax.model.modules import Norm, normal, param, sub_key
 from famjax.model.sharding import constrain
 from famjax.model.state import FamState, LayerCache, reset_rows
@@ -17,6 +17,17 @@ _REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+def remat_policy(cfg: ModelConfig):
+    """The jax.checkpoint policy of one layer under cfg.remat (not "none"); with cfg.fam_remat="keep" it also
+    saves what the layer's FAM loop stacks for its backward pass (ops.deferred_scan's save_name), so that the
+    backward pass does not run the loop again."""
+    policy = _REMAT_POLICIES[cfg.remat]
+    if cfg.fam_remat != "keep" or not cfg.num_fam:
+        return policy
+    keep = jax.checkpoint_policies.save_only_these_names(FAM_LOOP_NAME)
+    return keep if policy is None else jax.checkpoint_policies.save_from_both_policies(policy, keep)
 
 
 class FamLM(nnx.Module):
@@ -326,7 +337,7 @@ class FamLM(nnx.Module):
             return body(nnx.merge(graphdef, layer_params), carry, *rest)
 
         if remat and self.cfg.remat != "none":
-            step = jax.checkpoint(step, policy=_REMAT_POLICIES[self.cfg.remat])
+            step = jax.checkpoint(step, policy=remat_policy(self.cfg))
         if self.cfg.scan_layers:
             return jax.lax.scan(step, carry, (params, *xs))
         outs = []

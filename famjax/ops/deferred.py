@@ -20,6 +20,7 @@ import itertools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 _ACTIVE = contextvars.ContextVar("famjax_deferred_taps", default=None)
 
@@ -94,7 +95,18 @@ def _cast(weights: dict, dtype) -> dict:
     return {n: w.astype(dtype) for n, w in weights.items()}
 
 
-def deferred_scan(step, weights: dict, others, carry, xs, *, dtype, unroll: int = 1):
+def _named(tree, name, steps, keep):
+    """tree with checkpoint_name(leaf, name) on every array made by the loop: a leaf stacked over the steps
+    (leading axis `steps`) that is not one of `keep` (the scan's own inputs, forwarded as they are)."""
+    kept = {id(a) for a in keep}
+
+    def tag(a):
+        stacked = getattr(a, "ndim", 0) > 0 and a.shape[0] == steps and id(a) not in kept
+        return checkpoint_name(a, name) if stacked else a
+    return jax.tree.map(tag, tree)
+
+
+def deferred_scan(step, weights: dict, others, carry, xs, *, dtype, unroll: int = 1, save_name: str | None = None):
     """Returns jax.lax.scan(lambda c, x: step(weights, others, c, x), carry, xs), with deferred weight gradients.
 
     step(weights, others, carry, x) -> (carry, y): one iteration; it must compute each product with a weight of
@@ -105,7 +117,11 @@ def deferred_scan(step, weights: dict, others, carry, xs, *, dtype, unroll: int 
     carry, xs: as for lax.scan (xs with the steps on axis 0); integer, bool and key leaves of others, carry and
         xs get zero cotangents;
     dtype: the compute dtype the weights are cast to, once, before the loop;
-    unroll: lax.scan's unroll (steps per loop iteration).
+    unroll: lax.scan's unroll (steps per loop iteration);
+    save_name: None, or a name (jax.ad_checkpoint.checkpoint_name) given to the scan's outputs and to the
+        per-step residuals its loop stacks for the backward pass (not the inputs it passes through, nor the
+        weights): under jax.checkpoint with a policy that saves the name, the backward pass then reads them
+        instead of running the loop again.
     The step must not close over traced values (jax.custom_vjp would not differentiate them): pass them in
     `others`, `carry` or `xs`.
     """
@@ -142,6 +158,9 @@ def deferred_scan(step, weights: dict, others, carry, xs, *, dtype, unroll: int 
             return (final, ys), inputs
         out, vjp, inputs = jax.vjp(tapped, _floats(o_leaves, o_float), _floats(c_leaves, c_float),
                                    _floats(x_leaves, x_float), zero_taps, has_aux=True)
+        if save_name is not None:
+            vjp, inputs, out = _named((vjp, inputs, out), save_name, steps,
+                                      keep=[*c_leaves, *x_leaves, *o_leaves, *cast.values()])
         return out, (weights, vjp, inputs, others, carry, xs)
 
     def backward(res, cts):

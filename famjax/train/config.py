@@ -32,8 +32,8 @@ STREAM_MODES = ("auto", "on", "off")
 # Every other field is fixed once a workdir holds checkpoints.
 RESUME_MAY_CHANGE = ("train.", "eval.", "checkpoint.", "mesh.", "fam.rsp_prob", "fam.rpo", "fam.rpo_zero_prob",
                      "fam.noise", "fam.drift", "model.dtype", "model.remat", "model.max_len",
-                     "model.attention_impl", "model.fam_unroll", "model.fam_deferred_grads", "data.data_dir",
-                     "data.eval_split", "data.read_threads", "data.prefetch_batches")
+                     "model.attention_impl", "model.fam_unroll", "model.fam_deferred_grads", "model.fam_remat",
+                     "data.data_dir", "data.eval_split", "data.read_threads", "data.prefetch_batches")
 RESUME_FIXED = ("train.optimizer", "train.trainable")  # exceptions to the sections above: the state's layout
 
 
