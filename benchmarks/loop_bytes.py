@@ -100,8 +100,8 @@ class Program:
         return total
 
     def kernels(self, comp: str | None = None, times: int = 1):
-        """Yields (bytes, type, opcode, op_name) of every kernel run by `comp` (default: the entry), counted
-        `times` x the trip counts of the loops it sits in."""
+        """Yields (bytes, type, opcode, op_name, launches) of every kernel run by `comp` (default: the entry),
+        counted `times` x the trip counts of the loops it sits in (launches: that factor)."""
         comp = comp or self.entry
         types = {r[0]: r[1] for r in self.defs.get(comp, [])}
         for _, type_text, op, operands, line in self.defs.get(comp, []):
@@ -117,7 +117,7 @@ class Program:
                            else nbytes(types.get(o, "")) for i, o in enumerate(operands))
                 meta = re.search(r'op_name="([^"]*)"', line)
                 yield ((read + self.result_bytes(type_text, op, line)) * times, type_text, op,
-                       meta.group(1) if meta else "")
+                       meta.group(1) if meta else "", times)
 
 
 def main():
@@ -145,7 +145,8 @@ def main():
             mesh = aot.meshlib.make_mesh(cfg.mesh, devices[:1])
             rows = sorted(Program(aot.compile_train_step(cfg, mesh).as_text()).kernels(), key=lambda r: -r[0])
             totals[mode] = sum(r[0] for r in rows)
-            line = f"  batch {batch} {mode:5s} {totals[mode] / 1e9:8.1f} GB in {len(rows)} kernels"
+            line = (f"  batch {batch} {mode:5s} {totals[mode] / 1e9:8.1f} GB in {len(rows)} kernels, "
+                    f"{sum(r[4] for r in rows)} launches")
             if args.calibrate:
                 cfg = aot.prepare(tpu_cost.config(mode, batch, args.layers, args.seq_len, scan_layers=False,
                                                   model=overrides))

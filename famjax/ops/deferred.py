@@ -118,9 +118,9 @@ def deferred_scan(step, weights: dict, others, carry, xs, *, dtype, unroll: int 
         xs get zero cotangents;
     dtype: the compute dtype the weights are cast to, once, before the loop;
     unroll: lax.scan's unroll (steps per loop iteration);
-    save_name: None, or a name (jax.ad_checkpoint.checkpoint_name) given to the scan's outputs and to the
-        per-step residuals its loop stacks for the backward pass (not the inputs it passes through, nor the
-        weights): under jax.checkpoint with a policy that saves the name, the backward pass then reads them
+    save_name: None, or a name (jax.ad_checkpoint.checkpoint_name) given to the scan's per-step outputs and
+        to the per-step residuals its loop stacks for the backward pass (not the inputs it passes through, nor
+        the weights): under jax.checkpoint with a policy that saves the name, the backward pass then reads them
         instead of running the loop again.
     The step must not close over traced values (jax.custom_vjp would not differentiate them): pass them in
     `others`, `carry` or `xs`.
