@@ -216,6 +216,12 @@ def _loops_over(jaxpr, length):
     return found
 
 
+def _loss_grad(model, tokens):
+    """(gradient function of the loss in the model's state, that state)."""
+    graphdef, state = nnx.split(model)
+    return jax.grad(lambda state: _loss(nnx.merge(graphdef, state), tokens)), state
+
+
 def test_fam_remat_keep_reads_the_loops_residuals_instead_of_running_it_again():
     """Under remat, fam_remat="keep" saves what the FAM loop stacks for its backward pass: the gradient's program
     has one loop over the blocks fewer (no rerun; with remat "full" and with "dots") and the gradients are those
@@ -224,8 +230,7 @@ def test_fam_remat_keep_reads_the_loops_residuals_instead_of_running_it_again():
     for remat, mode in [("full", "rerun"), ("full", "keep"), ("dots", "rerun"), ("dots", "keep")]:
         model, cfg, _ = make_model(seed=3, remat=remat, fam_remat=mode)
         tokens = jnp.asarray(random_tokens(2, 4 * cfg.block_size + 1, cfg.vocab_size, seed=1))
-        graphdef, state = nnx.split(model)
-        grad = jax.grad(lambda state: _loss(nnx.merge(graphdef, state), tokens))
+        grad, state = _loss_grad(model, tokens)
         loops[remat, mode] = len(_loops_over(jax.make_jaxpr(grad)(state).jaxpr, 4))
         if remat == "full":
             grads.append(nnx.to_flat_state(jax.jit(grad)(state)))
