@@ -6,8 +6,10 @@
 Only the F rows of a block are sequential, so each iteration of the loop over blocks should be a few large
 kernels. The script compiles the trainer's step (famjax.tools.aot) for configs/paper_1b.py at the 1B shape of
 benchmarks/tpu_cost.py with a few layers, once per setting of `--settings` (ModelConfig overrides), finds the
-loops whose trip count is the number of blocks, and prints the kernels launched per iteration of each: XLA
-fusions, unfused dots and custom calls, counted in the loop body and the computations it calls.
+loops whose trip count is the number of blocks (or one less: in training the last block's update runs after
+the loop), and prints the kernels launched per iteration of each ("kernels x iterations"), and their launches
+per step divided by the number of blocks: XLA fusions, unfused dots and custom calls, counted in the loop body
+and the computations it calls.
 """
 import argparse
 import collections
@@ -101,11 +103,14 @@ def main():
         cfg = aot.prepare(cfg)
         mesh = aot.meshlib.make_mesh(cfg.mesh, devices)
         comps, loops = parse(aot.compile_train_step(cfg, mesh).as_text())
+        # Loops over all blocks, or over all but the last (whose update runs after the loop in training), in
+        # iterations of one or more blocks (fam_unroll).
         per_loop = [(body, trip, kernels(comps, body)) for body, trip in loops
-                    if trip is not None and blocks % trip == 0 and trip > 1 and trip != args.layers]
-        counts = "; ".join(f"{sum(c.values())} ({', '.join(f'{n} {k}' for k, n in c.most_common())})"
-                           for _, _, c in per_loop)
-        total = sum(sum(c.values()) * t for _, t, c in per_loop) / blocks  # an iteration does blocks / t
+                    if trip is not None and trip > 1 and trip != args.layers
+                    and (blocks % trip == 0 or (blocks - 1) % trip == 0)]
+        counts = "; ".join(f"{sum(c.values())} x {t} ({', '.join(f'{n} {k}' for k, n in c.most_common())})"
+                           for _, t, c in per_loop)
+        total = sum(sum(c.values()) * t for _, t, c in per_loop) / blocks  # kernels launched per step / blocks
         print(f"  {name:20s} {total:5.1f} kernels per block in {len(per_loop)} loops: {counts}", flush=True)
 
 

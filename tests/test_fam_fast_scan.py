@@ -237,3 +237,48 @@ def test_fam_remat_keep_reads_the_loops_residuals_instead_of_running_it_again():
     assert loops["full", "keep"] == loops["full", "rerun"] - 1, loops
     assert loops["dots", "keep"] == loops["dots", "rerun"] - 1, loops
     _assert_same(*grads)
+
+
+@pytest.mark.parametrize("overrides,nb,reset_block", [
+    (dict(remat="full"), 4, 3),
+    (dict(remat="full", fam_remat="keep", fam_deferred_grads=True), 4, None),
+    (dict(fam_deferred_grads=False, fam_unroll=2), 4, 2),
+    ({}, 1, None),
+], ids=["remat, reset in the last block", "keep", "plain scan, unroll 2", "one block"])
+def test_state_grad_false_moves_the_last_fam_update_out_of_the_differentiated_loop(overrides, nb, reset_block):
+    """model(..., state_grad=False) returns the state under stop_gradient; the loss's value, logits, gradients and
+    the state's values are those of state_grad=True, and the FAM loops of the gradient's program cover nb - 1
+    blocks (none of nb): the last update, whose only use is the returned state, has no backward pass."""
+    model, cfg, _ = make_model(seed=3, **overrides)
+    t = nb * cfg.block_size
+    tokens = jnp.asarray(random_tokens(2, t + 1, cfg.vocab_size, seed=1))
+    start = np.zeros((2, t), bool)
+    if reset_block is not None:
+        start[1, reset_block * cfg.block_size] = True
+    graphdef, params = nnx.split(model)
+
+    def loss(params, state_grad, state_weight=0.0):
+        logits, state = nnx.merge(graphdef, params)(tokens[:, :-1], segment_start=jnp.asarray(start),
+                                                    state_grad=state_grad)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+        return ce + state_weight * jnp.sum(state.layers.fam ** 2), (logits, state)
+
+    outs = {sg: jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)(params, sg) for sg in (True, False)}
+    (g1, (logits1, state1)), (g0, (logits0, state0)) = outs[True], outs[False]
+    np.testing.assert_allclose(logits0, logits1, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(state1), jax.tree.leaves(state0)):
+        np.testing.assert_allclose(np.asarray(b, np.float32), np.asarray(a, np.float32), rtol=1e-5, atol=1e-5)
+    _assert_same(nnx.to_flat_state(g1), nnx.to_flat_state(g0))
+    if reset_block == nb - 1:  # the state carries no gradient: a loss term on it changes nothing with False
+        weighted = {sg: jax.jit(jax.grad(lambda p, sg: loss(p, sg, 1.0)[0]), static_argnums=1)(params, sg)
+                    for sg in (True, False)}
+        _assert_same(nnx.to_flat_state(g0), nnx.to_flat_state(weighted[False]))
+        assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(weighted[True])))
+    if nb > 1:
+        def jaxpr(sg):
+            return jax.make_jaxpr(jax.grad(lambda p: loss(p, sg)[0]))(params).jaxpr
+        loops = {sg: len(_loops_over(jaxpr(sg), nb)) for sg in (True, False)}
+        assert loops[True] and not loops[False], loops
+        # As many loops over the other blocks as before (with fam_remat="keep": no rerun of the loop, whose final
+        # carry the last block's tokens now read).
+        assert len(_loops_over(jaxpr(False), nb - 1)) == loops[True]

@@ -44,7 +44,8 @@ class Chunk:
         run on the T new tokens only and only keys/values are placed on the block, so decoding one token
         costs one token, not a block;
     own_mask: which own-block keys each query sees: ops.CAUSAL, or for a compact chunk bool broadcastable to
-        [b, nb, Tq, B] (key slot <= phase + i).
+        [b, nb, Tq, B] (key slot <= phase + i);
+    state_grad: static, the state after the chunk is differentiated (False: ops.fam_scan's final_grad).
     """
     phase: object
     num_blocks: int
@@ -62,6 +63,7 @@ class Chunk:
     collect: bool = False
     compact: bool = False
     own_mask: object = None
+    state_grad: bool = True
 
 
 class DecoderLayer(nnx.Module):
@@ -291,7 +293,7 @@ class DecoderLayer(nnx.Module):
             carry, kb, vb, chunk.completes, chunk.block_index, update_fn=update_fn, kv_fn=kv_fn, params=params,
             all_complete=chunk.all_complete, resets=chunk.resets, initial=initial, collect=chunk.collect,
             stop_gradient=cfg.fam_stop_gradient, perturb=perturb, unroll=cfg.fam_unroll, scan=scan,
-            query_fn=query_fn, qkv_fn=qkv_fn)
+            query_fn=query_fn, qkv_fn=qkv_fn, final_grad=chunk.state_grad)
         return (fam, fam_k, fam_v), read, aux
 
 

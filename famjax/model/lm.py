@@ -1,4 +1,5 @@
 """FamLM: the decoder-only language model with an explicit state, `logits, state = model(tokens, state)`."""
+import dataclasses
 import operator
 
 import jax
@@ -146,7 +147,7 @@ class FamLM(nnx.Module):
 
     # ---------------------------------------------------------------- forward
     def __call__(self, tokens, state: FamState | None = None, *, segment_start=None, position_offset=None,
-                 fam_perturb: ops.Perturbation | None = None, dropout_key=None):
+                 fam_perturb: ops.Perturbation | None = None, dropout_key=None, state_grad: bool = True):
         """Returns (logits float32 [b, T, vocab], state after the chunk).
 
         tokens: int [b, T], any T >= 1 (a whole sequence, a block, one token: one code path);
@@ -161,10 +162,13 @@ class FamLM(nnx.Module):
             an ops.Perturbation whose data leaves are [L, b, T / B, ...]: after each block's update, layer l's
             new FAM becomes fn(fam, data[l, :, block]) (e.g. famjax.train.perturb's state noise);
         dropout_key: None (inference, evaluation) or a PRNG key: the LoRA adapters' dropout is applied (training;
-            layer l folds in l, every call site and projection its own id). Ignored without LoRA dropout.
+            layer l folds in l, every call site and projection its own id). Ignored without LoRA dropout;
+        state_grad: False returns the state under stop_gradient (no gradient flows into it), for callers that do
+            not differentiate it (training: the loss reads the logits). A chunk of whole blocks then runs each
+            layer's last FAM update outside the differentiated loop, which skips its backward pass.
         """
         logits, state, _ = self._forward(tokens, state, segment_start, position_offset, collect=False,
-                                         perturb=fam_perturb, dropout_key=dropout_key)
+                                         perturb=fam_perturb, dropout_key=dropout_key, state_grad=state_grad)
         return logits, state
 
     def inspect(self, tokens, state: FamState | None = None, *, position_offset=None):
@@ -183,7 +187,8 @@ class FamLM(nnx.Module):
         logits, state, diagnostics = self._forward(tokens, state, None, position_offset, collect=True)
         return dict(diagnostics, logits=logits, state=state)
 
-    def _forward(self, tokens, state, segment_start, position_offset, collect, perturb=None, dropout_key=None):
+    def _forward(self, tokens, state, segment_start, position_offset, collect, perturb=None, dropout_key=None,
+                 state_grad: bool = True):
         cfg = self.cfg
         dropout_key = self._dropout_key(dropout_key)
         tokens = jnp.asarray(tokens)
@@ -215,6 +220,7 @@ class FamLM(nnx.Module):
         refresh = (jnp.ones_like(state.is_initial) if fresh else state.is_initial) if restart else None
 
         chunk, new_pos, is_initial, aligned_after = self._chunk(state, t, offset, fresh, inner_resets, collect)
+        chunk = dataclasses.replace(chunk, state_grad=state_grad)
         if perturb is not None:
             want = (cfg.num_layers, b, chunk.num_blocks)
             shapes = [tuple(jnp.shape(leaf)) for leaf in jax.tree.leaves(perturb.data)]
@@ -248,7 +254,7 @@ class FamLM(nnx.Module):
         logits = constrain(logits, "batch", None, "vocab")
         new_state = FamState(layers=cache, pos=new_pos, is_initial=is_initial, aligned=aligned_after,
                              fresh=False)
-        return logits, new_state, diagnostics
+        return logits, new_state if state_grad else jax.lax.stop_gradient(new_state), diagnostics
 
     def _check_packed(self, segment_start, state: FamState, t: int):
         """Returns the block-start columns [b, nb] of a [b, T] segment_start, checking it is block-aligned."""

@@ -118,10 +118,10 @@ def deferred_scan(step, weights: dict, others, carry, xs, *, dtype, unroll: int 
         xs get zero cotangents;
     dtype: the compute dtype the weights are cast to, once, before the loop;
     unroll: lax.scan's unroll (steps per loop iteration);
-    save_name: None, or a name (jax.ad_checkpoint.checkpoint_name) given to the scan's per-step outputs and
-        to the per-step residuals its loop stacks for the backward pass (not the inputs it passes through, nor
-        the weights): under jax.checkpoint with a policy that saves the name, the backward pass then reads them
-        instead of running the loop again.
+    save_name: None, or a name (jax.ad_checkpoint.checkpoint_name) given to the scan's outputs (the final carry
+        and the per-step outputs) and to the per-step residuals its loop stacks for the backward pass (not the
+        inputs it passes through, nor the weights): under jax.checkpoint with a policy that saves the name, the
+        backward pass then reads them instead of running the loop again.
     The step must not close over traced values (jax.custom_vjp would not differentiate them): pass them in
     `others`, `carry` or `xs`.
     """
@@ -159,8 +159,10 @@ def deferred_scan(step, weights: dict, others, carry, xs, *, dtype, unroll: int 
         out, vjp, inputs = jax.vjp(tapped, _floats(o_leaves, o_float), _floats(c_leaves, c_float),
                                    _floats(x_leaves, x_float), zero_taps, has_aux=True)
         if save_name is not None:
-            vjp, inputs, out = _named((vjp, inputs, out), save_name, steps,
-                                      keep=[*c_leaves, *x_leaves, *o_leaves, *cast.values()])
+            final, ys = out
+            vjp, inputs, ys = _named((vjp, inputs, ys), save_name, steps,
+                                     keep=[*c_leaves, *x_leaves, *o_leaves, *cast.values()])
+            out = (jax.tree.map(lambda a: checkpoint_name(a, save_name), final), ys)
         return out, (weights, vjp, inputs, others, carry, xs)
 
     def backward(res, cts):

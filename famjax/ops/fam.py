@@ -79,7 +79,8 @@ def fam_update(fam, is_initial, fam_k, fam_v, block_k, block_v, *, query_fn, out
 
 def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv_fn, all_complete: bool,
              params=None, resets=None, initial=None, collect: bool = False, stop_gradient: bool = False,
-             perturb: Perturbation | None = None, unroll: int = 1, scan=None, query_fn=None, qkv_fn=None):
+             perturb: Perturbation | None = None, unroll: int = 1, scan=None, query_fn=None, qkv_fn=None,
+             final_grad: bool = True):
     """Runs the FAM over the blocks of a chunk; returns (final carry, what each block's tokens read, aux).
 
     carry: (fam [b, F, d] f32, is_initial bool [b], fam_k, fam_v [b, F, KV, hd]) before grid block 0;
@@ -108,6 +109,10 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
     scan: None (jax.lax.scan) or a function scan(step, params, carry, xs) -> (carry, ys) computing
     jax.lax.scan(lambda c, x: step(params, c, x), carry, xs), e.g. famjax.ops.deferred_scan with params split
     into weights and the rest (step closes over nothing that is differentiated: params holds `initial` too).
+    final_grad: False (with all_complete) promises that nothing differentiates the carry after the chunk (it is
+    returned under stop_gradient): the last block's update, whose only use is that carry, then runs after the
+    loop without gradients, so the loop and its backward pass cover nb - 1 blocks (training: the loss reads
+    the blocks' tokens, never the state after them).
     Returns the carry after the chunk, (fam_k, fam_v) [b, nb, F, KV, hd]: what the tokens of block j read,
     and aux: what collect asked for ({} otherwise).
     """
@@ -131,15 +136,19 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
         state = (jnp.where(sel, new, fam), is_initial & ~done, jnp.where(sel4, nk, fk), jnp.where(sel4, nv, fv))
         return state, probs
 
+    def restart(initial, state, reset):
+        if reset is None:
+            return state
+        fam0, k0, v0 = initial[:3]
+        r3, r4 = reset[:, None, None], reset[:, None, None, None]
+        return (jnp.where(r3, fam0, state[0]), state[1] | reset,
+                jnp.where(r4, k0, state[2]), jnp.where(r4, v0, state[3]),
+                *([jnp.where(r4, initial[3], state[4])] if carry_queries else []))
+
     def step(both, state, xs):
         params, initial = both
         k, v, done, index, reset, data = xs
-        if reset is not None:
-            fam0, k0, v0 = initial[:3]
-            r3, r4 = reset[:, None, None], reset[:, None, None, None]
-            state = (jnp.where(r3, fam0, state[0]), state[1] | reset,
-                     jnp.where(r4, k0, state[2]), jnp.where(r4, v0, state[3]),
-                     *([jnp.where(r4, initial[3], state[4])] if carry_queries else []))
+        state = restart(initial, state, reset)
         read = state[2:4]
         if all_complete:
             state, probs = update(params, state, k, v, done, index, data)
@@ -161,10 +170,28 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
     # forwards) instead of a per-block reshaped copy stacked into a residual array of the blocks' size.
     xs = (*(jnp.moveaxis(a, 1, 0)[:, :, None] for a in (blocks_k, blocks_v)),
           *jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), (completes, block_index, resets, data)))
-    if scan is None:
-        carry, ((fk, fv), aux) = jax.lax.scan(functools.partial(step, (params, initial)), carry, xs,
-                                              unroll=unroll)
-    else:
-        carry, ((fk, fv), aux) = scan(step, (params, initial), carry, xs)
+    last = None
+    if all_complete and not final_grad:  # the last block's update leaves the loop (see final_grad)
+        last = jax.tree.map(lambda a: a[-1], xs)
+        xs = jax.tree.map(lambda a: a[:-1], xs)
+    ys = None
+    if last is None or blocks_k.shape[1] > 1:
+        if scan is None:
+            carry, ys = jax.lax.scan(functools.partial(step, (params, initial)), carry, xs, unroll=unroll)
+        else:
+            carry, ys = scan(step, (params, initial), carry, xs)
+    if last is not None:
+        k, v, done, index, reset, data = last
+        carry = restart(initial, carry, reset)  # the last block's tokens read this carry, with its gradient
+        new, (_, aux) = step(*_stop_gradient(((params, initial), carry, (k, v, done, index, None, data))))
+        tail = jax.tree.map(lambda a: a[None], ((carry[2], carry[3]), aux))
+        ys = tail if ys is None else jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys, tail)
+        carry = new
+    (fk, fv), aux = ys
     read = (jnp.moveaxis(fk, 0, 1), jnp.moveaxis(fv, 0, 1))
     return carry[:4], read, jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), aux)
+
+
+def _stop_gradient(tree):
+    """jax.lax.stop_gradient on the floating-point leaves of tree (PRNG keys and integers pass unchanged)."""
+    return jax.tree.map(lambda a: jax.lax.stop_gradient(a) if jnp.issubdtype(a.dtype, jnp.inexact) else a, tree)

@@ -72,8 +72,9 @@ def _forward(graphdef, params, batch, state: FamState, offset, perturb, *, strea
     if not streaming:
         # The row's first example starts from `state` (fresh, or the RSP FAM); later ones restart there.
         ss = ss.at[:, 0].set(False) if ss.ndim == 2 else None
+    # The loss never differentiates the state after the chunk (the trainer keeps it under stop_gradient).
     return model(batch["tokens"], state, segment_start=ss, position_offset=offset, fam_perturb=perturb,
-                 dropout_key=dropout_key)
+                 dropout_key=dropout_key, state_grad=False)
 
 
 def _rows(tree, k: int, axis_of):
