@@ -168,14 +168,16 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
     # Blocks in front for the scan; each block's keys/values already [b, 1, B, KV, hd], the layout the attention
     # reads, so that what autodiff keeps of them for the backward is the scan's own input slice (which lax.scan
     # forwards) instead of a per-block reshaped copy stacked into a residual array of the blocks' size.
-    xs = (*(jnp.moveaxis(a, 1, 0)[:, :, None] for a in (blocks_k, blocks_v)),
-          *jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), (completes, block_index, resets, data)))
-    last = None
+    def blocks_first(blocks: slice):
+        return (*(jnp.moveaxis(a[:, blocks], 1, 0)[:, :, None] for a in (blocks_k, blocks_v)),
+                *jax.tree.map(lambda a: jnp.moveaxis(a[:, blocks], 1, 0), (completes, block_index, resets, data)))
+    nb = blocks_k.shape[1]
     if all_complete and not final_grad:  # the last block's update leaves the loop (see final_grad)
-        last = jax.tree.map(lambda a: a[-1], xs)
-        xs = jax.tree.map(lambda a: a[:-1], xs)
+        xs, last = blocks_first(slice(0, nb - 1)), jax.tree.map(lambda a: a[0], blocks_first(slice(nb - 1, nb)))
+    else:
+        xs, last = blocks_first(slice(None)), None
     ys = None
-    if last is None or blocks_k.shape[1] > 1:
+    if last is None or nb > 1:
         if scan is None:
             carry, ys = jax.lax.scan(functools.partial(step, (params, initial)), carry, xs, unroll=unroll)
         else:
