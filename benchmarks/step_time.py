@@ -70,7 +70,7 @@ def famjax_step(size, mode, t, repeats, block, fam, batch=1, dtype="float32", mo
     graphdef, params = nnx.split(famjax.FamLM(cfg, rngs=nnx.Rngs(0)))
 
     def loss(params, tokens):
-        logits, _ = nnx.merge(graphdef, params)(tokens[:, :-1])
+        logits, _ = nnx.merge(graphdef, params)(tokens[:, :-1], state_grad=False)  # as the trainer calls it
         return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (batch, t + 1)), jnp.int32)

@@ -241,10 +241,10 @@ def test_fam_remat_keep_reads_the_loops_residuals_instead_of_running_it_again():
 
 @pytest.mark.parametrize("overrides,nb,reset_block", [
     (dict(remat="full"), 4, 3),
-    (dict(remat="full", fam_remat="keep", fam_deferred_grads=True), 4, None),
+    (dict(remat="full", fam_remat="keep", fam_deferred_grads=True, lora_rank=2, lora_dropout=0.3), 4, None),
     (dict(fam_deferred_grads=False, fam_unroll=2), 4, 2),
     ({}, 1, None),
-], ids=["remat, reset in the last block", "keep", "plain scan, unroll 2", "one block"])
+], ids=["remat, reset in the last block", "keep, lora dropout", "plain scan, unroll 2", "one block"])
 def test_state_grad_false_moves_the_last_fam_update_out_of_the_differentiated_loop(overrides, nb, reset_block):
     """model(..., state_grad=False) returns the state under stop_gradient; the loss's value, logits, gradients and
     the state's values are those of state_grad=True, and the FAM loops of the gradient's program cover nb - 1
@@ -258,8 +258,9 @@ def test_state_grad_false_moves_the_last_fam_update_out_of_the_differentiated_lo
     graphdef, params = nnx.split(model)
 
     def loss(params, state_grad, state_weight=0.0):
-        logits, state = nnx.merge(graphdef, params)(tokens[:, :-1], segment_start=jnp.asarray(start),
-                                                    state_grad=state_grad)
+        logits, state = nnx.merge(graphdef, params)(
+            tokens[:, :-1], segment_start=jnp.asarray(start), state_grad=state_grad,
+            dropout_key=jax.random.key(7) if cfg.lora_dropout else None)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
         return ce + state_weight * jnp.sum(state.layers.fam ** 2), (logits, state)
 
