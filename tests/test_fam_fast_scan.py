@@ -248,7 +248,8 @@ def test_fam_remat_keep_reads_the_loops_residuals_instead_of_running_it_again():
 def test_state_grad_false_moves_the_last_fam_update_out_of_the_differentiated_loop(overrides, nb, reset_block):
     """model(..., state_grad=False) returns the state under stop_gradient; the loss's value, logits, gradients and
     the state's values are those of state_grad=True, and the FAM loops of the gradient's program cover nb - 1
-    blocks (none of nb): the last update, whose only use is the returned state, has no backward pass."""
+    blocks (none covers nb; as many cover nb - 1 as cover nb with True): the last update, whose only use is the
+    returned state, has no backward pass."""
     model, cfg, _ = make_model(seed=3, **overrides)
     t = nb * cfg.block_size
     tokens = jnp.asarray(random_tokens(2, t + 1, cfg.vocab_size, seed=1))
