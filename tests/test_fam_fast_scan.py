@@ -1,4 +1,5 @@
 """The FAM scan's fast paths against the plain scan: deferred weight gradients (ops.deferred_scan) and unroll."""
+import collections
 import functools
 from unittest import mock
 
@@ -172,6 +173,80 @@ def test_deferred_scan_splits_the_gradient_of_weights_tapped_together():
     twice = functools.partial(step, tap_a_again=True)
     with pytest.raises(ValueError, match="'.*a.*' is used twice"):
         jax.grad(functools.partial(loss, functools.partial(ops.deferred_scan, twice, dtype=jnp.float32)))(w)
+
+
+def _primitives(jaxpr) -> collections.Counter:
+    """The primitives of a jaxpr and of every jaxpr nested in it, counted."""
+    found = collections.Counter(eqn.primitive.name for eqn in jaxpr.eqns)
+    for eqn in jaxpr.eqns:
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found += _primitives(inner)
+    return found
+
+
+def _dot_shapes(jaxpr) -> set:
+    """The output shapes of every dot_general in a jaxpr and the jaxprs nested in it."""
+    shapes = {tuple(eqn.outvars[0].aval.shape) for eqn in jaxpr.eqns if eqn.primitive.name == "dot_general"}
+    for eqn in jaxpr.eqns:
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    shapes |= _dot_shapes(inner)
+    return shapes
+
+
+def test_deferred_scan_differentiates_only_what_carries_a_gradient():
+    """A weight that is not differentiated (a frozen base weight under LoRA) gets no X^T dY, and a float input
+    that carries no gradient (angles computed from integers) no cotangent: the gradient's program has no product
+    of the frozen weight's shape and no cos (the derivative of the step's sin of that input); the gradients of
+    what is differentiated equal the plain scan's."""
+    k = jax.random.split(jax.random.key(1), 4)
+    frozen, trained = jax.random.normal(k[0], (8, 6)), 0.3 * jax.random.normal(k[1], (6, 8))
+    h0 = jax.random.normal(k[2], (2, 5, 8))
+    angles = jnp.arange(3 * 2 * 5 * 6, dtype=jnp.float32).reshape(3, 2, 5, 6) / 7.0
+
+    def step(w, o, h, x):
+        a = h.reshape(-1, 8)
+        y = ops.tap(w["a"], a, a @ w["a"]).reshape(2, 5, 6)
+        z = (jnp.tanh(y) * jnp.sin(x)).reshape(-1, 6)
+        out = ops.tap(w["b"], z, z @ w["b"]).reshape(h.shape)
+        return h + out, out.sum(-1)
+
+    def loss(scan, trained, h0):
+        h, ys = scan({"a": frozen, "b": trained}, {}, h0, jax.lax.stop_gradient(angles))
+        return (h ** 2).sum() + (ys * jnp.arange(5.0)).sum()
+
+    def plain(w, o, c, xs):
+        return jax.lax.scan(lambda c, x: step(w, o, c, x), c, xs)
+    deferred = functools.partial(ops.deferred_scan, step, dtype=jnp.float32)
+    want = jax.grad(functools.partial(loss, plain), argnums=(0, 1))(trained, h0)
+    got = jax.jit(jax.grad(functools.partial(loss, deferred), argnums=(0, 1)))(trained, h0)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * np.abs(np.asarray(r)).max())
+    jaxpr = jax.make_jaxpr(jax.grad(functools.partial(loss, deferred), argnums=(0, 1)))(trained, h0).jaxpr
+    shapes = _dot_shapes(jaxpr)
+    assert trained.shape in shapes and frozen.shape not in shapes, shapes  # dW of "b" only
+    assert _primitives(jaxpr)["sin"] and not _primitives(jaxpr)["cos"]
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(fam_deferred_grads=False), dict(fam_remat="keep")],
+                         ids=["deferred", "plain scan", "keep"])
+def test_the_fam_loops_compute_no_rope_angles(overrides):
+    """The RoPE angles of every block's FAM are computed once for all blocks before the loop (ops.fam_scan's
+    index_inputs): the gradient's loops over the blocks (forward, remat's rerun, backward) contain no sin or cos,
+    which the program has outside them."""
+    model, cfg, _ = make_model(seed=3, remat="full", **overrides)
+    tokens = jnp.asarray(random_tokens(2, 4 * cfg.block_size + 1, cfg.vocab_size, seed=1))
+    grad, state = _loss_grad(model, tokens)
+    jaxpr = jax.make_jaxpr(grad)(state).jaxpr
+    loops = _loops_over(jaxpr, 4)
+    assert loops
+    inside = sum((_primitives(eqn.params["jaxpr"].jaxpr) for eqn in loops), collections.Counter())
+    assert _primitives(jaxpr)["sin"] and not inside["sin"] and not inside["cos"], inside
 
 
 def test_carried_fam_queries_equal_queries_projected_per_block():

@@ -138,16 +138,23 @@ class DecoderLayer(nnx.Module):
             return jnp.zeros(jnp.shape(block_index) + (cfg.num_fam,), jnp.int32)
         return ops.fam_positions(block_index, cfg.block_size, cfg.num_fam) + offset[..., None]
 
-    def fam_key_value(self, fam, block_index, offset, key=None):
-        """Keys/values [b, F, KV, hd] of a FAM [b, F, d] that compressed absolute block block_index [b]."""
-        positions = self.fam_positions(block_index, offset)
-        return self.attn.key_value(self.norm1(fam, self.cfg.compute_dtype), positions, key)
+    def fam_rope(self, block_index, offset):
+        """The RoPE rotation (sin, cos), float32 [..., F, 1, hd / 2] (ops.rope_rotation), of fam_positions(
+        block_index [...], offset [b]) (the row offsets broadcast over block_index's further axes)."""
+        offset = offset.reshape(offset.shape + (1,) * (jnp.ndim(block_index) - jnp.ndim(offset)))
+        return ops.rope_rotation(self.fam_positions(block_index, offset), self.cfg.head_dim, self.cfg.rope_base)
 
-    def fam_query_key_value(self, fam, block_index, offset, q_key=None, kv_key=None):
+    def fam_key_value(self, fam, block_index, offset, key=None, rope=None):
+        """Keys/values [b, F, KV, hd] of a FAM [b, F, d] that compressed absolute block block_index [b];
+        rope: fam_rope(block_index, offset) when computed already."""
+        rope = self.fam_rope(block_index, offset) if rope is None else rope
+        return self.attn.key_value(self.norm1(fam, self.cfg.compute_dtype), rope, key)
+
+    def fam_query_key_value(self, fam, block_index, offset, q_key=None, kv_key=None, rope=None):
         """fam_key_value's keys/values of a FAM [b, F, d] that compressed block block_index [b], and the queries it
         gives when the next block reads it (the same positions), from one norm and one matmul: (q, k, v)."""
-        positions = self.fam_positions(block_index, offset)
-        return self.attn.query_key_value(self.norm1(fam, self.cfg.compute_dtype), positions, q_key, kv_key)
+        rope = self.fam_rope(block_index, offset) if rope is None else rope
+        return self.attn.query_key_value(self.norm1(fam, self.cfg.compute_dtype), rope, q_key, kv_key)
 
     def initial_fam_step(self, fam, key=None):
         """Returns S_0 of the next layer from this layer's S_0 [F, d]: the F rows alone, like a block with
@@ -251,40 +258,45 @@ class DecoderLayer(nnx.Module):
         graphdef, state = nnx.split(self)
         params = (state, offset, dropout_key)  # all the steps read: ops.deferred_scan's steps close over nothing
 
-        def query_fn(params, fam, index):  # the queries of the FAM that block `index` reads
-            state, offset, dropout_key = params
+        # What the functions below get of a block: its index and the RoPE angles of the FAM that compressed it,
+        # computed for all blocks before the loop (ops.fam_scan's index_inputs).
+        def index_inputs(index):
+            return index, self.fam_rope(index, offset)
+
+        def query_fn(params, fam, at):  # the queries of the FAM that block `index` reads
+            (state, offset, dropout_key), (index, _) = params, at
             layer = nnx.merge(graphdef, state)
             key = row_keys(sub_key(dropout_key, self.SITE_FAM_UPDATE), index)
             return layer.attn.query(layer.norm1(fam, dtype), layer.fam_positions(index - 1, offset), key)
 
-        def update_fn(params, fam, is_initial, fam_k, fam_v, k, v, index, queries=None):
+        def update_fn(params, fam, is_initial, fam_k, fam_v, k, v, at, queries=None):
             state, offset, dropout_key = params
             layer = nnx.merge(graphdef, state)
-            key = row_keys(sub_key(dropout_key, self.SITE_FAM_UPDATE), index)
+            key = row_keys(sub_key(dropout_key, self.SITE_FAM_UPDATE), at[0])
             return ops.fam_update(fam, is_initial, fam_k, fam_v, k, v, queries=queries,
-                                  query_fn=functools.partial(query_fn, params, index=index),
+                                  query_fn=functools.partial(query_fn, params, at=at),
                                   out_fn=functools.partial(layer.attn_out, key=key),
                                   ffn_fn=functools.partial(layer.ffn, key=key), return_probs=chunk.collect,
                                   zero_residual=cfg.fam_zero_residual, keep_norm=cfg.fam_keep_norm,
                                   scale=cfg.query_scale, softcap=cfg.attn_softcap,
                                   attend=layer.fam_rows_attention)
 
-        def kv_fn(params, fam, index):
-            state, offset, dropout_key = params
+        def kv_fn(params, fam, at):
+            (state, offset, dropout_key), (index, rope) = params, at
             key = row_keys(sub_key(dropout_key, self.SITE_FAM_KV), index)
-            return nnx.merge(graphdef, state).fam_key_value(fam, index, offset, key)
+            return nnx.merge(graphdef, state).fam_key_value(fam, index, offset, key, rope=rope)
 
-        def qkv_fn(params, fam, index):  # query_fn's queries for block index + 1 and kv_fn's keys/values, together
-            state, offset, dropout_key = params
+        def qkv_fn(params, fam, at):  # query_fn's queries for block index + 1 and kv_fn's keys/values, together
+            (state, offset, dropout_key), (index, rope) = params, at
             return nnx.merge(graphdef, state).fam_query_key_value(
                 fam, index, offset, row_keys(sub_key(dropout_key, self.SITE_FAM_UPDATE), index + 1),
-                row_keys(sub_key(dropout_key, self.SITE_FAM_KV), index))
+                row_keys(sub_key(dropout_key, self.SITE_FAM_KV), index), rope=rope)
 
         initial = None
         if chunk.resets is not None:
             b = offset.shape[0]
             fam0 = jnp.broadcast_to(initial_fam, (b,) + initial_fam.shape)
-            initial = (fam0, *kv_fn(params, fam0, jnp.full((b,), -1)))
+            initial = (fam0, *kv_fn(params, fam0, index_inputs(jnp.full((b,), -1))))
         scan = None
         if cfg.fam_deferred_grads and chunk.all_complete and not chunk.collect:
             scan = functools.partial(_deferred_layer_scan, dtype=dtype, unroll=cfg.fam_unroll)
@@ -293,7 +305,7 @@ class DecoderLayer(nnx.Module):
             carry, kb, vb, chunk.completes, chunk.block_index, update_fn=update_fn, kv_fn=kv_fn, params=params,
             all_complete=chunk.all_complete, resets=chunk.resets, initial=initial, collect=chunk.collect,
             stop_gradient=cfg.fam_stop_gradient, perturb=perturb, unroll=cfg.fam_unroll, scan=scan,
-            query_fn=query_fn, qkv_fn=qkv_fn, final_grad=chunk.state_grad)
+            query_fn=query_fn, qkv_fn=qkv_fn, final_grad=chunk.state_grad, index_inputs=index_inputs)
         return (fam, fam_k, fam_v), read, aux
 
 

@@ -12,10 +12,10 @@ from famjax.ops.blocks import (
 )
 from famjax.ops.deferred import deferred_scan, tap
 from famjax.ops.fam import Perturbation, fam_positions, fam_scan, fam_update, norm_ratio
-from famjax.ops.rope import apply_rope, rope_angles
+from famjax.ops.rope import apply_rope, rope_angles, rope_rotation
 
 __all__ = [
     "CAUSAL", "Perturbation", "apply_rope", "causal_mask", "deferred_scan", "fam_positions", "fam_scan",
     "fam_update", "from_grid", "memory_visible", "memory_windows", "norm_ratio", "num_grid_blocks", "rope_angles",
-    "segment_attention", "segment_begin_blocks", "split_blocks", "take_blocks", "tap", "to_grid",
+    "rope_rotation", "segment_attention", "segment_begin_blocks", "split_blocks", "take_blocks", "tap", "to_grid",
 ]

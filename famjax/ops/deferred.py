@@ -21,15 +21,18 @@ import itertools
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
+from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 _ACTIVE = contextvars.ContextVar("famjax_deferred_taps", default=None)
 
 
 @dataclasses.dataclass
 class _Recorder:
-    """The weights tracked while tracing one step: id(weight array) -> name; taps: name -> zero [rows, out]
-    (None: only record the shapes); inputs: what each tracked product read, name -> x [rows, in]."""
+    """The weights tracked while tracing one step: id(weight array) -> name; frozen: the names of those that get
+    no gradient (not differentiated); taps: name -> zero [rows, out] (None: only record the shapes); inputs: what
+    each tracked product read, name -> x [rows, in]."""
     names: dict
+    frozen: set
     taps: dict | None
     inputs: dict = dataclasses.field(default_factory=dict)
     shapes: dict = dataclasses.field(default_factory=dict)
@@ -49,6 +52,8 @@ def tap(weight, x, y):
         return y
     if None in names:
         raise ValueError("deferred_scan: a product mixes tracked and untracked weights")
+    if rec.frozen.issuperset(names):  # nothing to differentiate: no tap, nothing recorded
+        return y
     for n in names:
         if any(n in key.split(_GROUP) for key in rec.shapes):
             raise ValueError(f"deferred_scan: weight {n!r} is used twice in one step (tap it once per step)")
@@ -62,8 +67,8 @@ _GROUP = "+"  # joins the names of weights tapped together
 
 
 @contextlib.contextmanager
-def _recording(weights: dict, taps):
-    rec = _Recorder({id(w): name for name, w in weights.items()}, taps)
+def _recording(weights: dict, frozen: set, taps):
+    rec = _Recorder({id(w): name for name, w in weights.items()}, frozen, taps)
     token = _ACTIVE.set(rec)
     try:
         yield rec
@@ -75,9 +80,8 @@ def _inexact(x) -> bool:
     return jnp.issubdtype(x.dtype, jnp.inexact)
 
 
-def _zero_ct(x):
-    """The zero cotangent of an integer or bool array (float0)."""
-    return jnp.zeros(x.shape, jax.dtypes.float0)
+def _is_primal(x) -> bool:
+    return isinstance(x, CustomVJPPrimal)
 
 
 def _floats(leaves, mask):
@@ -114,8 +118,10 @@ def deferred_scan(step, weights: dict, others, carry, xs, *, dtype, unroll: int 
         received (weight' may be a cast or reshape of it);
     weights: dict name -> weight array [in, ...] (its gradient is X^T dY summed over all steps and rows);
     others: any pytree of further inputs of every step (norm scales, adapters, positions, PRNG keys);
-    carry, xs: as for lax.scan (xs with the steps on axis 0); integer, bool and key leaves of others, carry and
-        xs get zero cotangents;
+    carry, xs: as for lax.scan (xs with the steps on axis 0);
+    what is not differentiated gets a zero gradient and costs nothing in the backward loop: integer, bool and key
+        leaves, and float inputs that carry no gradient (a frozen weight gets no X^T dY and no tap; per-step values
+        computed from integers, such as RoPE angles, get no cotangent);
     dtype: the compute dtype the weights are cast to, once, before the loop;
     unroll: lax.scan's unroll (steps per loop iteration);
     save_name: None, or a name (jax.ad_checkpoint.checkpoint_name) given to the scan's outputs (the final carry
@@ -131,16 +137,23 @@ def deferred_scan(step, weights: dict, others, carry, xs, *, dtype, unroll: int 
         return jax.lax.scan(lambda c, x: step(cast, others, c, x), carry, xs, unroll=unroll)
 
     def forward(weights, others, carry, xs):
+        # symbolic_zeros: every input leaf arrives as (value, perturbed); only perturbed leaves are differentiated
+        # (frozen weights, angles or masks computed from integers, stop_gradient inputs are constants of the vjp).
+        frozen = {n for n, w in weights.items() if not w.perturbed}
+        masks = tuple([p.perturbed and _inexact(p.value) for p in jax.tree.leaves(t, is_leaf=_is_primal)]
+                      for t in (carry, xs, others))
+        weights, others, carry, xs = (jax.tree.map(lambda p: p.value, t, is_leaf=_is_primal)
+                                      for t in (weights, others, carry, xs))
         cast = _cast(weights, dtype)
         first = jax.tree.map(lambda a: a[0], xs)
-        with _recording(cast, None) as probe:  # the tap shapes of one step
+        with _recording(cast, frozen, None) as probe:  # the tap shapes of one step
             jax.eval_shape(lambda c, x: step(cast, others, c, x), carry, first)
         steps = jax.tree.leaves(xs)[0].shape[0]
         zero_taps = {n: jnp.zeros((steps, *s.shape), s.dtype) for n, s in probe.shapes.items()}
         c_leaves, c_def = jax.tree.flatten(carry)
         x_leaves, x_def = jax.tree.flatten(xs)
         o_leaves, o_def = jax.tree.flatten(others)
-        c_float, x_float, o_float = ([_inexact(a) for a in leaves] for leaves in (c_leaves, x_leaves, o_leaves))
+        c_float, x_float, o_float = masks
 
         def tapped(of, cf, xf, taps):
             """The scan as a function of the differentiable inputs and the per-step taps; the weights are
@@ -151,7 +164,7 @@ def deferred_scan(step, weights: dict, others, carry, xs, *, dtype, unroll: int 
 
             def body(c, inp):
                 x, t = inp
-                with _recording(cast, t) as rec:
+                with _recording(cast, frozen, t) as rec:
                     new, y = step(cast, o, c, x)
                 return new, (y, rec.inputs)
             final, (ys, inputs) = jax.lax.scan(body, c0, (x_all, taps), unroll=unroll)
@@ -163,21 +176,23 @@ def deferred_scan(step, weights: dict, others, carry, xs, *, dtype, unroll: int 
             vjp, inputs, ys = _named((vjp, inputs, ys), save_name, steps,
                                      keep=[*c_leaves, *x_leaves, *o_leaves, *cast.values()])
             out = (jax.tree.map(lambda a: checkpoint_name(a, save_name), final), ys)
-        return out, (weights, vjp, inputs, others, carry, xs)
+        # The masks travel as the residuals' structure (an empty tuple: differentiated, None: not).
+        marks = (*([() if m else None for m in mask] for mask in masks), {n: None if n in frozen else () for n in cast})
+        return out, (weights, vjp, inputs, others, carry, xs, marks)
 
     def backward(res, cts):
-        weights, vjp, inputs, others, carry, xs = res
+        weights, vjp, inputs, others, carry, xs, marks = res
+        masks = tuple([m is not None for m in mark] for mark in marks[:3])
+        frozen = {n for n, m in marks[3].items() if m is None}
+        cts = jax.tree.map(lambda c: jnp.zeros(c.shape, c.dtype) if isinstance(c, SymbolicZero) else c, cts,
+                           is_leaf=lambda c: isinstance(c, SymbolicZero))
         d_of, d_cf, d_xf, d_taps = vjp(cts)
-        c_leaves, c_def = jax.tree.flatten(carry)
-        x_leaves, x_def = jax.tree.flatten(xs)
-        o_leaves, o_def = jax.tree.flatten(others)
-        d_carry = jax.tree.unflatten(c_def, _merge(d_cf, [_zero_ct(a) for a in c_leaves],
-                                                   [_inexact(a) for a in c_leaves]))
-        d_xs = jax.tree.unflatten(x_def, _merge(d_xf, [_zero_ct(a) for a in x_leaves],
-                                                [_inexact(a) for a in x_leaves]))
-        d_others = jax.tree.unflatten(o_def, _merge(d_of, [_zero_ct(a) for a in o_leaves],
-                                                    [_inexact(a) for a in o_leaves]))
-        d_weights = {name: jnp.zeros_like(w) for name, w in weights.items()}  # weights the step does not use
+        c_float, x_float, o_float = masks
+        d_carry, d_xs, d_others = (jax.tree.unflatten(treedef, _merge(d, [None] * len(leaves), mask))
+                                   for d, (leaves, treedef), mask in
+                                   ((d_cf, jax.tree.flatten(carry), c_float), (d_xf, jax.tree.flatten(xs), x_float),
+                                    (d_of, jax.tree.flatten(others), o_float)))
+        d_weights = dict.fromkeys(weights)  # None: a zero gradient (a frozen weight, or one the step does not use)
         for key, x in inputs.items():
             dy = d_taps[key]
             dw = jnp.einsum("ti,to->io", x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]),
@@ -185,8 +200,9 @@ def deferred_scan(step, weights: dict, others, carry, xs, *, dtype, unroll: int 
             names = key.split(_GROUP)
             sizes = [weights[n].size // x.shape[-1] for n in names]
             for name, part in zip(names, jnp.split(dw, list(itertools.accumulate(sizes))[:-1], axis=1)):
-                d_weights[name] = part.reshape(weights[name].shape).astype(weights[name].dtype)
+                if name not in frozen:  # a frozen weight tapped together with others: its columns go unused
+                    d_weights[name] = part.reshape(weights[name].shape).astype(weights[name].dtype)
         return d_weights, d_others, d_carry, d_xs
 
-    scan.defvjp(forward, backward)
+    scan.defvjp(forward, backward, symbolic_zeros=True)
     return scan(weights, others, carry, xs)

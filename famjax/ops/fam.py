@@ -47,7 +47,8 @@ def fam_update(fam, is_initial, fam_k, fam_v, block_k, block_v, *, query_fn, out
                scale: float | None = None, softcap: float = 0.0, attend: Callable | None = None, queries=None):
     """Returns S_t, float32 [b, F, d]: the FAM after reading one complete block.
 
-    fam: S_{t-1} [b, F, d]; is_initial: bool [b] (S_{t-1} is the learned initial FAM: zero residual);
+    fam: S_{t-1} [b, F, d]; is_initial: bool [b] (S_{t-1} is the learned initial FAM: zero residual), or the
+        residual's factor computed already, float32 [b, 1, 1] (0 where S_{t-1} is initial, else 1);
     fam_k, fam_v: keys/values of S_{t-1} [b, F, KV, hd]; block_k, block_v: the block's, in the attention's
         layout [b, 1, B, KV, hd] (as fam_scan passes them, see there);
     query_fn: fam -> queries [b, F, H, hd] (Norm1, query projection, RoPE at S_{t-1}'s positions);
@@ -69,7 +70,9 @@ def fam_update(fam, is_initial, fam_k, fam_v, block_k, block_v, *, query_fn, out
     else:
         heads, probs = attend(q, segments), None
     # A [b, 1, 1] factor rather than a select: the backward then keeps b numbers per block, not a [b, F, d] mask.
-    residual = fam * jnp.where(is_initial, 0.0, 1.0)[:, None, None] if zero_residual else fam
+    factor = is_initial if jnp.issubdtype(is_initial.dtype, jnp.floating) else \
+        jnp.where(is_initial, 0.0, 1.0)[:, None, None]
+    residual = fam * factor if zero_residual else fam
     a = out_fn(heads[:, 0]).astype(jnp.float32) + residual
     new = a + ffn_fn(a).astype(jnp.float32)
     if keep_norm:
@@ -80,7 +83,7 @@ def fam_update(fam, is_initial, fam_k, fam_v, block_k, block_v, *, query_fn, out
 def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv_fn, all_complete: bool,
              params=None, resets=None, initial=None, collect: bool = False, stop_gradient: bool = False,
              perturb: Perturbation | None = None, unroll: int = 1, scan=None, query_fn=None, qkv_fn=None,
-             final_grad: bool = True):
+             final_grad: bool = True, index_inputs: Callable | None = None):
     """Runs the FAM over the blocks of a chunk; returns (final carry, what each block's tokens read, aux).
 
     carry: (fam [b, F, d] f32, is_initial bool [b], fam_k, fam_v [b, F, KV, hd]) before grid block 0;
@@ -113,6 +116,10 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
     returned under stop_gradient): the last block's update, whose only use is that carry, then runs after the
     loop without gradients, so the loop and its backward pass cover nb - 1 blocks (training: the loss reads
     the blocks' tokens, never the state after them).
+    index_inputs: None, or a function from int block indices [...] to what update_fn, kv_fn, query_fn and qkv_fn
+    read of them (a pytree of arrays [..., ...], e.g. the index and its RoPE angles), which those functions then
+    receive in place of the index. It is applied to all blocks' indices at once before the loop, so the loop
+    computes nothing from integers alone (under remat such work becomes a loop of its own).
     Returns the carry after the chunk, (fam_k, fam_v) [b, nb, F, KV, hd]: what the tokens of block j read,
     and aux: what collect asked for ({} otherwise).
     """
@@ -121,8 +128,9 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
                          "state")
     carry_queries = all_complete and qkv_fn is not None
 
-    def update(params, state, k, v, done, index, data=None):
+    def update(params, state, k, v, done, index, data=None, factor=None):
         fam, is_initial, fk, fv = state[:4]
+        is_initial = is_initial if factor is None else factor
         new = update_fn(params, fam, is_initial, fk, fv, k, v, index, queries=state[4] if carry_queries else None)
         new, probs = new if collect else (new, None)
         if perturb is not None:
@@ -131,7 +139,7 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
             new = jax.lax.stop_gradient(new)
         nq, nk, nv = qkv_fn(params, new, index) if carry_queries else (None, *kv_fn(params, new, index))
         if all_complete:  # every row's block completes: no per-row select (nor its mask kept for the backward)
-            return (new, jnp.zeros_like(is_initial), nk, nv, *([nq] if carry_queries else [])), probs
+            return (new, None, nk, nv, *([nq] if carry_queries else [])), probs
         sel, sel4 = done[:, None, None], done[:, None, None, None]
         state = (jnp.where(sel, new, fam), is_initial & ~done, jnp.where(sel4, nk, fk), jnp.where(sel4, nv, fv))
         return state, probs
@@ -141,17 +149,17 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
             return state
         fam0, k0, v0 = initial[:3]
         r3, r4 = reset[:, None, None], reset[:, None, None, None]
-        return (jnp.where(r3, fam0, state[0]), state[1] | reset,
+        return (jnp.where(r3, fam0, state[0]), None if state[1] is None else state[1] | reset,
                 jnp.where(r4, k0, state[2]), jnp.where(r4, v0, state[3]),
                 *([jnp.where(r4, initial[3], state[4])] if carry_queries else []))
 
     def step(both, state, xs):
         params, initial = both
-        k, v, done, index, reset, data = xs
+        k, v, done, index, reset, data, factor = xs
         state = restart(initial, state, reset)
         read = state[2:4]
         if all_complete:
-            state, probs = update(params, state, k, v, done, index, data)
+            state, probs = update(params, state, k, v, done, index, data, factor)
         else:
             # Decode and small chunks rarely complete a block: skip the F-row layer unless one does.
             state = jax.lax.cond(jnp.any(done), lambda *a: update(params, *a)[0], lambda s, *_: s,
@@ -161,16 +169,27 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
 
     data = None if perturb is None else perturb.data
     carry = tuple(carry)
+    factor = None
+    if all_complete:
+        # Which blocks read an initial FAM (the chunk's first, if the state is initial; every reset block) as the
+        # zero residual's factors [b, nb, 1, 1], before the loop: the loop then computes nothing from integers
+        # (under remat that would be a loop of its own) and carries no is_initial (it is all False after a block).
+        initial_now = carry[1][:, None] & (jnp.arange(blocks_k.shape[1]) == 0)
+        initial_now = initial_now if resets is None else initial_now | resets
+        factor = jnp.where(initial_now, 0.0, 1.0)[:, :, None, None]
+        carry = (carry[0], None, *carry[2:])
+    expand = (lambda index: index) if index_inputs is None else index_inputs
+    at = expand(block_index)
     if carry_queries:  # the first block's queries; a reset block (block index 0) reads the initial FAM's
-        carry += (query_fn(params, carry[0], block_index[:, 0]),)
+        carry += (query_fn(params, carry[0], jax.tree.map(lambda a: a[:, 0], at)),)
         if initial is not None:
-            initial = (*initial, query_fn(params, initial[0], jnp.zeros_like(block_index[:, 0])))
+            initial = (*initial, query_fn(params, initial[0], expand(jnp.zeros_like(block_index[:, 0]))))
     # Blocks in front for the scan; each block's keys/values already [b, 1, B, KV, hd], the layout the attention
     # reads, so that what autodiff keeps of them for the backward is the scan's own input slice (which lax.scan
     # forwards) instead of a per-block reshaped copy stacked into a residual array of the blocks' size.
     def blocks_first(blocks: slice):
         return (*(jnp.moveaxis(a[:, blocks], 1, 0)[:, :, None] for a in (blocks_k, blocks_v)),
-                *jax.tree.map(lambda a: jnp.moveaxis(a[:, blocks], 1, 0), (completes, block_index, resets, data)))
+                *jax.tree.map(lambda a: jnp.moveaxis(a[:, blocks], 1, 0), (completes, at, resets, data, factor)))
     nb = blocks_k.shape[1]
     if all_complete and not final_grad:  # the last block's update leaves the loop (see final_grad)
         xs, last = blocks_first(slice(0, nb - 1)), jax.tree.map(lambda a: a[0], blocks_first(slice(nb - 1, nb)))
@@ -183,14 +202,16 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
         else:
             carry, ys = scan(step, (params, initial), carry, xs)
     if last is not None:
-        k, v, done, index, reset, data = last
+        k, v, done, index, reset, data, factor = last
         carry = restart(initial, carry, reset)  # the last block's tokens read this carry, with its gradient
-        new, (_, aux) = step(*_stop_gradient(((params, initial), carry, (k, v, done, index, None, data))))
+        new, (_, aux) = step(*_stop_gradient(((params, initial), carry, (k, v, done, index, None, data, factor))))
         tail = jax.tree.map(lambda a: a[None], ((carry[2], carry[3]), aux))
         ys = tail if ys is None else jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys, tail)
         carry = new
     (fk, fv), aux = ys
     read = (jnp.moveaxis(fk, 0, 1), jnp.moveaxis(fv, 0, 1))
+    if carry[1] is None:  # all_complete: no block leaves its row's FAM initial
+        carry = (carry[0], jnp.zeros(blocks_k.shape[:1], bool), *carry[2:])
     return carry[:4], read, jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), aux)
 
 

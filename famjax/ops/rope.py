@@ -14,14 +14,20 @@ def rope_angles(positions, head_dim: int, base: float):
     return jnp.sin(angles), jnp.cos(angles)
 
 
+def rope_rotation(positions, head_dim: int, base: float):
+    """Returns rope_angles's (sin, cos) with a heads axis, each float32 [..., 1, head_dim // 2]: what apply_rope
+    multiplies a [..., heads, head_dim] array with."""
+    return tuple(a[..., None, :] for a in rope_angles(positions, head_dim, base))
+
+
 def apply_rope(x, positions, base: float):
     """Returns x rotated by its positions, same shape and dtype.
 
-    x: [..., T, heads, head_dim]; positions: int [..., T] (broadcastable over the leading axes).
+    x: [..., T, heads, head_dim]; positions: int [..., T] (broadcastable over the leading axes), or their
+    rope_rotation(positions, head_dim, base) computed already (then base is not used).
     "Rotate half" layout (Llama / Gemma / Hugging Face): the two halves of a head form the complex pairs.
     """
-    sin, cos = rope_angles(positions, x.shape[-1], base)
-    sin, cos = sin[..., None, :], cos[..., None, :]  # broadcast over heads
+    sin, cos = positions if isinstance(positions, tuple) else rope_rotation(positions, x.shape[-1], base)
     x32 = x.astype(jnp.float32)
     x1, x2 = jnp.split(x32, 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
