@@ -90,8 +90,9 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
     blocks_k, blocks_v: [b, nb, B, KV, hd]; completes: bool [b, nb] (the block's last token is in this chunk:
     only then is the FAM updated); block_index: int [b, nb] block indices counted from the segment start;
     update_fn(params, fam, is_initial, fam_k, fam_v, k, v, block_index, queries=None) -> S_t, or (S_t, probs)
-    when collecting (k, v: the block's keys/values as the attention reads them, [b, 1, B, KV, hd]); queries: the
-    FAM queries of the block when the scan has them already (see qkv_fn);
+    when collecting (k, v: the block's keys/values as the attention reads them, [b, 1, B, KV, hd]); is_initial:
+    bool [b], or with all_complete the zero residual's factors float32 [b, 1, 1] (fam_update's is_initial);
+    queries: the FAM queries of the block when the scan has them already (see qkv_fn);
     kv_fn(params, fam, block_index) -> keys/values of a FAM that compressed block `block_index`;
     query_fn, qkv_fn: None, or (with all_complete) query_fn(params, fam, block_index) -> the queries [b, F, H, hd]
     the FAM gives when block `block_index` reads it, and qkv_fn(params, fam, block_index) -> (the queries of
