@@ -18,7 +18,7 @@ $(STAMP): setup.py | $(BIN)/python
 install: $(STAMP)
 
 # Two pytest workers (one per CI core) sharing one XLA compilation cache (conftest.py): the suite is
-# compile-bound; 551 tests take 17.5-25 min on the 2-core machine (its speed varies from day to day).
+# compile-bound; 547-555 tests take 17.5-28 min on the 2-core machine (its speed varies from day to day).
 PYTEST_ARGS ?= -n 2
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests experiments $(PYTEST_ARGS)
