@@ -42,6 +42,12 @@ def norm_ratio(target, x):
             jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6))
 
 
+def _residual_factor(is_initial):
+    """float32 [..., 1, 1] from bool [...]: the factor of the update's residual, 0 where the FAM read is the
+    initial one (the paper's zero residual), else 1."""
+    return jnp.where(is_initial, 0.0, 1.0)[..., None, None]
+
+
 def fam_update(fam, is_initial, fam_k, fam_v, block_k, block_v, *, query_fn, out_fn, ffn_fn,
                return_probs: bool = False, zero_residual: bool = True, keep_norm: bool = False,
                scale: float | None = None, softcap: float = 0.0, attend: Callable | None = None, queries=None):
@@ -70,8 +76,7 @@ def fam_update(fam, is_initial, fam_k, fam_v, block_k, block_v, *, query_fn, out
     else:
         heads, probs = attend(q, segments), None
     # A [b, 1, 1] factor rather than a select: the backward then keeps b numbers per block, not a [b, F, d] mask.
-    factor = is_initial if jnp.issubdtype(is_initial.dtype, jnp.floating) else \
-        jnp.where(is_initial, 0.0, 1.0)[:, None, None]
+    factor = is_initial if jnp.issubdtype(is_initial.dtype, jnp.floating) else _residual_factor(is_initial)
     residual = fam * factor if zero_residual else fam
     a = out_fn(heads[:, 0]).astype(jnp.float32) + residual
     new = a + ffn_fn(a).astype(jnp.float32)
@@ -177,7 +182,7 @@ def fam_scan(carry, blocks_k, blocks_v, completes, block_index, *, update_fn, kv
         # (under remat that would be a loop of its own) and carries no is_initial (it is all False after a block).
         initial_now = carry[1][:, None] & (jnp.arange(blocks_k.shape[1]) == 0)
         initial_now = initial_now if resets is None else initial_now | resets
-        factor = jnp.where(initial_now, 0.0, 1.0)[:, :, None, None]
+        factor = _residual_factor(initial_now)
         carry = (carry[0], None, *carry[2:])
     expand = (lambda index: index) if index_inputs is None else index_inputs
     at = expand(block_index)
