@@ -17,6 +17,7 @@ GOOD = dict(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2
     (dict(mlp_activation="relu"), "mlp_activation"), (dict(dtype="int8"), "dtype"), (dict(remat="some"), "remat"),
     (dict(vocab_size=0), "vocab_size"), (dict(head_dim=5, d_model=20), "head_dim"),
     (dict(fam_remat="save"), "fam_remat"), (dict(fam_remat="keep", fam_deferred_grads=False), "fam_remat"),
+    (dict(fam_remat="offload", fam_deferred_grads=False), "fam_remat"),
 ])
 def test_bad_config_names_the_field(bad, field):
     with pytest.raises(ValueError, match=field):

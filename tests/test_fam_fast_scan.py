@@ -175,28 +175,25 @@ def test_deferred_scan_splits_the_gradient_of_weights_tapped_together():
         jax.grad(functools.partial(loss, functools.partial(ops.deferred_scan, twice, dtype=jnp.float32)))(w)
 
 
-def _primitives(jaxpr) -> collections.Counter:
-    """The primitives of a jaxpr and of every jaxpr nested in it, counted."""
-    found = collections.Counter(eqn.primitive.name for eqn in jaxpr.eqns)
+def _all_eqns(jaxpr):
+    """Every equation of a jaxpr and of every jaxpr nested in it."""
     for eqn in jaxpr.eqns:
+        yield eqn
         for param in eqn.params.values():
             for sub in param if isinstance(param, (list, tuple)) else [param]:
                 inner = getattr(sub, "jaxpr", sub)
                 if hasattr(inner, "eqns"):
-                    found += _primitives(inner)
-    return found
+                    yield from _all_eqns(inner)
+
+
+def _primitives(jaxpr) -> collections.Counter:
+    """The primitives of a jaxpr and of every jaxpr nested in it, counted."""
+    return collections.Counter(eqn.primitive.name for eqn in _all_eqns(jaxpr))
 
 
 def _dot_shapes(jaxpr) -> set:
     """The output shapes of every dot_general in a jaxpr and the jaxprs nested in it."""
-    shapes = {tuple(eqn.outvars[0].aval.shape) for eqn in jaxpr.eqns if eqn.primitive.name == "dot_general"}
-    for eqn in jaxpr.eqns:
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (list, tuple)) else [param]:
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    shapes |= _dot_shapes(inner)
-    return shapes
+    return {tuple(eqn.outvars[0].aval.shape) for eqn in _all_eqns(jaxpr) if eqn.primitive.name == "dot_general"}
 
 
 def test_deferred_scan_differentiates_only_what_carries_a_gradient():
@@ -280,15 +277,7 @@ def test_carried_fam_queries_equal_queries_projected_per_block():
 
 def _loops_over(jaxpr, length):
     """The scans of `length` steps in a jaxpr and every jaxpr nested in it."""
-    found = []
-    for eqn in jaxpr.eqns:
-        found += [eqn] if eqn.primitive.name == "scan" and eqn.params["length"] == length else []
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (list, tuple)) else [param]:
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    found += _loops_over(inner, length)
-    return found
+    return [eqn for eqn in _all_eqns(jaxpr) if eqn.primitive.name == "scan" and eqn.params["length"] == length]
 
 
 def _loss_grad(model, tokens):
@@ -298,20 +287,30 @@ def _loss_grad(model, tokens):
 
 
 def test_fam_remat_keep_reads_the_loops_residuals_instead_of_running_it_again():
-    """Under remat, fam_remat="keep" saves what the FAM loop stacks for its backward pass: the gradient's program
-    has one loop over the blocks fewer (no rerun; with remat "full" and with "dots") and the gradients are those
-    of "rerun"."""
-    grads, loops = [], {}
-    for remat, mode in [("full", "rerun"), ("full", "keep"), ("dots", "rerun"), ("dots", "keep")]:
+    """Under remat, fam_remat="keep" saves what the FAM loop stacks for its backward pass, and "offload" moves it
+    to host memory and back: the gradient's program has one loop over the blocks fewer (no rerun; with remat
+    "full" and with "dots") and, with "full", fewer products of F rows alone (the next layer's initial FAM is
+    not rerun either), only "offload" has transfers to host memory, and the gradients are those of "rerun"."""
+    grads, loops, to_host, initial_rows = [], {}, {}, {}
+    for remat, mode in [(r, m) for r in ("full", "dots") for m in ("rerun", "keep", "offload")]:
         model, cfg, _ = make_model(seed=3, remat=remat, fam_remat=mode)
         tokens = jnp.asarray(random_tokens(2, 4 * cfg.block_size + 1, cfg.vocab_size, seed=1))
         grad, state = _loss_grad(model, tokens)
-        loops[remat, mode] = len(_loops_over(jax.make_jaxpr(grad)(state).jaxpr, 4))
+        jaxpr = jax.make_jaxpr(grad)(state).jaxpr
+        loops[remat, mode] = len(_loops_over(jaxpr, 4))
+        to_host[remat, mode] = sum("Host" in str(eqn.params["devices"]) for eqn in _all_eqns(jaxpr)
+                                 if eqn.primitive.name == "device_put")
+        initial_rows[remat, mode] = sum(eqn.primitive.name == "dot_general" and eqn.outvars[0].aval.ndim == 2
+                                        and eqn.outvars[0].aval.shape[0] == cfg.num_fam for eqn in _all_eqns(jaxpr))
         if remat == "full":
             grads.append(nnx.to_flat_state(jax.jit(grad)(state)))
-    assert loops["full", "keep"] == loops["full", "rerun"] - 1, loops
-    assert loops["dots", "keep"] == loops["dots", "rerun"] - 1, loops
-    _assert_same(*grads)
+    for remat in ("full", "dots"):
+        assert loops[remat, "keep"] == loops[remat, "offload"] == loops[remat, "rerun"] - 1, loops
+        assert to_host[remat, "offload"] and not to_host[remat, "keep"] and not to_host[remat, "rerun"], to_host
+    # ("dots" saves every product's output anyway)
+    assert initial_rows["full", "keep"] == initial_rows["full", "offload"] < initial_rows["full", "rerun"], initial_rows
+    _assert_same(grads[0], grads[1])
+    _assert_same(grads[0], grads[2])
 
 
 @pytest.mark.parametrize("overrides,nb,reset_block", [

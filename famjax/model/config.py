@@ -9,7 +9,7 @@ ATTENTION_MODES = ("full", "bswa", "fam")
 NORMS = ("rms", "layer")
 MLP_ACTIVATIONS = ("swiglu", "geglu", "gelu")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-FAM_REMAT = ("rerun", "keep")
+FAM_REMAT = ("rerun", "keep", "offload")
 FAM_POSITIONS = ("block", "zero")
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -43,7 +43,8 @@ class ModelConfig:
     fam_deferred_grads: bool = True   # training: the F rows' weight gradients as one matmul after the loop
     fam_remat: str = "rerun"          # with remat: the backward pass "rerun"s each layer's FAM loop, or "keep"s
                                       # what the loop stacked in the forward (fewer kernels and FLOPs, more
-                                      # memory; needs fam_deferred_grads)
+                                      # memory), or "offload"s it to host memory (keep's work, rerun's device
+                                      # memory, host transfers); keep and offload need fam_deferred_grads
     attention: str = "fam"            # "full" (causal) | "bswa" | "fam" (BSWA + feedback memory)
     block_size: int = 64              # B: tokens per block (bswa, fam)
     memory_blocks: int = 1            # m: previous blocks each token sees (bswa, fam)
@@ -138,7 +139,8 @@ class ModelConfig:
         check(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps!r}")
         check(self.rope_base > 0, f"rope_base must be > 0, got {self.rope_base!r}")
         check(self.fam_remat == "rerun" or self.fam_deferred_grads,
-              "fam_remat='keep' needs fam_deferred_grads=True (it keeps what ops.deferred_scan's loop stacks)")
+              f"fam_remat={self.fam_remat!r} needs fam_deferred_grads=True (it keeps what ops.deferred_scan's loop "
+              "stacks)")
         if errors:
             raise ValueError("; ".join(errors))
         head_dim = self.d_model // heads if self.head_dim is None else self.head_dim

@@ -23,12 +23,23 @@ _REMAT_POLICIES = {
 def remat_policy(cfg: ModelConfig):
     """The jax.checkpoint policy of one layer under cfg.remat (not "none"); with cfg.fam_remat="keep" it also
     saves what the layer's FAM loop stacks for its backward pass (ops.deferred_scan's save_name), so that the
-    backward pass does not run the loop again."""
+    backward pass does not run the loop again; with "offload" it moves those arrays to host memory in the
+    forward and back for the backward pass instead."""
     policy = _REMAT_POLICIES[cfg.remat]
-    if cfg.fam_remat != "keep" or not cfg.num_fam:
+    if cfg.fam_remat == "rerun" or not cfg.num_fam:
         return policy
-    keep = jax.checkpoint_policies.save_only_these_names(FAM_LOOP_NAME)
-    return keep if policy is None else jax.checkpoint_policies.save_from_both_policies(policy, keep)
+    if cfg.fam_remat == "keep":
+        keep = jax.checkpoint_policies.save_only_these_names(FAM_LOOP_NAME)
+        return keep if policy is None else jax.checkpoint_policies.save_from_both_policies(policy, keep)
+    offload = jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=[FAM_LOOP_NAME], offload_src="device",
+        offload_dst="pinned_host")
+    if policy is None:
+        return offload
+
+    def saved_or_offloaded(prim, *args, **params):  # save_from_both_policies takes boolean policies only
+        return True if policy(prim, *args, **params) else offload(prim, *args, **params)
+    return saved_or_offloaded
 
 
 class FamLM(nnx.Module):
@@ -240,7 +251,11 @@ class FamLM(nnx.Module):
             if restart:
                 layer_cache = self._restart_fam(layer, layer_cache, initial, state, refresh, offset, key)
             x, out = layer(x, layer_cache, chunk, initial if inner_resets is not None else None, layer_perturb, key)
-            return (x, layer.initial_fam_step(initial, key) if restart else None), out
+            if not restart:
+                return (x, None), out
+            # Under fam_remat "keep"/"offload" the next layer's initial FAM is not rerun by remat either.
+            named = cfg.fam_remat != "rerun" and cfg.remat != "none"
+            return (x, (layer.initial_fam_step_named if named else layer.initial_fam_step)(initial, key)), out
         initial = self.fam_init[...].astype(jnp.float32) if restart else None
         (x, _), (cache, diagnostics) = self._scan_layers(body, (x, initial), cache, perturb,
                                                          self._layer_ids(dropout_key), remat=True)
