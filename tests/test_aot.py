@@ -63,6 +63,15 @@ def test_small_fam_config_compiles_with_memory_and_flops(tmp_path):
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
 
 
+def test_offloaded_residuals_are_reported_in_host_memory():
+    """fam_remat="offload" keeps the FAM loop's residuals in host memory: the report shows them beside the HBM."""
+    report = aot.compile_for_topology(_config(**{"model.remat": "full", "model.fam_remat": "offload"}), TOPOLOGY)
+    train = report["programs"]["train_step"]
+    assert train["fits"] and train["host_temp_bytes"] > 0
+    assert "GiB of host memory per device" in aot.format_report(report)
+    assert not aot.compile_for_topology(_config(), TOPOLOGY)["programs"]["train_step"]["host_temp_bytes"]
+
+
 @pytest.mark.slow
 def test_programs_are_traced_for_the_topology_platform():
     """On this CPU host the model picks TPU kernels for a TPU topology: attention_impl "auto" compiles the Pallas

@@ -183,6 +183,7 @@ def program_report(compiled, hbm: int) -> dict:
            "code_bytes": m.generated_code_size_in_bytes}
     total = out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"] + out["code_bytes"]
     out["peak_bytes"] = max(total, int(getattr(m, "peak_memory_in_bytes", 0) or 0))
+    out["host_temp_bytes"] = int(getattr(m, "host_temp_size_in_bytes", 0) or 0)  # e.g. offloaded residuals
     cost = compiled.cost_analysis()
     cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
     out["flops"] = float(cost.get("flops", float("nan")))
@@ -252,6 +253,8 @@ def format_report(report: dict) -> str:
                                      "margin_bytes")]
         lines.append(f"{label:<24}" + "".join(f"{v:>9.3f}" for v in gib)
                      + f"{'yes' if p['fits'] else 'NO':>6}{p['flops'] / 1e12:>10.3f}{p['bytes_accessed'] / 1e9:>13.2f}")
+        if p.get("host_temp_bytes"):
+            lines.append(f"{'':<24}and {p['host_temp_bytes'] / GIB:.3f} GiB of host memory per device (offloaded)")
     lines.append("peak = arguments + outputs - donated + temps + code (or XLA's peak if larger); margin = HBM - peak;\n"
                  "FLOPs, bytes accessed: XLA's count per device, a loop body once (one scanned layer, one FAM block, "
                  "one accumulation step)")
