@@ -31,6 +31,7 @@ SETTINGS = {
     "deferred unroll 2": dict(fam_deferred_grads=True, fam_unroll=2),
     "pallas attention": dict(fam_deferred_grads=True, attention_impl="pallas"),  # TPU's default kernel
     "keep loop residuals": dict(fam_deferred_grads=True, fam_remat="keep"),  # no rerun of the loop under remat
+    "offload loop residuals": dict(fam_deferred_grads=True, fam_remat="offload"),  # keep's, in host memory
 }
 # Instructions that do no work of their own (they alias, index or bookkeep); everything else is a kernel.
 _FREE = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "after-all", "partition-id",

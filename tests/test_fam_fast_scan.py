@@ -289,9 +289,9 @@ def _loss_grad(model, tokens):
 def test_fam_remat_keep_reads_the_loops_residuals_instead_of_running_it_again():
     """Under remat, fam_remat="keep" saves what the FAM loop stacks for its backward pass, and "offload" moves it
     to host memory and back: the gradient's program has one loop over the blocks fewer (no rerun; with remat
-    "full" and with "dots") and, with "full", fewer products of F rows alone (the next layer's initial FAM is
-    not rerun either), only "offload" has transfers to host memory, and the gradients are those of "rerun"."""
-    grads, loops, to_host, initial_rows = [], {}, {}, {}
+    "full" and with "dots"), only "offload" has transfers to host memory, and the gradients are those of
+    "rerun"."""
+    grads, loops, to_host = [], {}, {}
     for remat, mode in [(r, m) for r in ("full", "dots") for m in ("rerun", "keep", "offload")]:
         model, cfg, _ = make_model(seed=3, remat=remat, fam_remat=mode)
         tokens = jnp.asarray(random_tokens(2, 4 * cfg.block_size + 1, cfg.vocab_size, seed=1))
@@ -300,15 +300,11 @@ def test_fam_remat_keep_reads_the_loops_residuals_instead_of_running_it_again():
         loops[remat, mode] = len(_loops_over(jaxpr, 4))
         to_host[remat, mode] = sum("Host" in str(eqn.params["devices"]) for eqn in _all_eqns(jaxpr)
                                  if eqn.primitive.name == "device_put")
-        initial_rows[remat, mode] = sum(eqn.primitive.name == "dot_general" and eqn.outvars[0].aval.ndim == 2
-                                        and eqn.outvars[0].aval.shape[0] == cfg.num_fam for eqn in _all_eqns(jaxpr))
         if remat == "full":
             grads.append(nnx.to_flat_state(jax.jit(grad)(state)))
     for remat in ("full", "dots"):
         assert loops[remat, "keep"] == loops[remat, "offload"] == loops[remat, "rerun"] - 1, loops
         assert to_host[remat, "offload"] and not to_host[remat, "keep"] and not to_host[remat, "rerun"], to_host
-    # ("dots" saves every product's output anyway)
-    assert initial_rows["full", "keep"] == initial_rows["full", "offload"] < initial_rows["full", "rerun"], initial_rows
     _assert_same(grads[0], grads[1])
     _assert_same(grads[0], grads[2])
 

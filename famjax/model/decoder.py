@@ -168,18 +168,6 @@ class DecoderLayer(nnx.Module):
         a = fam + self.attn_out(heads, key).astype(jnp.float32)
         return a + self.ffn(a, key).astype(jnp.float32)
 
-    def initial_fam_step_named(self, fam, key=None):
-        """initial_fam_step(fam, key) as a one-step ops.deferred_scan, whose result and backward-pass residuals
-        carry FAM_LOOP_NAME: under fam_remat "keep" or "offload" a layer's remat then saves them as it saves the
-        FAM loop's, instead of running the F rows through the layer again in the backward pass."""
-        graphdef, state = nnx.split(self)
-
-        def step(params, s, _):
-            state, key = params
-            return nnx.merge(graphdef, state).initial_fam_step(s, key), None
-        return _deferred_layer_scan(step, (state, key), fam, jnp.zeros((1,)), dtype=self.cfg.compute_dtype,
-                                    unroll=1)[0]
-
     def __call__(self, x, cache: LayerCache, chunk: Chunk, initial_fam=None, perturb=None, dropout_key=None):
         """Returns (layer output [b, G, d], (cache after the chunk, diagnostics or None)).
 

@@ -251,11 +251,7 @@ class FamLM(nnx.Module):
             if restart:
                 layer_cache = self._restart_fam(layer, layer_cache, initial, state, refresh, offset, key)
             x, out = layer(x, layer_cache, chunk, initial if inner_resets is not None else None, layer_perturb, key)
-            if not restart:
-                return (x, None), out
-            # Under fam_remat "keep"/"offload" the next layer's initial FAM is not rerun by remat either.
-            named = cfg.fam_remat != "rerun" and cfg.remat != "none"
-            return (x, (layer.initial_fam_step_named if named else layer.initial_fam_step)(initial, key)), out
+            return (x, layer.initial_fam_step(initial, key) if restart else None), out
         initial = self.fam_init[...].astype(jnp.float32) if restart else None
         (x, _), (cache, diagnostics) = self._scan_layers(body, (x, initial), cache, perturb,
                                                          self._layer_ids(dropout_key), remat=True)
