@@ -9,7 +9,8 @@ This script reads the looped program itself (benchmarks/tpu_cost.py's config, la
 kernel of the compiled step (a fusion, an unfused op, a custom call) moves its operands and its result, times
 the trip counts of the loops around it. A fusion operand that is only sliced, directly or inside a nested
 fusion, counts its slices; an operand updated in place by a dynamic-update-slice counts nothing and the result
-(each result of a multi-output fusion) counts the update, read and written. Anything XLA's cost model sees
+(each result of a multi-output fusion) counts the update, read and written; an asynchronous slice to or from
+host memory (model.fam_remat="offload") counts its device side, the update or the slice, once. Anything XLA's cost model sees
 differently (e.g. a fusion that reads an operand twice) makes it an estimate; `--calibrate` compares it with
 XLA's count on the unrolled program.
 """
@@ -29,9 +30,19 @@ from famjax.tools import aot  # noqa: E402
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
           "f64": 8, "s64": 8, "u64": 8}
 _ARRAY = re.compile(r"\b(pred|bf16|[suf]\d+)\[([\d,]*)\]")
+_LAID_OUT = re.compile(r"\b(pred|bf16|[suf]\d+)\[([\d,]+)\](\{[^}]*\})?")  # an array with dims and its layout
+_HOST = "S(5)"  # the layout's memory space of host memory (TPU)
+_ASYNC_TRANSFERS = ("dynamic-update-slice-start", "dynamic-slice-start")  # the -done halves only wait
 _DEF = re.compile(r"^\s*(?:ROOT )?(%[\w.\-]+) = (.*?) ([\w\-]+)\((.*)$")  # name = type opcode(operands...
 _NAME = re.compile(r"%[\w.\-]+")
 _CALLEE = re.compile(r"calls=%?([\w.\-]+)")
+
+
+def device_part_bytes(type_text: str) -> int:
+    """Bytes of the arrays of an HLO type that live in device memory (not host memory), scalars left out: what an
+    asynchronous slice to or from host memory reads or writes on the device (the update, or the slice)."""
+    return sum(nbytes(f"{dtype}[{dims}]") for dtype, dims, layout in _LAID_OUT.findall(type_text)
+               if _HOST not in layout)
 
 
 def nbytes(type_text: str) -> int:
@@ -111,6 +122,11 @@ class Program:
             elif op in ("call", "conditional"):
                 for callee in fam_kernels._CALLS.findall(line):
                     yield from self.kernels(callee, times)
+            elif op in _ASYNC_TRANSFERS:  # host offload: the update or slice crosses to or from host memory
+                meta = re.search(r'op_name="([^"]*)"', line)
+                yield (device_part_bytes(type_text) * times, type_text, op, meta.group(1) if meta else "", times)
+            elif op.endswith("-done"):
+                continue
             elif op not in fam_kernels._FREE:
                 callee = _CALLEE.search(line) if op == "fusion" else None
                 read = sum(self.operand_read(callee.group(1), i, nbytes(types.get(o, ""))) if callee
@@ -145,8 +161,10 @@ def main():
             mesh = aot.meshlib.make_mesh(cfg.mesh, devices[:1])
             rows = sorted(Program(aot.compile_train_step(cfg, mesh).as_text()).kernels(), key=lambda r: -r[0])
             totals[mode] = sum(r[0] for r in rows)
+            host = sum(r[0] for r in rows if r[2] in _ASYNC_TRANSFERS)
             line = (f"  batch {batch} {mode:5s} {totals[mode] / 1e9:8.1f} GB in {len(rows)} kernels, "
-                    f"{sum(r[4] for r in rows)} launches")
+                    f"{sum(r[4] for r in rows)} launches" + (f" ({host / 1e9:.1f} GB of them to and from host "
+                                                              "memory)" if host else ""))
             if args.calibrate:
                 cfg = aot.prepare(tpu_cost.config(mode, batch, args.layers, args.seq_len, scan_layers=False,
                                                   model=overrides))
