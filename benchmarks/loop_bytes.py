@@ -125,7 +125,7 @@ class Program:
             elif op in _ASYNC_TRANSFERS:  # host offload: the update or slice crosses to or from host memory
                 meta = re.search(r'op_name="([^"]*)"', line)
                 yield (device_part_bytes(type_text) * times, type_text, op, meta.group(1) if meta else "", times)
-            elif op.endswith("-done"):
+            elif op in ("dynamic-update-slice-done", "dynamic-slice-done"):  # waits for the -start
                 continue
             elif op not in fam_kernels._FREE:
                 callee = _CALLEE.search(line) if op == "fusion" else None
