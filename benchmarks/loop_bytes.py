@@ -10,9 +10,9 @@ kernel of the compiled step (a fusion, an unfused op, a custom call) moves its o
 the trip counts of the loops around it. A fusion operand that is only sliced, directly or inside a nested
 fusion, counts its slices; an operand updated in place by a dynamic-update-slice counts nothing and the result
 (each result of a multi-output fusion) counts the update, read and written; an asynchronous slice to or from
-host memory (model.fam_remat="offload") counts its device side, the update or the slice, once. Anything XLA's cost model sees
-differently (e.g. a fusion that reads an operand twice) makes it an estimate; `--calibrate` compares it with
-XLA's count on the unrolled program.
+host memory (model.fam_remat="offload") counts its device side, the update or the slice, once. Anything XLA's
+cost model sees differently (e.g. a fusion that reads an operand twice) makes it an estimate; `--calibrate`
+compares it with XLA's count on the unrolled program.
 """
 import argparse
 import os
