@@ -122,18 +122,18 @@ class Program:
             elif op in ("call", "conditional"):
                 for callee in fam_kernels._CALLS.findall(line):
                     yield from self.kernels(callee, times)
-            elif op in _ASYNC_TRANSFERS:  # host offload: the update or slice crosses to or from host memory
-                meta = re.search(r'op_name="([^"]*)"', line)
-                yield (device_part_bytes(type_text) * times, type_text, op, meta.group(1) if meta else "", times)
-            elif op in ("dynamic-update-slice-done", "dynamic-slice-done"):  # waits for the -start
+            elif op in ("dynamic-update-slice-done", "dynamic-slice-done"):  # waits for its -start
                 continue
             elif op not in fam_kernels._FREE:
-                callee = _CALLEE.search(line) if op == "fusion" else None
-                read = sum(self.operand_read(callee.group(1), i, nbytes(types.get(o, ""))) if callee
-                           else nbytes(types.get(o, "")) for i, o in enumerate(operands))
+                if op in _ASYNC_TRANSFERS:  # host offload: the update or slice crosses to or from host memory
+                    moved = device_part_bytes(type_text)
+                else:
+                    callee = _CALLEE.search(line) if op == "fusion" else None
+                    moved = self.result_bytes(type_text, op, line) + sum(
+                        self.operand_read(callee.group(1), i, nbytes(types.get(o, ""))) if callee
+                        else nbytes(types.get(o, "")) for i, o in enumerate(operands))
                 meta = re.search(r'op_name="([^"]*)"', line)
-                yield ((read + self.result_bytes(type_text, op, line)) * times, type_text, op,
-                       meta.group(1) if meta else "", times)
+                yield moved * times, type_text, op, meta.group(1) if meta else "", times
 
 
 def main():

@@ -29,17 +29,17 @@ def remat_policy(cfg: ModelConfig):
     if cfg.fam_remat == "rerun" or not cfg.num_fam:
         return policy
     if cfg.fam_remat == "keep":
-        keep = jax.checkpoint_policies.save_only_these_names(FAM_LOOP_NAME)
-        return keep if policy is None else jax.checkpoint_policies.save_from_both_policies(policy, keep)
-    offload = jax.checkpoint_policies.save_and_offload_only_these_names(
-        names_which_can_be_saved=[], names_which_can_be_offloaded=[FAM_LOOP_NAME], offload_src="device",
-        offload_dst="pinned_host")
+        fam = jax.checkpoint_policies.save_only_these_names(FAM_LOOP_NAME)
+    else:
+        fam = jax.checkpoint_policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=[], names_which_can_be_offloaded=[FAM_LOOP_NAME], offload_src="device",
+            offload_dst="pinned_host")
     if policy is None:
-        return offload
+        return fam
 
-    def saved_or_offloaded(prim, *args, **params):  # save_from_both_policies takes boolean policies only
-        return True if policy(prim, *args, **params) else offload(prim, *args, **params)
-    return saved_or_offloaded
+    def either(prim, *args, **params):  # save_from_both_policies takes boolean policies only, not offloading
+        return True if policy(prim, *args, **params) else fam(prim, *args, **params)
+    return either
 
 
 class FamLM(nnx.Module):
