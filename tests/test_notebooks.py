@@ -8,6 +8,9 @@ import time
 import nbformat
 import pytest
 
+# The suite's XLA flags (conftest.py) with one CPU device (the last occurrence of a flag wins).
+ONE_DEVICE_XLA_FLAGS = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=1"
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK_DIR = os.path.join(REPO, "notebooks")
 NOTEBOOKS = sorted(glob.glob(os.path.join(NOTEBOOK_DIR, "*.ipynb")))
@@ -76,7 +79,7 @@ def execute(path: str, tmp_path, **env) -> str:
 
     nb = read(path)
     kernel_env = dict(os.environ, FAMJAX_NB_SMOKE="1", FAMJAX_NB_WORKDIR=str(tmp_path / "work"), MPLBACKEND="Agg",
-                      JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1", **env)
+                      JAX_PLATFORMS="cpu", XLA_FLAGS=ONE_DEVICE_XLA_FLAGS, **env)
     t0 = time.time()
     NotebookClient(nb, kernel_name="python3", timeout=600, resources={"metadata": {"path": NOTEBOOK_DIR}}
                    ).execute(env=kernel_env)  # a failing cell raises CellExecutionError with its traceback

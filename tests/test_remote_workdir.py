@@ -122,6 +122,7 @@ def test_paths_layer_on_gcs(gcs):
     assert _names(root) == ["corrupt-a", "m"]
 
 
+@pytest.mark.slow
 def test_train_resume_and_restore_on_gcs(gcs, passkey_dir, tmp_path, monkeypatch, capsys):
     """Acceptance: checkpoints, config.json, metrics.jsonl and TensorBoard land in the bucket; a second train
     with more steps resumes from the saved step; restore_model loads the run from gs://, famjax.evals writes

@@ -1,5 +1,5 @@
 """The suite's own set-up (the repository's conftest.py): a test that crashes its pytest-xdist worker runs once
-more on a fresh worker, and fails the run if it crashes again."""
+more on a fresh worker, and fails the run if it crashes again; files with a slow case run first."""
 import os
 import shutil
 import subprocess
@@ -40,3 +40,15 @@ def test_a_crashed_test_reruns_once_and_a_second_crash_fails(tmp_path):
     rc, summary, out = run_pytest(tmp_path, "crashes_always", CRASH_ALWAYS="1")
     assert rc == 1, out
     assert "1 failed" in summary and "1 rerun" in summary, out
+
+
+def test_files_with_a_slow_case_are_collected_first(tmp_path):
+    shutil.copy(os.path.join(ROOT, "conftest.py"), tmp_path / "conftest.py")
+    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers = slow\n")
+    (tmp_path / "test_a.py").write_text("def test_a1():\n    pass\n\ndef test_a2():\n    pass\n")
+    (tmp_path / "test_b.py").write_text("import pytest\n\ndef test_b1():\n    pass\n\n"
+                                        "@pytest.mark.slow\ndef test_b2():\n    pass\n")
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    ids = [line for line in out.stdout.splitlines() if "::" in line]
+    assert ids == ["test_b.py::test_b1", "test_b.py::test_b2", "test_a.py::test_a1", "test_a.py::test_a2"], out.stdout

@@ -14,6 +14,9 @@ from famjax.train import optim
 from famjax.train.config import resolve, sibling_config, validate
 from famjax.train.step import passkey_exact, position_offsets
 
+# The suite's XLA flags (conftest.py) with one CPU device (the last occurrence of a flag wins).
+ONE_DEVICE_XLA_FLAGS = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=1"
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -69,7 +72,7 @@ def losses(workdir) -> dict:
 
 def run_main(args, env_extra=None, timeout=300, **popen):
     """Starts `python -m famjax.main args` (1 CPU device unless env_extra says otherwise); returns Popen."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=ONE_DEVICE_XLA_FLAGS,
                PYTHONPATH=REPO)
     env.update(env_extra or {})
     return subprocess.Popen([sys.executable, "-m", "famjax.main", *args], env=env, cwd=REPO,

@@ -149,6 +149,7 @@ def test_checkpoint_holds_trained_leaves_and_base_pointer_and_resumes(passkey_di
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_train_resumes_and_refuses_another_base(passkey_dir, bases, tmp_path):
     base = str(tmp_path / "base")
     shutil.copytree(bases[0], base)

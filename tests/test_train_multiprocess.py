@@ -16,6 +16,9 @@ from famjax.train import optim
 from famjax.train.state import abstract_model, create_train_state
 from famjax.train.step import make_train_step
 
+# The suite's XLA flags (conftest.py) with one CPU device (the last occurrence of a flag wins).
+ONE_DEVICE_XLA_FLAGS = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=1"
+
 STEPS = 3
 
 
@@ -44,7 +47,7 @@ def test_two_processes_match_one(passkey_dir, tmp_path):
     """One real 2-process run, as a user starts it (launch/local_processes.sh), is also the launcher's test."""
     work = tmp_path / "run"
     over = dict(tiny_cli(passkey_dir), **{"train.steps": STEPS, "checkpoint.every_steps": 2})
-    env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": ONE_DEVICE_XLA_FLAGS}
     r = sh("local_processes.sh", "2", "configs/passkey_tiny.py", str(work), *cli_args(over), env=env, timeout=600)
     logs = {i: (work / f"process_{i}.log").read_text() for i in range(2)}
     assert r.returncode == 0, (r.stderr, logs)

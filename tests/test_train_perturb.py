@@ -58,7 +58,9 @@ def test_state_noise_training_equals_the_recorded_run(passkey_dir, name):
     losses, total, square = _steps(_config(passkey_dir, noise=0.3, drift=0.2, keep_norm=keep))
     want_losses, want_total, want_square = REFERENCE[name]
     np.testing.assert_allclose(losses, want_losses, rtol=1e-6)
-    np.testing.assert_allclose([total, square], [want_total, want_square], rtol=1e-5)
+    # The sum of the updates cancels (|total| ~ 1 from updates whose squares sum to 0.27): its rounding is absolute.
+    np.testing.assert_allclose(total, want_total, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(square, want_square, rtol=1e-5)
     if keep:
         return
     assert abs(losses[0] - 4.619052410125732) > 1e-3  # without noise the first loss was this: noise reaches it

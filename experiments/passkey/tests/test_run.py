@@ -12,6 +12,9 @@ from experiments.passkey import phase_sweep
 from experiments.passkey.run import digit_accuracy, eval_examples, output_stem
 from famjax.train.config import sibling_config
 
+# The suite's XLA flags (conftest.py) with one CPU device (the last occurrence of a flag wins).
+ONE_DEVICE_XLA_FLAGS = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=1"
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
@@ -24,7 +27,7 @@ def test_run_smoke_preset_writes_table_and_plot(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "experiments.passkey.run", "--preset=smoke", "--models=fam_m0", f"--out={out}",
            f"--set=data.data_dir={tmp_path / 'data'}", "--set=data.read_threads=0", "--set=data.prefetch_batches=0"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=ONE_DEVICE_XLA_FLAGS)
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     rows = json.loads((out / "passkey.json").read_text())

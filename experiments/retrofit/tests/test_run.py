@@ -11,6 +11,9 @@ import pytest
 from experiments.retrofit import run
 from famjax.train.config import model_config, resolve, validate
 
+# The suite's XLA flags (conftest.py) with one CPU device (the last occurrence of a flag wins).
+ONE_DEVICE_XLA_FLAGS = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=1"
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 PRESET = os.path.join(REPO, "configs", "smollm2_fam_lora.py")
 
@@ -115,7 +118,7 @@ def test_smoke_run_on_a_tiny_llama_writes_every_table(tiny_llama, tmp_path):
     2 LoRA steps, every eval runs, every table and plot is written."""
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "experiments.retrofit.run", f"--out={out}", *smoke_args(tiny_llama, tmp_path)]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=ONE_DEVICE_XLA_FLAGS)
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
