@@ -18,7 +18,7 @@ $(STAMP): setup.py | $(BIN)/python
 install: $(STAMP)
 
 # Two pytest workers (one per CI core) sharing one XLA compilation cache (conftest.py): the suite is
-# compile-bound; 547-557 tests take 17.5-32 min on the 2-core machine (its speed varies from day to day).
+# compile-bound; 558 tests took 20 min on the 2-core machine (its speed varies from day to day).
 PYTEST_ARGS ?= -n 2
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests experiments $(PYTEST_ARGS)
