@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 from test_launch import sh
-from test_train_common import cli_args, passkey_dir, tiny_cli, tiny_config  # noqa: F401
+from test_train_common import ONE_DEVICE_XLA_FLAGS, cli_args, passkey_dir, tiny_cli, tiny_config  # noqa: F401
 from test_train_resume import losses
 
 import famjax.data as fd
@@ -15,9 +15,6 @@ from famjax.train import mesh as meshlib
 from famjax.train import optim
 from famjax.train.state import abstract_model, create_train_state
 from famjax.train.step import make_train_step
-
-# The suite's XLA flags (conftest.py) with one CPU device (the last occurrence of a flag wins).
-ONE_DEVICE_XLA_FLAGS = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=1"
 
 STEPS = 3
 
