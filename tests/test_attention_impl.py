@@ -147,7 +147,7 @@ def test_pallas_runs_the_fam_rows_attention_too():
     in training's deferred scan too; the tests above then compare it with xla."""
     model, cfg, _ = make_model(seed=4, attention_impl="pallas", **CASES["fam"])
     with kernel_calls("cpu") as calls:
-        nnx.grad(_loss)(model, random_tokens(2, 13, cfg.vocab_size, seed=5))
+        nnx.jit(nnx.grad(_loss))(model, random_tokens(2, 13, cfg.vocab_size, seed=5))
     assert (cfg.num_fam, (cfg.num_fam, cfg.block_size)) in calls, calls
 
 

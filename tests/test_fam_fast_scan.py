@@ -269,7 +269,7 @@ def test_carried_fam_queries_equal_queries_projected_per_block():
     for carried in (True, False):
         scan = real if carried else functools.partial(real, qkv_fn=None)
         with mock.patch.object(ops, "fam_scan", scan):
-            outs.append(nnx.grad(loss, has_aux=True)(model))
+            outs.append(nnx.jit(nnx.grad(loss, has_aux=True))(model))
     (g1, logits1), (g0, logits0) = outs
     np.testing.assert_allclose(logits1, logits0, rtol=1e-5, atol=1e-5)
     _assert_same(nnx.to_flat_state(g0), nnx.to_flat_state(g1))
