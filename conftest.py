@@ -34,9 +34,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache_dir = tempfile.mkdtemp(prefix="famjax_tests_xla_cache_")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
     atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
-# Programs that compile in under half a second (three in four of the suite's, mostly ops run eagerly) are not
-# written: JAX's cache scans its whole directory under the lock on every write, so each entry makes every later
-# write slower (60 ms per write at 1000 entries on the CI machine), and such programs cost less to compile again.
+# Programs that compile in under half a second (most of the suite's, mostly single ops that tests run eagerly) are
+# not written: JAX's cache lists and reads its whole directory under the lock on every write, so each entry makes
+# every later write slower (60 ms a write at 1000 entries on the 2-core machine under load); such programs cost less
+# to compile again (docs/design.md).
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # A size limit turns on the cache's file lock: workers and subprocesses read and write entries concurrently.
@@ -55,10 +56,11 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.path not in slow_files)
 
 
-# A test that kills its pytest-xdist worker is run again on a fresh worker, up to twice. XLA has aborted (SIGABRT;
-# about one suite run in 15 until 2026-11-30, one test in each of four runs on 2026-12-01, the same test in two of
-# them) in executable.serialize() while JAX wrote a compilation-cache entry of a test that passed on its rerun:
-# a flake, not a failing test. A test that crashes three times still fails the run; a rerun is named in the summary.
+# A test that kills its pytest-xdist worker is run again on a fresh worker, up to twice. XLA has crashed (SIGABRT
+# about one suite run in 15 until 2026-11-30; a segmentation fault in each of six runs on 2026-12-01, five times in
+# the same test) in executable.serialize() while JAX wrote a compilation-cache entry of a test that passed on its
+# rerun: a flake, not a failing test. A test that crashes three times still fails the run; a rerun is named in the
+# summary.
 CRASH_RERUNS = 2
 _crashes: dict = {}
 
