@@ -349,8 +349,9 @@ def test_state_grad_false_moves_the_last_fam_update_out_of_the_differentiated_lo
     if nb > 1:
         def jaxpr(sg):
             return jax.make_jaxpr(jax.grad(lambda p: loss(p, sg)[0]))(params).jaxpr
-        loops = {sg: len(_loops_over(jaxpr(sg), nb)) for sg in (True, False)}
+        jaxprs = {sg: jaxpr(sg) for sg in (True, False)}
+        loops = {sg: len(_loops_over(jaxprs[sg], nb)) for sg in (True, False)}
         assert loops[True] and not loops[False], loops
         # As many loops over the other blocks as before (with fam_remat="keep": no rerun of the loop, whose final
         # carry the last block's tokens now read).
-        assert len(_loops_over(jaxpr(False), nb - 1)) == loops[True]
+        assert len(_loops_over(jaxprs[False], nb - 1)) == loops[True]
