@@ -1,6 +1,7 @@
 """make_iterator end to end: resume, hosts, seeds, local_text, catalog datasets, config errors."""
 import json
 import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -75,6 +76,20 @@ def test_resume_take_n_save_take_m_restore_take_m(tmp_path, text_dir, kind):
     other = fd.make_iterator(cfg, block_size=BLOCK, process_index=0, process_count=2)
     with pytest.raises(ValueError, match="different data config"):
         other.set_state(state)
+
+
+@pytest.mark.parametrize("kind", ["passkey", "local_text"])
+def test_preparing_a_dataset_leaves_nothing_in_the_temp_dir(tmp_path, text_dir, kind, monkeypatch):
+    """tfds creates, and never removes, a temporary folder to look for a fresh builder's metadata on GCS;
+    famjax's builders skip that lookup."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    cfg = passkey_cfg(tmp_path / "data") if kind == "passkey" else text_cfg(tmp_path / "data", text_dir)
+    it = fd.make_iterator(cfg, block_size=BLOCK, process_index=0, process_count=1)
+    next(it)
+    it.close()
+    assert os.listdir(tmp) == []
 
 
 def test_passkey_batches_for_the_trainer(tmp_path):

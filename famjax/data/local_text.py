@@ -111,7 +111,7 @@ class FamjaxLocalText(tfds.core.GeneratorBasedBuilder):
     BUILDER_CONFIGS = [LocalTextConfig(name="default")]  # noqa: RUF012  (tfds reads this class attribute)
 
     def _info(self):
-        return tfds.core.DatasetInfo(
+        return tfds_util.LocalDatasetInfo(
             builder=self,
             description="Local text files, one document per file.",
             features=tfds.features.FeaturesDict({"text": tfds.features.Text(), "path": tfds.features.Text()}),

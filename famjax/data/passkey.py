@@ -153,7 +153,7 @@ class FamjaxPasskey(tfds.core.GeneratorBasedBuilder):
         super().__init__(**kwargs)
 
     def _info(self):
-        return tfds.core.DatasetInfo(
+        return tfds_util.LocalDatasetInfo(
             builder=self,
             description="PassKey retrieval (TransformerFAM, arXiv 2404.09173), token ids of one tokenizer.",
             features=tfds.features.FeaturesDict({

@@ -12,6 +12,19 @@ from tensorflow_datasets.core.utils import tqdm_utils
 BuilderT = TypeVar("BuilderT", bound=tfds.core.DatasetBuilder)
 
 
+class LocalDatasetInfo(tfds.core.DatasetInfo):
+    """The DatasetInfo of a dataset famjax generates on the machine (PassKey, local text): no GCS lookup.
+
+    tfds looks for a builder's metadata in its GCS bucket whenever the builder's files are not written yet; it
+    first creates a temporary folder for them and never removes it, even with GCS access off (as without
+    TensorFlow), so every fresh dataset left an empty folder in the system's temp directory. famjax's datasets
+    are never in that bucket.
+    """
+
+    def initialize_from_bucket(self) -> None:
+        return None
+
+
 def _not_custom_config_warning(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("Using custom data configuration")
 
