@@ -17,8 +17,8 @@ import tempfile
 # a compile and buys little at test sizes, so it is turned off (measured on two test files: a third less time).
 # XLA's older CPU fusion emitter compiles faster than its MLIR fusion emitters (the default): the whole suite took
 # 748 s instead of 1223 s, 22 instead of 37 CPU minutes (docs/design.md).
-# They change how fast the code runs, not what it computes (no fast-math either way). Subprocesses that tests start
-# inherit these flags; those that need one device append --xla_force_host_platform_device_count=1 (the last
+# These flags change how fast the code runs, not what it computes (no fast-math either way). Subprocesses that
+# tests start inherit them; those that need one device append --xla_force_host_platform_device_count=1 (the last
 # occurrence of a flag wins).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
                       "--xla_cpu_enable_concurrency_optimized_scheduler=false "

@@ -169,9 +169,22 @@ def test_bswa_state_with_zero_size_leaves_checkpoints(passkey_dir, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def _train_restores(c) -> list:
+    """Records the steps of the train-state restores that Checkpointer c starts from now on."""
+    steps, restore = [], c._mngr.restore
+
+    def spy(step, *args, **kwargs):
+        if "train" in kwargs.get("args", {}).keys():
+            steps.append(step)
+        return restore(step, *args, **kwargs)
+    c._mngr.restore = spy
+    return steps
+
+
 def test_packed_checkpoint_restores_for_document_streams(passkey_dir, tmp_path, caplog):
     """A packed-rows run fine-tuned as document streams (data.passkey.chain): everything but the streams is
-    restored, and the streams start as a new run starts them."""
+    restored, and the streams start as a new run starts them. Which case it is comes from the checkpoint's
+    metadata: one restore each, none started only to fail."""
     from famjax.train.state import fresh_streams
 
     cfg = tiny_config(passkey_dir)
@@ -181,10 +194,12 @@ def test_packed_checkpoint_restores_for_document_streams(passkey_dir, tmp_path, 
     c.save(ts2, None)
     c.wait()
     abstract, shardings = abstract_train_state(cfg, tx, mesh, stream=True)
+    restores = _train_restores(c)
     with caplog.at_level("WARNING"):
         restored, _, step = c.restore(abstract)
     c.close()
     assert step == 2 and restored.stream is None and "holds no stream state" in caplog.text
+    assert restores == [2]
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(ts2)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     filled = fresh_streams(cfg, restored, shardings)
@@ -204,10 +219,11 @@ def test_packed_checkpoint_restores_for_document_streams(passkey_dir, tmp_path, 
     half.data.batch_size = cfg.data.batch_size // 2
     abstract_half, _ = abstract_train_state(half, tx, mesh, stream=True)
     assert abstract_half.stream_offset.shape != new.stream_offset.shape
+    restores = _train_restores(c)
     with caplog.at_level("WARNING"):
         restored, _, step = c.restore(abstract_half)
     c.close()
-    assert step == 0 and restored.stream is None and "another batch size" in caplog.text
+    assert step == 0 and restored.stream is None and "another batch size" in caplog.text and restores == [0]
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(new.replace(stream=None, stream_offset=None))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # A checkpoint that is unreadable for another reason still fails (here: every step corrupt).

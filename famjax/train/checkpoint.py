@@ -200,28 +200,33 @@ class Checkpointer:
     def _restore_step(self, s: int, items: dict, abstract: TrainState) -> TrainState:
         """Restores step s. For document streams, a checkpoint without streams of this run's shape (saved by a
         packed-rows run, or by a stream run with another batch size, e.g. a fine-tune with a new batch) comes
-        back with stream=None: everything else is restored and the caller starts the streams fresh."""
-        try:
+        back with stream=None: everything else is restored and the caller starts the streams fresh. Which case
+        it is comes from the stored metadata, so no restore is started only to fail (orbax would leave its other
+        reads pending)."""
+        stored = self._stored_train(s) if abstract.stream is not None else None
+        bare = abstract.replace(stream=None, stream_offset=None)
+        train = _train_tree(bare)
+        streams = {k: x for k, x in _train_tree(abstract).items() if k not in train}
+        if stored is None or all(k in stored and tuple(stored[k].shape) == x.shape for k, x in streams.items()):
             out = self._mngr.restore(s, args=ocp.args.Composite(**items))
             return _from_train_tree(out["train"], abstract, out["params"])
-        except Exception as first:
-            if abstract.stream is None:
-                raise
-            bare = abstract.replace(stream=None, stream_offset=None)
-            train = _train_tree(bare)
-            try:
-                # The stream leaves come last (TrainState's field order): whatever the checkpoint holds beyond
-                # the bare keys is its streams, read as stored and dropped.
-                stored = self._mngr.item_metadata(s)["train"]
-                extra = {k: jax.ShapeDtypeStruct(m.shape, m.dtype) for k, m in stored.items() if k not in train}
-                out = self._mngr.restore(s, args=ocp.args.Composite(
-                    **{**items, "train": ocp.args.StandardRestore({**train, **extra})}))
-            except Exception:
-                raise first from None
-            _LOG.warning("checkpoint step %d in %s holds no stream state of this run's shape (saved by a "
-                         "packed-rows run or with another batch size); the document streams start fresh",
-                         s, self.directory)
-            return _from_train_tree(out["train"], bare, out["params"])  # reads only the bare keys
+        # The stream leaves come last (TrainState's field order): whatever the checkpoint holds beyond the bare
+        # keys is its streams, read as stored and dropped.
+        extra = {k: jax.ShapeDtypeStruct(m.shape, m.dtype) for k, m in stored.items() if k not in train}
+        out = self._mngr.restore(s, args=ocp.args.Composite(
+            **{**items, "train": ocp.args.StandardRestore({**train, **extra})}))
+        _LOG.warning("checkpoint step %d in %s holds no stream state of this run's shape (saved by a "
+                     "packed-rows run or with another batch size); the document streams start fresh",
+                     s, self.directory)
+        return _from_train_tree(out["train"], bare, out["params"])  # reads only the bare keys
+
+    def _stored_train(self, s: int) -> dict | None:
+        """The stored metadata {key: (shape, dtype)} of step s's train tree; None when it cannot be read (the
+        restore then fails and says why)."""
+        try:
+            return dict(self._mngr.item_metadata(s)["train"])
+        except Exception:  # noqa: BLE001  an unreadable step is the restore's to report
+            return None
 
     def close(self) -> None:
         self.wait()
