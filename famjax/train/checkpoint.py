@@ -203,15 +203,14 @@ class Checkpointer:
         back with stream=None: everything else is restored and the caller starts the streams fresh. Which case
         it is comes from the stored metadata, so no restore is started only to fail (orbax would leave its other
         reads pending)."""
-        stored = self._stored_train(s) if abstract.stream is not None else None
-        bare = abstract.replace(stream=None, stream_offset=None)
-        train = _train_tree(bare)
-        streams = {k: x for k, x in _train_tree(abstract).items() if k not in train}
-        if stored is None or all(k in stored and tuple(stored[k].shape) == x.shape for k, x in streams.items()):
+        stored = self._stored_without_streams(s, abstract)
+        if stored is None:
             out = self._mngr.restore(s, args=ocp.args.Composite(**items))
             return _from_train_tree(out["train"], abstract, out["params"])
         # The stream leaves come last (TrainState's field order): whatever the checkpoint holds beyond the bare
         # keys is its streams, read as stored and dropped.
+        bare = abstract.replace(stream=None, stream_offset=None)
+        train = _train_tree(bare)
         extra = {k: jax.ShapeDtypeStruct(m.shape, m.dtype) for k, m in stored.items() if k not in train}
         out = self._mngr.restore(s, args=ocp.args.Composite(
             **{**items, "train": ocp.args.StandardRestore({**train, **extra})}))
@@ -220,13 +219,20 @@ class Checkpointer:
                      s, self.directory)
         return _from_train_tree(out["train"], bare, out["params"])  # reads only the bare keys
 
-    def _stored_train(self, s: int) -> dict | None:
-        """The stored metadata {key: (shape, dtype)} of step s's train tree; None when it cannot be read (the
-        restore then fails and says why)."""
+    def _stored_without_streams(self, s: int, abstract: TrainState) -> dict | None:
+        """The stored metadata {key: (shape, dtype)} of step s's train tree when `abstract` wants document
+        streams that the step lacks or holds in another shape; None otherwise, and when the metadata cannot be
+        read (the restore then fails and says why)."""
+        if abstract.stream is None:
+            return None
         try:
-            return dict(self._mngr.item_metadata(s)["train"])
+            stored = dict(self._mngr.item_metadata(s)["train"])
         except Exception:  # noqa: BLE001  an unreadable step is the restore's to report
             return None
+        bare = _train_tree(abstract.replace(stream=None, stream_offset=None))
+        streams = {k: x for k, x in _train_tree(abstract).items() if k not in bare}
+        same = all(k in stored and tuple(stored[k].shape) == x.shape for k, x in streams.items())
+        return None if same else stored
 
     def close(self) -> None:
         self.wait()
