@@ -37,6 +37,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache_dir = tempfile.mkdtemp(prefix="famjax_tests_xla_cache_")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
     atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+# libtpu (the TPU compile checks) writes a few log files per process that compiles for a TPU topology, by default
+# into /tmp/tpu_logs; the suite's go to a temporary directory removed at exit.
+if "TPU_LOG_DIR" not in os.environ:
+    _tpu_logs = tempfile.mkdtemp(prefix="famjax_tests_tpu_logs_")
+    os.environ["TPU_LOG_DIR"] = _tpu_logs
+    atexit.register(shutil.rmtree, _tpu_logs, ignore_errors=True)
 # Programs that compile in under half a second (most of the suite's, mostly single ops that tests run eagerly) are
 # not written: JAX's cache lists and reads its whole directory under the lock on every write, so each entry makes
 # every later write slower (60 ms a write at 1000 entries on the 2-core machine under load); such programs cost less
