@@ -309,6 +309,34 @@ def test_fam_remat_keep_reads_the_loops_residuals_instead_of_running_it_again():
     _assert_same(grads[0], grads[2])
 
 
+def _products_of_rows(jaxpr, rows) -> collections.Counter:
+    """The weight products x [rows, in] @ w [in, out] of a jaxpr (nested ones included), by operand shapes."""
+    found = collections.Counter()
+    for eqn in _all_eqns(jaxpr):
+        if eqn.primitive.name != "dot_general":
+            continue
+        x, w = (v.aval for v in eqn.invars)
+        (x_axes, w_axes), _ = eqn.params["dimension_numbers"]
+        if x.ndim == 2 and x.shape[0] == rows and tuple(x_axes) == (1,) and tuple(w_axes) == (0,):
+            found[x.shape, w.shape] += 1
+    return found
+
+
+@pytest.mark.parametrize("fam_remat", ["rerun", "keep", "offload"])
+def test_remat_keeps_the_initial_fams_products(fam_remat):
+    """The initial FAM's pass through each layer (F rows, whatever the batch) is saved by the layer's remat
+    policy: the gradient's program under remat "full" computes each of its weight products (the F-row
+    products outside the FAM loop, whose rows are b * F) as often as without remat, i.e. once."""
+    counts = {}
+    for remat in ("none", "full"):
+        model, cfg, _ = make_model(seed=3, remat=remat, fam_remat=fam_remat)
+        tokens = jnp.asarray(random_tokens(2, 4 * cfg.block_size + 1, cfg.vocab_size, seed=1))
+        grad, state = _loss_grad(model, tokens)
+        counts[remat] = _products_of_rows(jax.make_jaxpr(grad)(state).jaxpr, cfg.fam_len)
+    assert sum(counts["none"].values()) == 7, counts  # q, k, v, out, gate, up, down
+    assert counts["full"] == counts["none"], counts
+
+
 @pytest.mark.parametrize("overrides,nb,reset_block", [
     (dict(remat="full"), 4, 3),
     (dict(remat="full", fam_remat="keep", fam_deferred_grads=True, lora_rank=2, lora_dropout=0.3), 4, None),

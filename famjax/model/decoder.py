@@ -18,7 +18,7 @@ from flax import nnx
 
 from famjax import ops
 from famjax.model.config import ModelConfig
-from famjax.model.modules import MLP, AttentionProjections, Norm, row_keys, sub_key
+from famjax.model.modules import MLP, AttentionProjections, Norm, named_products, row_keys, sub_key
 from famjax.model.sharding import constrain, per_shard
 from famjax.model.state import LayerCache
 
@@ -158,15 +158,19 @@ class DecoderLayer(nnx.Module):
 
     def initial_fam_step(self, fam, key=None):
         """Returns S_0 of the next layer from this layer's S_0 [F, d]: the F rows alone, like a block with
-        no tokens (full attention among themselves at positions -F..-1, normal residual, FFN)."""
+        no tokens (full attention among themselves at positions -F..-1, normal residual, FFN).
+
+        Its weight products are tagged INITIAL_FAM_NAME, which FamLM's remat policy saves: they do not depend
+        on the batch (F rows per layer), and the backward pass then runs none of them again."""
         key = sub_key(key, self.SITE_INITIAL_FAM)
         positions = self.fam_positions(jnp.asarray(-1), jnp.asarray(0))
-        h = self.norm1(fam, self.cfg.compute_dtype)
-        q = self.attn.query(h, positions, key)
-        k, v = self.attn.key_value(h, positions, key)
-        heads = self.attention(q[None, None], [(k[None, None], v[None, None], None)])[0, 0]
-        a = fam + self.attn_out(heads, key).astype(jnp.float32)
-        return a + self.ffn(a, key).astype(jnp.float32)
+        with named_products(INITIAL_FAM_NAME):
+            h = self.norm1(fam, self.cfg.compute_dtype)
+            q = self.attn.query(h, positions, key)
+            k, v = self.attn.key_value(h, positions, key)
+            heads = self.attention(q[None, None], [(k[None, None], v[None, None], None)])[0, 0]
+            a = fam + self.attn_out(heads, key).astype(jnp.float32)
+            return a + self.ffn(a, key).astype(jnp.float32)
 
     def __call__(self, x, cache: LayerCache, chunk: Chunk, initial_fam=None, perturb=None, dropout_key=None):
         """Returns (layer output [b, G, d], (cache after the chunk, diagnostics or None)).
@@ -391,6 +395,8 @@ def _dot_product_attention(q, segment, scale):
 # What the FAM loop stacks for its backward pass is tagged with this name; FamLM's remat policy saves it under
 # ModelConfig.fam_remat="keep" (or moves to host memory under "offload").
 FAM_LOOP_NAME = "famjax_fam_loop"
+# The initial FAM's weight products in DecoderLayer.initial_fam_step; FamLM's remat policy always saves them.
+INITIAL_FAM_NAME = "famjax_initial_fam"
 _KERNEL = re.compile(r"\['(attn|mlp)'\]\['(q|k|v|o|gate|up|down)'\]")
 
 

@@ -8,7 +8,7 @@ from flax import nnx
 
 from famjax import ops
 from famjax.model.config import ModelConfig
-from famjax.model.decoder import FAM_LOOP_NAME, Chunk, DecoderLayer
+from famjax.model.decoder import FAM_LOOP_NAME, INITIAL_FAM_NAME, Chunk, DecoderLayer
 from famjax.model.modules import Norm, normal, param, sub_key
 from famjax.model.sharding import constrain
 from famjax.model.state import FamState, LayerCache, reset_rows
@@ -21,19 +21,21 @@ _REMAT_POLICIES = {
 
 
 def remat_policy(cfg: ModelConfig):
-    """The jax.checkpoint policy of one layer under cfg.remat (not "none"); with cfg.fam_remat="keep" it also
-    saves what the layer's FAM loop stacks for its backward pass (ops.deferred_scan's save_name), so that the
-    backward pass does not run the loop again; with "offload" it moves those arrays to host memory in the
-    forward and back for the backward pass instead."""
+    """The jax.checkpoint policy of one layer under cfg.remat (not "none"). With FAM it also saves the initial
+    FAM's weight products (INITIAL_FAM_NAME: F rows per layer, whatever the batch), and with cfg.fam_remat="keep"
+    what the layer's FAM loop stacks for its backward pass (ops.deferred_scan's save_name), so that the backward
+    pass does not run the loop again; with "offload" it moves those arrays to host memory in the forward and
+    back for the backward pass instead."""
     policy = _REMAT_POLICIES[cfg.remat]
-    if cfg.fam_remat == "rerun" or not cfg.num_fam:
+    if not cfg.num_fam:
         return policy
-    if cfg.fam_remat == "keep":
-        fam = jax.checkpoint_policies.save_only_these_names(FAM_LOOP_NAME)
-    else:
+    if cfg.fam_remat == "offload":
         fam = jax.checkpoint_policies.save_and_offload_only_these_names(
-            names_which_can_be_saved=[], names_which_can_be_offloaded=[FAM_LOOP_NAME], offload_src="device",
-            offload_dst="pinned_host")
+            names_which_can_be_saved=[INITIAL_FAM_NAME], names_which_can_be_offloaded=[FAM_LOOP_NAME],
+            offload_src="device", offload_dst="pinned_host")
+    else:
+        fam = jax.checkpoint_policies.save_only_these_names(
+            INITIAL_FAM_NAME, *([FAM_LOOP_NAME] if cfg.fam_remat == "keep" else []))
     if policy is None:
         return fam
 

@@ -4,6 +4,8 @@ Parameters carry logical axis names ("embed", "q_heads", "kv_heads", "head_dim",
 layer stack adds "layers"), which the trainer maps to mesh axes. Compute happens in `cfg.dtype`, parameters are
 stored in `cfg.param_dtype`, and norms and softmax run in float32.
 """
+import contextlib
+import contextvars
 import functools
 import itertools
 import math
@@ -11,6 +13,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from famjax import ops
 from famjax.model.config import LORA_TARGETS, ModelConfig
@@ -26,6 +29,25 @@ def normal(stddev):
     return nnx.initializers.normal(stddev)
 
 
+_PRODUCT_NAME = contextvars.ContextVar("famjax_product_name", default=None)
+
+
+@contextlib.contextmanager
+def named_products(name: str):
+    """Within the block, every `dense` product is tagged `name` (jax.ad_checkpoint.checkpoint_name), so that a
+    remat policy naming it keeps the product instead of recomputing it in the backward pass."""
+    token = _PRODUCT_NAME.set(name)
+    try:
+        yield
+    finally:
+        _PRODUCT_NAME.reset(token)
+
+
+def _named(y):
+    name = _PRODUCT_NAME.get()
+    return y if name is None else checkpoint_name(y, name)
+
+
 def dense(x, kernel, dtype, in_axes: int = 1):
     """Returns x [..., n] @ kernel [*in, *out] as [..., *out], computed as one 2-D matmul (n = prod(in), the
     kernel's first in_axes axes).
@@ -36,18 +58,18 @@ def dense(x, kernel, dtype, in_axes: int = 1):
     Flattening the leading axes first matters on CPU: with several contracting axes in the weight gradient,
     XLA materialises transposed [hidden, tokens] copies that cost more than the matmuls themselves. The product
     goes through ops.tap, so inside the FAM's deferred-gradient scan the kernel's gradient is formed after the
-    loop (famjax.ops.deferred).
+    loop (famjax.ops.deferred); inside `named_products` it is tagged with that name.
     """
     if isinstance(kernel, tuple):
         ws = tuple(k[...] for k in kernel)
         n = math.prod(ws[0].shape[:in_axes])
         x2 = x.reshape(-1, n).astype(dtype)
-        y = ops.tap(ws, x2, x2 @ jnp.concatenate([w.astype(dtype).reshape(n, -1) for w in ws], axis=1))
+        y = _named(ops.tap(ws, x2, x2 @ jnp.concatenate([w.astype(dtype).reshape(n, -1) for w in ws], axis=1)))
         return y.reshape(*x.shape[:-1], -1)
     w = kernel[...]
     n = math.prod(w.shape[:in_axes])
     x2 = x.reshape(-1, n).astype(dtype)
-    y = ops.tap(w, x2, x2 @ w.astype(dtype).reshape(n, -1))
+    y = _named(ops.tap(w, x2, x2 @ w.astype(dtype).reshape(n, -1)))
     return y.reshape(*x.shape[:-1], *w.shape[in_axes:])
 
 
