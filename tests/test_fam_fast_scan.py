@@ -309,16 +309,17 @@ def test_fam_remat_keep_reads_the_loops_residuals_instead_of_running_it_again():
     _assert_same(grads[0], grads[2])
 
 
-def _products_of_rows(jaxpr, rows) -> collections.Counter:
-    """The weight products x [rows, in] @ w [in, out] of a jaxpr (nested ones included), by operand shapes."""
+def _weight_products(jaxpr) -> collections.Counter:
+    """The weight products x [rows, in] @ w [in, out] of a jaxpr (nested ones included), counted by (rows, w's
+    shape)."""
     found = collections.Counter()
     for eqn in _all_eqns(jaxpr):
         if eqn.primitive.name != "dot_general":
             continue
         x, w = (v.aval for v in eqn.invars)
         (x_axes, w_axes), _ = eqn.params["dimension_numbers"]
-        if x.ndim == 2 and x.shape[0] == rows and tuple(x_axes) == (1,) and tuple(w_axes) == (0,):
-            found[x.shape, w.shape] += 1
+        if x.ndim == 2 and w.ndim == 2 and tuple(x_axes) == (1,) and tuple(w_axes) == (0,):
+            found[x.shape[0], w.shape] += 1
     return found
 
 
@@ -332,9 +333,35 @@ def test_remat_keeps_the_initial_fams_products(fam_remat):
         model, cfg, _ = make_model(seed=3, remat=remat, fam_remat=fam_remat)
         tokens = jnp.asarray(random_tokens(2, 4 * cfg.block_size + 1, cfg.vocab_size, seed=1))
         grad, state = _loss_grad(model, tokens)
-        counts[remat] = _products_of_rows(jax.make_jaxpr(grad)(state).jaxpr, cfg.fam_len)
+        found = _weight_products(jax.make_jaxpr(grad)(state).jaxpr)
+        counts[remat] = {key: n for key, n in found.items() if key[0] == cfg.fam_len}
     assert sum(counts["none"].values()) == 7, counts  # q, k, v, out, gate, up, down
     assert counts["full"] == counts["none"], counts
+
+
+def test_rows_that_start_from_the_initial_fam_share_its_keys():
+    """The initial FAM's keys and values are projected once per layer (F rows) and rotated to each row's
+    positions: a fresh call and a packed call (rows restarting inside the chunk) have no key or value product of
+    b * F rows outside the FAM loop (the loop projects them with the queries, as one product); a fresh state the
+    caller made (whose rows may hold a FAM that carries context: start_from_fam) projects its rows' FAMs. The
+    logits are the same either way."""
+    model, cfg, _ = make_model(seed=3)
+    b, t = 2, 4 * cfg.block_size
+    tokens = jnp.asarray(random_tokens(b, t, cfg.vocab_size, seed=1))
+    start = np.zeros((b, t), bool)
+    start[0, 2 * cfg.block_size] = True
+    calls = {"fresh": lambda m: m(tokens)[0], "given state": lambda m: m(tokens, m.init_state(b))[0],
+             "packed": lambda m: m(tokens, segment_start=jnp.asarray(start))[0],
+             "packed, given state": lambda m: m(tokens, m.init_state(b), segment_start=jnp.asarray(start))[0]}
+    graphdef, params = nnx.split(model)
+    kv_shape = (cfg.d_model, cfg.num_kv_heads * cfg.head_dim)
+    per_row = {}
+    for name, call in calls.items():
+        products = _weight_products(jax.make_jaxpr(lambda p, call=call: call(nnx.merge(graphdef, p)))(params).jaxpr)
+        per_row[name] = products[b * cfg.fam_len, kv_shape]
+    assert per_row == {"fresh": 0, "given state": 2, "packed": 0, "packed, given state": 2}, per_row
+    np.testing.assert_allclose(calls["fresh"](model), calls["given state"](model), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(calls["packed"](model), calls["packed, given state"](model), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("overrides,nb,reset_block", [

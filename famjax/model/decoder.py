@@ -157,8 +157,10 @@ class DecoderLayer(nnx.Module):
         return self.attn.query_key_value(self.norm1(fam, self.cfg.compute_dtype), rope, q_key, kv_key)
 
     def initial_fam_step(self, fam, key=None):
-        """Returns S_0 of the next layer from this layer's S_0 [F, d]: the F rows alone, like a block with
-        no tokens (full attention among themselves at positions -F..-1, normal residual, FFN).
+        """Returns (S_0 of the next layer [F, d], this S_0's keys before RoPE and its values, each [F, KV, hd])
+        from this layer's S_0 [F, d]: the F rows alone, like a block with no tokens (full attention among
+        themselves at positions -F..-1, normal residual, FFN). initial_fam_key_value rotates the keys to a row's
+        positions: every row that starts from S_0 reads these keys and values, so they are projected once.
 
         Its weight products are tagged INITIAL_FAM_NAME, which FamLM's remat policy saves: they do not depend
         on the batch (F rows per layer), and the backward pass then runs none of them again."""
@@ -167,15 +169,24 @@ class DecoderLayer(nnx.Module):
         with named_products(INITIAL_FAM_NAME):
             h = self.norm1(fam, self.cfg.compute_dtype)
             q = self.attn.query(h, positions, key)
-            k, v = self.attn.key_value(h, positions, key)
+            k0, v = self.attn.unrotated_key_value(h, key)
+            k = self.attn.rotate(k0, positions)
             heads = self.attention(q[None, None], [(k[None, None], v[None, None], None)])[0, 0]
             a = fam + self.attn_out(heads, key).astype(jnp.float32)
-            return a + self.ffn(a, key).astype(jnp.float32)
+            return a + self.ffn(a, key).astype(jnp.float32), (k0, v)
+
+    def initial_fam_key_value(self, initial_kv, block_index, offset):
+        """Keys/values [b, F, KV, hd] of the initial FAM read as the FAM of block block_index [b] (-1 for a row
+        that starts from it) at the rows' position offsets [b]; initial_kv: initial_fam_step's (keys before RoPE,
+        values) [F, KV, hd]."""
+        k, v = (jnp.broadcast_to(a, offset.shape + a.shape) for a in initial_kv)
+        return self.attn.rotate(k, self.fam_rope(block_index, offset)), v
 
     def __call__(self, x, cache: LayerCache, chunk: Chunk, initial_fam=None, perturb=None, dropout_key=None):
         """Returns (layer output [b, G, d], (cache after the chunk, diagnostics or None)).
 
-        x: grid input [b, G, d]; initial_fam: this layer's initial FAM [F, d], needed for chunk.resets;
+        x: grid input [b, G, d]; initial_fam: (this layer's initial FAM [F, d], its keys before RoPE and values
+            [F, KV, hd], initial_fam_step's), needed for chunk.resets;
         perturb: None or this layer's ops.Perturbation of every new FAM (training only; see ops.fam_scan);
         dropout_key: None or this layer's LoRA dropout key (training only).
         """
@@ -298,9 +309,10 @@ class DecoderLayer(nnx.Module):
 
         initial = None
         if chunk.resets is not None:
+            fam0, initial_kv = initial_fam
             b = offset.shape[0]
-            fam0 = jnp.broadcast_to(initial_fam, (b,) + initial_fam.shape)
-            initial = (fam0, *kv_fn(params, fam0, index_inputs(jnp.full((b,), -1))))
+            initial = (jnp.broadcast_to(fam0, (b,) + fam0.shape),
+                       *self.initial_fam_key_value(initial_kv, jnp.full((b,), -1), offset))
         scan = None
         if cfg.fam_deferred_grads and chunk.all_complete and not chunk.collect:
             scan = functools.partial(_deferred_layer_scan, dtype=dtype, unroll=cfg.fam_unroll)

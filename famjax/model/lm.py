@@ -126,15 +126,23 @@ class FamLM(nnx.Module):
         parameters (its attention sees relative positions only), so it is computed once, unbatched.
         """
         def body(layer, s, index):
-            return layer.initial_fam_step(s, self._layer_key(dropout_key, index)), s
+            return layer.initial_fam_step(s, self._layer_key(dropout_key, index))[0], s
         return self._scan_layers(body, self.fam_init[...].astype(jnp.float32), self._layer_ids(dropout_key))[1]
 
-    def _restart_fam(self, layer, cache, initial, state, refresh, offset, key):
-        """Returns one layer's cache whose initial rows hold the layer's initial FAM `initial` [F, d], with fresh
-        FAM keys/values (those of the FAM held before state.pos) where `refresh` [b] is set."""
-        fam = jnp.where(state.is_initial[:, None, None], initial, cache.fam)
+    def _restart_fam(self, layer, cache, initial, state, refresh, offset, key, carried: bool):
+        """Returns one layer's cache whose initial rows hold the layer's initial FAM (initial: (S_0 [F, d], its
+        keys before RoPE and values), DecoderLayer.initial_fam_step's), with fresh FAM keys/values (those of the
+        FAM held before state.pos) where `refresh` [b] is set. Initial rows rotate the initial FAM's keys; only
+        with `carried` (a fresh state given by the caller, whose rows may hold a FAM that carries context:
+        start_from_fam, RSP) are the other rows' FAMs projected."""
+        fam0, initial_kv = initial
+        fam = jnp.where(state.is_initial[:, None, None], fam0, cache.fam)
         block = state.pos // self.cfg.block_size - 1
-        fam_k, fam_v = layer.fam_key_value(fam, block, offset, sub_key(key, layer.SITE_STATE_FAM_KV))
+        fam_k, fam_v = layer.initial_fam_key_value(initial_kv, block, offset)
+        if carried:
+            own_k, own_v = layer.fam_key_value(fam, block, offset, sub_key(key, layer.SITE_STATE_FAM_KV))
+            initial_rows = state.is_initial[:, None, None, None]
+            fam_k, fam_v = jnp.where(initial_rows, fam_k, own_k), jnp.where(initial_rows, fam_v, own_v)
         sel = refresh[:, None, None, None]
         return cache.replace(fam=fam, fam_k=jnp.where(sel, fam_k, cache.fam_k),
                              fam_v=jnp.where(sel, fam_v, cache.fam_v))
@@ -208,6 +216,8 @@ class FamLM(nnx.Module):
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer) or tokens.shape[1] < 1:
             raise ValueError(f"tokens must be int [batch, T] with T >= 1, got {tokens.dtype} {tokens.shape}")
         b, t = tokens.shape
+        # Only a fresh state given by the caller may have rows that start from a FAM other than the initial FAM.
+        carried = state is not None and state.fresh
         if state is None:
             cap = max(cfg.max_len, t) if cfg.attention == "full" else None
             state = self.init_state(b, max_len=cap, initial_fam=False)  # a fresh call installs it (below)
@@ -248,12 +258,15 @@ class FamLM(nnx.Module):
         x = constrain(x, "batch", None, "embed")
 
         def body(layer, carry, layer_cache, layer_perturb, index):
-            x, initial = carry  # initial: this layer's initial FAM S_0^l [F, d] (None unless restart)
+            x, fam0 = carry  # fam0: this layer's initial FAM S_0^l [F, d] (None unless restart)
             key = self._layer_key(dropout_key, index)
+            initial, next_fam0 = None, None
             if restart:
-                layer_cache = self._restart_fam(layer, layer_cache, initial, state, refresh, offset, key)
+                next_fam0, initial_kv = layer.initial_fam_step(fam0, key)
+                initial = (fam0, initial_kv)
+                layer_cache = self._restart_fam(layer, layer_cache, initial, state, refresh, offset, key, carried)
             x, out = layer(x, layer_cache, chunk, initial if inner_resets is not None else None, layer_perturb, key)
-            return (x, layer.initial_fam_step(initial, key) if restart else None), out
+            return (x, next_fam0), out
         initial = self.fam_init[...].astype(jnp.float32) if restart else None
         (x, _), (cache, diagnostics) = self._scan_layers(body, (x, initial), cache, perturb,
                                                          self._layer_ids(dropout_key), remat=True)

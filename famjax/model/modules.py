@@ -230,8 +230,16 @@ class AttentionProjections(nnx.Module, LoRA):
 
     def key_value(self, x, positions, key=None):
         """x: [..., T, d] (normed) -> keys (with RoPE) and values, each [..., T, KV, hd]."""
-        k = apply_rope(self._project_bias("k", x, key), positions, self.rope_base)
-        return k, self._project_bias("v", x, key)
+        k, v = self.unrotated_key_value(x, key)
+        return self.rotate(k, positions), v
+
+    def unrotated_key_value(self, x, key=None):
+        """key_value's keys before RoPE (rotate them with `rotate`) and its values, each [..., T, KV, hd]."""
+        return self._project_bias("k", x, key), self._project_bias("v", x, key)
+
+    def rotate(self, x, positions):
+        """x [..., T, heads, hd] rotated by RoPE at positions int [..., T] (or their ops.rope_rotation)."""
+        return apply_rope(x, positions, self.rope_base)
 
     def query_key_value(self, x, positions, q_key=None, kv_key=None):
         """x: [..., T, d] (normed), positions int [..., T] -> query(x, positions, q_key) and key_value(x,

@@ -171,9 +171,12 @@ def make_train_step(cfg, graphdef, tx: optax.GradientTransformation, *, streamin
             use_rsp = jnp.zeros((), bool)
         else:
             offset = position_offsets(jax.random.fold_in(key, _RPO), rows, cfg) if rpo else None
-            state0 = model.init_state(rows, initial_fam=False)  # the call installs it
+            # Without RSP the model makes the fresh state itself, and so knows that every row starts from the
+            # initial FAM (it then projects the initial FAM's keys once, not per row).
+            state0 = None
             use_rsp = ts.rsp_valid & (jax.random.uniform(jax.random.fold_in(key, _RSP)) < rsp_p)
             if rsp_p > 0:
+                state0 = model.init_state(rows, initial_fam=False)  # the call installs it
                 saved = jax.lax.stop_gradient(ts.rsp_fam)[:, None]
                 state0 = _seed_rows(state0, jnp.broadcast_to(saved, state0.layers.fam.shape),
                                     jnp.broadcast_to(use_rsp, (rows,)))
@@ -194,7 +197,8 @@ def make_train_step(cfg, graphdef, tx: optax.GradientTransformation, *, streamin
         else:
             micro_keys = None if dropout_key is None else jax.vmap(
                 lambda i: jax.random.fold_in(dropout_key, i))(jnp.arange(k))
-            xs = (_rows(micro_batch, k, lambda _: 0), _split_state(state0, k), _rows(offset, k, lambda _: 0),
+            xs = (_rows(micro_batch, k, lambda _: 0), None if state0 is None else _split_state(state0, k),
+                  _rows(offset, k, lambda _: 0),
                   _rows(fam_perturb, k, lambda _: 1), micro_keys)
 
             def body(acc, x):
@@ -238,10 +242,8 @@ def make_eval_step(cfg, graphdef, *, streaming: bool):
     block = model_config(cfg).block_size
 
     def eval_step(params, batch, stream):
-        rows = batch["tokens"].shape[0]
-        model = nnx.merge(graphdef, params)
-        state0 = stream if streaming else model.init_state(rows, initial_fam=False)
-        logits, state = _forward(graphdef, params, batch, state0, None, None, streaming=streaming)
+        logits, state = _forward(graphdef, params, batch, stream if streaming else None, None, None,
+                                 streaming=streaming)
         ce, _, w, correct, count = cross_entropy(logits, batch["targets"], batch["loss_mask"])
         sums = {"loss_sum": ce, "weight": w, "correct": correct, "count": count.astype(jnp.float32)}
         if "answer_mask" in batch and not streaming:
