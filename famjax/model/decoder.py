@@ -73,7 +73,8 @@ class DecoderLayer(nnx.Module):
     A = X + PostAttnNorm(Attn(Norm1(X))), out = A + PostFFNNorm(FFN(Norm2(A))), FAM rows included.
 
     `key` arguments are LoRA dropout keys (None: no dropout); every call site folds in its own id (SITE_*), the
-    FAM recurrence also the block index, so no two uses of the adapters share a mask.
+    FAM recurrence also the block index, so no two uses of the adapters share a mask. The initial FAM's keys and
+    values are one projection per layer (initial_fam_step), which every row that starts from it reads.
     """
     SITE_TOKENS, SITE_FAM_UPDATE, SITE_FAM_KV, SITE_INITIAL_FAM, SITE_STATE_FAM_KV = range(5)
 
