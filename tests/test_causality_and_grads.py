@@ -87,3 +87,24 @@ def test_start_from_fam_seeds_every_row_with_the_given_fam():
     assert np.abs(seeded - fresh).max() > 1e-3
     with pytest.raises(ValueError, match="fam must be"):
         model.start_from_fam(2, saved[:, None])
+
+
+def test_a_fresh_state_may_mix_initial_rows_and_rows_that_carry_a_fam():
+    """A fresh state whose row 0 starts from the initial FAM and row 1 from a carried FAM (as RSP may build one):
+    row 0's logits are those of a fresh call; row 1 reads its own FAM's keys and values at positions -F..-1, i.e.
+    the logits of a state that holds them already (projected here layer by layer, not by the call)."""
+    model, cfg, _ = make_model(seed=5, attention="fam", block_size=4, memory_blocks=1, fam_len=3)
+    tokens = random_tokens(2, 8, cfg.vocab_size, seed=6)
+    _, after = jit_apply(model, tokens)
+    carried = model.start_from_fam(2, after.layers.fam[:, 0])
+    mixed = carried.replace(is_initial=jnp.array([True, False]))
+    got = np.asarray(jit_apply(model, tokens, mixed)[0])
+    np.testing.assert_allclose(got[0], np.asarray(jit_apply(model, tokens)[0])[0], rtol=1e-5, atol=1e-5)
+
+    def keys(layer, _, fam):  # the FAM of block -1, as the state would hold it after a block
+        return None, layer.fam_key_value(fam, jnp.full((2,), -1), jnp.zeros((2,), jnp.int32))
+    _, (fam_k, fam_v) = model._scan_layers(keys, None, carried.layers.fam)
+    held = carried.replace(layers=carried.layers.replace(fam_k=fam_k, fam_v=fam_v), fresh=False)
+    want = np.asarray(jit_apply(model, tokens, held)[0])
+    assert np.abs(want[1] - np.asarray(jit_apply(model, tokens)[0])[1]).max() > 1e-3
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-5)
