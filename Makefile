@@ -18,7 +18,7 @@ $(STAMP): setup.py | $(BIN)/python
 install: $(STAMP)
 
 # Two pytest workers (one per CI core) sharing one XLA compilation cache (conftest.py): the suite is
-# compile-bound; 564 tests took 12-13 min on the 2-core machine (its speed varies from run to run).
+# compile-bound; 565 tests took 13-15 min on the 2-core machine (its speed varies from run to run).
 PYTEST_ARGS ?= -n 2
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests experiments $(PYTEST_ARGS)
