@@ -326,8 +326,8 @@ def _weight_products(jaxpr) -> collections.Counter:
 @pytest.mark.parametrize("fam_remat", ["rerun", "keep", "offload"])
 def test_remat_keeps_the_initial_fams_products(fam_remat):
     """The initial FAM's pass through each layer (F rows, whatever the batch) is saved by the layer's remat
-    policy: the gradient's program under remat "full" computes each of its weight products (the F-row
-    products outside the FAM loop, whose rows are b * F) as often as without remat, i.e. once."""
+    policy: the gradient's program under remat "full" computes each of its weight products (those of F rows;
+    the FAM loop's have b * F) as often as without remat, i.e. once."""
     counts = {}
     for remat in ("none", "full"):
         model, cfg, _ = make_model(seed=3, remat=remat, fam_remat=fam_remat)
