@@ -28,21 +28,25 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
                       "--xla_cpu_use_fusion_emitters=false")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+
+def _temporary_dir_unless_set(variable: str, prefix: str) -> None:
+    """Points environment variable `variable`, unless already set, at a new temporary directory removed at exit
+    (by the process that made it: the xdist controller, whose workers and subprocesses inherit the variable)."""
+    if variable not in os.environ:
+        path = tempfile.mkdtemp(prefix=prefix)
+        os.environ[variable] = path
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+
+
 # Compiling is most of the suite's time on CPU, and the suite compiles the same small programs many times: in
 # several tests, in both pytest workers (they inherit this environment from the xdist controller, which loads
 # this file first) and in the `python -m famjax.main` / notebook subprocesses that tests start. One persistent
 # compilation cache per run lets each program compile once. It starts empty, so a run reuses nothing from an
 # earlier one; set JAX_COMPILATION_CACHE_DIR to keep a cache between runs.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    _cache_dir = tempfile.mkdtemp(prefix="famjax_tests_xla_cache_")
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
-    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+_temporary_dir_unless_set("JAX_COMPILATION_CACHE_DIR", "famjax_tests_xla_cache_")
 # libtpu (the TPU compile checks) writes a few log files per process that compiles for a TPU topology, by default
 # into /tmp/tpu_logs; the suite's go to a temporary directory removed at exit.
-if "TPU_LOG_DIR" not in os.environ:
-    _tpu_logs = tempfile.mkdtemp(prefix="famjax_tests_tpu_logs_")
-    os.environ["TPU_LOG_DIR"] = _tpu_logs
-    atexit.register(shutil.rmtree, _tpu_logs, ignore_errors=True)
+_temporary_dir_unless_set("TPU_LOG_DIR", "famjax_tests_tpu_logs_")
 # Programs that compile in under half a second (most of the suite's, mostly single ops that tests run eagerly) are
 # not written: JAX's cache lists and reads its whole directory under the lock on every write, so each entry makes
 # every later write slower (60 ms a write at 1000 entries on the 2-core machine under load); such programs cost less

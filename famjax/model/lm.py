@@ -267,8 +267,8 @@ class FamLM(nnx.Module):
                 layer_cache = self._restart_fam(layer, layer_cache, initial, state, refresh, offset, key, carried)
             x, out = layer(x, layer_cache, chunk, initial if inner_resets is not None else None, layer_perturb, key)
             return (x, next_fam0), out
-        initial = self.fam_init[...].astype(jnp.float32) if restart else None
-        (x, _), (cache, diagnostics) = self._scan_layers(body, (x, initial), cache, perturb,
+        fam0 = self.fam_init[...].astype(jnp.float32) if restart else None
+        (x, _), (cache, diagnostics) = self._scan_layers(body, (x, fam0), cache, perturb,
                                                          self._layer_ids(dropout_key), remat=True)
 
         h = self.final_norm(x if chunk.compact else ops.from_grid(x, chunk.phase, t), cfg.compute_dtype)

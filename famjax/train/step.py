@@ -158,7 +158,6 @@ def make_train_step(cfg, graphdef, tx: optax.GradientTransformation, *, streamin
     def train_step(ts: TrainState, batch: dict):
         rows = batch["tokens"].shape[0]
         key = jax.random.fold_in(jax.random.wrap_key_data(ts.rng), ts.step)
-        model = nnx.merge(graphdef, ts.params)
         mask = trainable_mask(cfg, ts.params)
         trained, frozen = (ts.params, None) if mask is None else split(ts.params, mask)
         dropout_key = jax.random.fold_in(key, _DROPOUT) if dropout else None
@@ -176,7 +175,7 @@ def make_train_step(cfg, graphdef, tx: optax.GradientTransformation, *, streamin
             state0 = None
             use_rsp = ts.rsp_valid & (jax.random.uniform(jax.random.fold_in(key, _RSP)) < rsp_p)
             if rsp_p > 0:
-                state0 = model.init_state(rows, initial_fam=False)  # the call installs it
+                state0 = nnx.merge(graphdef, ts.params).init_state(rows, initial_fam=False)  # the call installs it
                 saved = jax.lax.stop_gradient(ts.rsp_fam)[:, None]
                 state0 = _seed_rows(state0, jnp.broadcast_to(saved, state0.layers.fam.shape),
                                     jnp.broadcast_to(use_rsp, (rows,)))
