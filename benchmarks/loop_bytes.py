@@ -10,9 +10,16 @@ kernel of the compiled step (a fusion, an unfused op, a custom call) moves its o
 the trip counts of the loops around it. A fusion operand that is only sliced, directly or inside a nested
 fusion, counts its slices; an operand updated in place by a dynamic-update-slice counts nothing and the result
 (each result of a multi-output fusion) counts the update, read and written; an asynchronous slice to or from
-host memory (model.fam_remat="offload") counts its device side, the update or the slice, once. Anything XLA's
+host memory (model.fam_remat="offload") counts its device side, the update or the slice, once; a buffer the
+compiler allocates without writing it (custom call AllocateBuffer) counts nothing. Anything XLA's
 cost model sees differently (e.g. a fusion that reads an operand twice) makes it an estimate; `--calibrate`
 compares it with XLA's count on the unrolled program.
+
+It also sums the TPU compiler's own time estimate of every kernel (the `estimated_cycles` its cost model writes
+into each kernel's backend config, times the loops' trip counts): the closest thing to a step time a program
+compiled without a chip offers. Kernels the compiler gives no estimate (scalar bookkeeping, some reshapes and
+gathers, transfers to and from host memory, Pallas kernels, which carry their own FLOPs and bytes instead) are
+counted apart, so a ratio of two programs is only as good as that coverage.
 """
 import argparse
 import os
@@ -36,6 +43,8 @@ _ASYNC_TRANSFERS = ("dynamic-update-slice-start", "dynamic-slice-start")  # the 
 _DEF = re.compile(r"^\s*(?:ROOT )?(%[\w.\-]+) = (.*?) ([\w\-]+)\((.*)$")  # name = type opcode(operands...
 _NAME = re.compile(r"%[\w.\-]+")
 _CALLEE = re.compile(r"calls=%?([\w.\-]+)")
+_CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
+_ALLOCATION = 'custom_call_target="AllocateBuffer"'  # a buffer left uninitialised (a loop's stacked outputs): no work
 
 
 def device_part_bytes(type_text: str) -> int:
@@ -111,8 +120,9 @@ class Program:
         return total
 
     def kernels(self, comp: str | None = None, times: int = 1):
-        """Yields (bytes, type, opcode, op_name, launches) of every kernel run by `comp` (default: the entry),
-        counted `times` x the trip counts of the loops it sits in (launches: that factor)."""
+        """Yields (bytes, type, opcode, op_name, launches, cycles) of every kernel run by `comp` (default: the
+        entry), counted `times` x the trip counts of the loops it sits in (launches: that factor; cycles: the
+        compiler's estimate, None where it gives none)."""
         comp = comp or self.entry
         types = {r[0]: r[1] for r in self.defs.get(comp, [])}
         for _, type_text, op, operands, line in self.defs.get(comp, []):
@@ -124,7 +134,7 @@ class Program:
                     yield from self.kernels(callee, times)
             elif op in ("dynamic-update-slice-done", "dynamic-slice-done"):  # waits for its -start
                 continue
-            elif op not in fam_kernels._FREE:
+            elif op not in fam_kernels._FREE and _ALLOCATION not in line:
                 if op in _ASYNC_TRANSFERS:  # host offload: the update or slice crosses to or from host memory
                     moved = device_part_bytes(type_text)
                 else:
@@ -133,7 +143,9 @@ class Program:
                         self.operand_read(callee.group(1), i, nbytes(types.get(o, ""))) if callee
                         else nbytes(types.get(o, "")) for i, o in enumerate(operands))
                 meta = re.search(r'op_name="([^"]*)"', line)
-                yield moved * times, type_text, op, meta.group(1) if meta else "", times
+                cycles = _CYCLES.search(line)
+                yield (moved * times, type_text, op, meta.group(1) if meta else "", times,
+                       int(cycles.group(1)) * times if cycles else None)
 
 
 def main():
@@ -152,19 +164,23 @@ def main():
     jax.config.update("jax_enable_compilation_cache", False)
     devices = aot.topology_devices(args.topology)
     overrides = tpu_cost.model_overrides(args.model)
-    print(f"{devices[0].device_kind}: {args.layers} layers, {args.seq_len} tokens per row; estimated bytes of the "
-          "looped train step")
+    print(f"{devices[0].device_kind}: {args.layers} layers, {args.seq_len} tokens per row; estimated bytes and "
+          "cycles of the looped train step")
     for batch in (int(b) for b in args.batches.split(",")):
-        totals = {}
+        totals, cycles = {}, {}
         for mode in args.modes.split(","):
             cfg = aot.prepare(tpu_cost.config(mode, batch, args.layers, args.seq_len, model=overrides))
             mesh = aot.meshlib.make_mesh(cfg.mesh, devices[:1])
             rows = sorted(Program(aot.compile_train_step(cfg, mesh).as_text()).kernels(), key=lambda r: -r[0])
             totals[mode] = sum(r[0] for r in rows)
+            cycles[mode] = sum(r[5] for r in rows if r[5] is not None)
             host = sum(r[0] for r in rows if r[2] in _ASYNC_TRANSFERS)
+            unestimated = [r for r in rows if r[5] is None and r[0] >= 1 << 20]  # scalar bookkeeping left out
             line = (f"  batch {batch} {mode:5s} {totals[mode] / 1e9:8.1f} GB in {len(rows)} kernels, "
                     f"{sum(r[4] for r in rows)} launches" + (f" ({host / 1e9:.1f} GB of them to and from host "
-                                                              "memory)" if host else ""))
+                                                              "memory)" if host else "")
+                    + f"; compiler's estimate {cycles[mode] / 1e6:.1f} M cycles ({len(unestimated)} kernels moving "
+                    f"{sum(r[0] for r in unestimated) / 1e9:.1f} GB without one)")
             if args.calibrate:
                 cfg = aot.prepare(tpu_cost.config(mode, batch, args.layers, args.seq_len, scan_layers=False,
                                                   model=overrides))
@@ -175,11 +191,13 @@ def main():
                 line += f"; unrolled: estimate {estimate / 1e9:.1f} GB, XLA {xla / 1e9:.1f} GB"
             print(line, flush=True)
             for r in rows[:args.top]:
-                print(f"      {r[0] / 1e6:9.1f} MB  {r[2]:10s} {re.sub(r'{[^}]*}', '', r[1])[:70]:70s} "
-                      f"{r[3][-60:]}")
+                cost = "-" if r[5] is None else f"{r[5] / 1e3:.0f}"
+                print(f"      {r[0] / 1e6:9.1f} MB {cost:>9s} k cycles  {r[2]:10s} "
+                      f"{re.sub(r'{[^}]*}', '', r[1])[:70]:70s} {r[3][-60:]}")
         for mode in totals:
             if mode != "bswa" and "bswa" in totals:
-                print(f"  batch {batch} {mode} / bswa: {totals[mode] / totals['bswa']:.3f}x")
+                print(f"  batch {batch} {mode} / bswa: bytes {totals[mode] / totals['bswa']:.3f}x, estimated "
+                      f"cycles {cycles[mode] / cycles['bswa']:.3f}x")
 
 
 if __name__ == "__main__":

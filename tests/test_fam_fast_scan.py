@@ -143,8 +143,10 @@ def test_deferred_gradients_with_training_inputs(kw):
 
 
 def test_deferred_scan_splits_the_gradient_of_weights_tapped_together():
-    """ops.tap((w1, w2), x, x @ [w1 | w2]): one product, each weight gets its own columns of X^T dY; tapping a
-    member of a group again in the same step is refused."""
+    """ops.tap((w1, w2), x, x @ [w1 | w2]): one product, each weight gets its own columns of X^T dY, formed as one
+    product per weight in the weight's own shape (not one product over the group split afterwards, nor a 2-D
+    product reshaped: on TPU each would copy the float32 gradient once more); tapping a member of a group again
+    in the same step is refused."""
     w, o, h0, xs = _toy_inputs()
     w = {**w, "c": 0.5 * jax.random.normal(jax.random.key(9), (8, 5))}
 
@@ -170,6 +172,10 @@ def test_deferred_scan_splits_the_gradient_of_weights_tapped_together():
     for name in w:
         assert np.abs(np.asarray(want[name])).max() > 0, name
         np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    jaxpr = jax.make_jaxpr(jax.grad(functools.partial(loss, functools.partial(ops.deferred_scan, step,
+                                                                               dtype=jnp.float32))))(w).jaxpr
+    shapes = _dot_shapes(jaxpr)
+    assert {w["a"].shape, w["c"].shape} <= shapes, shapes  # [8, 2, 3] and [8, 5], each a product of its own
     twice = functools.partial(step, tap_a_again=True)
     with pytest.raises(ValueError, match="'.*a.*' is used twice"):
         jax.grad(functools.partial(loss, functools.partial(ops.deferred_scan, twice, dtype=jnp.float32)))(w)

@@ -17,6 +17,7 @@ import contextlib
 import contextvars
 import dataclasses
 import itertools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -110,6 +111,19 @@ def _named(tree, name, steps, keep):
     return jax.tree.map(tag, tree)
 
 
+def _weight_gradient(x, dy, weight):
+    """X^T dY in the weight's own shape and dtype: x [rows, in], dy [rows, out], weight [*in axes, *out axes].
+
+    One product per weight, written in the weight's shape: a product over the concatenated outputs of several
+    weights (tap's tuple) followed by a split, or a [in, out] product reshaped to [in, heads, head_dim], would
+    each make the compiler copy the float32 gradient once more (on TPU, a relayout of every such gradient)."""
+    sizes = list(weight.shape)
+    split = next(i for i in range(len(sizes) + 1) if math.prod(sizes[:i]) == x.shape[-1])
+    dw = jnp.tensordot(x.reshape(-1, *sizes[:split]), dy.reshape(-1, *sizes[split:]), axes=(0, 0),
+                       preferred_element_type=jnp.float32)
+    return dw.astype(weight.dtype)
+
+
 def deferred_scan(step, weights: dict, others, carry, xs, *, dtype, unroll: int = 1, save_name: str | None = None):
     """Returns jax.lax.scan(lambda c, x: step(weights, others, c, x), carry, xs), with deferred weight gradients.
 
@@ -194,14 +208,13 @@ def deferred_scan(step, weights: dict, others, carry, xs, *, dtype, unroll: int 
                                     (d_of, jax.tree.flatten(others), o_float)))
         d_weights = dict.fromkeys(weights)  # None: a zero gradient (a frozen weight, or one the step does not use)
         for key, x in inputs.items():
-            dy = d_taps[key]
-            dw = jnp.einsum("ti,to->io", x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]),
-                            preferred_element_type=jnp.float32)
             names = key.split(_GROUP)
+            x, dy = x.reshape(-1, x.shape[-1]), d_taps[key]
+            dy = dy.reshape(-1, dy.shape[-1])
             sizes = [weights[n].size // x.shape[-1] for n in names]
-            for name, part in zip(names, jnp.split(dw, list(itertools.accumulate(sizes))[:-1], axis=1)):
+            for name, part in zip(names, jnp.split(dy, list(itertools.accumulate(sizes))[:-1], axis=1)):
                 if name not in frozen:  # a frozen weight tapped together with others: its columns go unused
-                    d_weights[name] = part.reshape(weights[name].shape).astype(weights[name].dtype)
+                    d_weights[name] = _weight_gradient(x, part, weights[name])
         return d_weights, d_others, d_carry, d_xs
 
     scan.defvjp(forward, backward, symbolic_zeros=True)
