@@ -2,6 +2,7 @@
 
     python benchmarks/loop_bytes.py                                   # v5p, 1B shape, 18 layers, batch 1 and 4
     python benchmarks/loop_bytes.py --layers=2 --batches=4 --top=15 --calibrate
+    python benchmarks/loop_bytes.py --batches=1 --diff=40             # FAM minus BSWA, kernel by kernel
 
 tpu_cost.py takes bytes from XLA's cost analysis of the step with every loop unrolled, because the analysis
 counts a loop body once; but XLA fuses an unrolled program differently from the looped one the trainer runs.
@@ -148,6 +149,22 @@ class Program:
                        int(cycles.group(1)) * times if cycles else None)
 
 
+def differences(rows, base):
+    """[((op_name, type without layouts, opcode), (bytes, cycles))] of `rows` minus `base` (Program.kernels rows),
+    summed over the kernels that share op name, type and opcode, largest difference in bytes first."""
+    def grouped(rows):
+        out = {}
+        for moved, type_text, op, name, _, cost in rows:
+            key = (re.sub(r"^jit\(\w+\)/", "", name), re.sub(r"{[^}]*}", "", type_text), op)
+            b, c = out.get(key, (0, 0))
+            out[key] = (b + moved, c + (cost or 0))
+        return out
+    a, b = grouped(rows), grouped(base)
+    diff = {k: (a.get(k, (0, 0))[0] - b.get(k, (0, 0))[0], a.get(k, (0, 0))[1] - b.get(k, (0, 0))[1])
+            for k in a.keys() | b.keys()}
+    return sorted(diff.items(), key=lambda kv: -abs(kv[1][0]))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--topology", default="v5p:1x1x1")
@@ -157,6 +174,8 @@ def main():
     p.add_argument("--seq_len", type=int, default=8192)
     p.add_argument("--model", default="", help="ModelConfig overrides, e.g. fam_deferred_grads=False")
     p.add_argument("--top", type=int, default=0, help="also list the largest kernels of each program")
+    p.add_argument("--diff", type=int, default=0,
+                   help="also list the largest differences from BSWA's program, kernels matched by op and shape")
     p.add_argument("--calibrate", action="store_true",
                    help="also estimate the unrolled program and compare with XLA's count (slow)")
     args = p.parse_args()
@@ -167,12 +186,12 @@ def main():
     print(f"{devices[0].device_kind}: {args.layers} layers, {args.seq_len} tokens per row; estimated bytes and "
           "cycles of the looped train step")
     for batch in (int(b) for b in args.batches.split(",")):
-        totals, cycles = {}, {}
+        totals, cycles, programs = {}, {}, {}
         for mode in args.modes.split(","):
             cfg = aot.prepare(tpu_cost.config(mode, batch, args.layers, args.seq_len, model=overrides))
             mesh = aot.meshlib.make_mesh(cfg.mesh, devices[:1])
             rows = sorted(Program(aot.compile_train_step(cfg, mesh).as_text()).kernels(), key=lambda r: -r[0])
-            totals[mode] = sum(r[0] for r in rows)
+            totals[mode], programs[mode] = sum(r[0] for r in rows), rows
             cycles[mode] = sum(r[5] for r in rows if r[5] is not None)
             host = sum(r[0] for r in rows if r[2] in _ASYNC_TRANSFERS)
             unestimated = [r for r in rows if r[5] is None and r[0] >= 1 << 20]  # scalar bookkeeping left out
@@ -198,6 +217,9 @@ def main():
             if mode != "bswa" and "bswa" in totals:
                 print(f"  batch {batch} {mode} / bswa: bytes {totals[mode] / totals['bswa']:.3f}x, estimated "
                       f"cycles {cycles[mode] / cycles['bswa']:.3f}x")
+                for (name, kind, op), (moved, cost) in differences(programs[mode], programs["bswa"])[:args.diff]:
+                    print(f"      {moved / 1e9:+8.2f} GB {cost / 1e6:+8.2f} M cycles  {op:10s} {kind[:60]:60s} "
+                          f"{name[-60:]}")
 
 
 if __name__ == "__main__":
