@@ -48,6 +48,11 @@ _CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
 _ALLOCATION = 'custom_call_target="AllocateBuffer"'  # a buffer left uninitialised (a loop's stacked outputs): no work
 
 
+def _without_layouts(type_text: str) -> str:
+    """An HLO type with its layouts ({...}) left out: how kernels of two programs are named alike."""
+    return re.sub(r"{[^}]*}", "", type_text)
+
+
 def device_part_bytes(type_text: str) -> int:
     """Bytes of the arrays of an HLO type that live in device memory (not host memory), scalars left out: what an
     asynchronous slice to or from host memory reads or writes on the device (the update, or the slice)."""
@@ -155,7 +160,7 @@ def differences(rows, base):
     def grouped(rows):
         out = {}
         for moved, type_text, op, name, _, cost in rows:
-            key = (re.sub(r"^jit\(\w+\)/", "", name), re.sub(r"{[^}]*}", "", type_text), op)
+            key = (re.sub(r"^jit\(\w+\)/", "", name), _without_layouts(type_text), op)
             b, c = out.get(key, (0, 0))
             out[key] = (b + moved, c + (cost or 0))
         return out
@@ -212,7 +217,7 @@ def main():
             for r in rows[:args.top]:
                 cost = "-" if r[5] is None else f"{r[5] / 1e3:.0f}"
                 print(f"      {r[0] / 1e6:9.1f} MB {cost:>9s} k cycles  {r[2]:10s} "
-                      f"{re.sub(r'{[^}]*}', '', r[1])[:70]:70s} {r[3][-60:]}")
+                      f"{_without_layouts(r[1])[:70]:70s} {r[3][-60:]}")
         for mode in totals:
             if mode != "bswa" and "bswa" in totals:
                 print(f"  batch {batch} {mode} / bswa: bytes {totals[mode] / totals['bswa']:.3f}x, estimated "

@@ -209,8 +209,8 @@ def deferred_scan(step, weights: dict, others, carry, xs, *, dtype, unroll: int 
         d_weights = dict.fromkeys(weights)  # None: a zero gradient (a frozen weight, or one the step does not use)
         for key, x in inputs.items():
             names = key.split(_GROUP)
-            x, dy = x.reshape(-1, x.shape[-1]), d_taps[key]
-            dy = dy.reshape(-1, dy.shape[-1])
+            x = x.reshape(-1, x.shape[-1])
+            dy = d_taps[key].reshape(-1, d_taps[key].shape[-1])
             sizes = [weights[n].size // x.shape[-1] for n in names]
             for name, part in zip(names, jnp.split(dy, list(itertools.accumulate(sizes))[:-1], axis=1)):
                 if name not in frozen:  # a frozen weight tapped together with others: its columns go unused
