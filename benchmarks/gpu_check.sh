@@ -6,7 +6,8 @@
 #      (eval every 250 steps; the curves say which knob makes the tiny model learn sooner),
 #   3. alone on the GPU: step time, memory and MFU of full / BSWA / FAM next to the PyTorch peer (bf16, base at
 #      4k and 16k, batch 4), BSWA / FAM with the Pallas GPU kernel (attention_impl=pallas), and the 1B shape at
-#      16k with full attention too (issue 22's GPU targets; about 10 minutes in all).
+#      16k with full attention too, and last BSWA / FAM with while loops as CUDA graphs (issue 22's GPU targets;
+#      about 11 minutes in all).
 # Packages the GPU image lacks travel as wheels in .whl (see /work/.library/device/README.md).
 set -u
 OUT=${OUT:-/tmp/famjax_gpu}
@@ -90,5 +91,11 @@ cat "$OUT/passkey_sweep.txt"
   # the 1B shape at 16k, full attention included (cuDNN on GPU): a mode that does not fit prints "out of memory"
   timeout ${BENCH_BIG_S:-150} $PY benchmarks/step_time.py --sizes=${BENCH_BIG:-1b} --lengths=${BENCH_BIG_LENGTHS:-16384} \
     --dtype=bfloat16 --block=1024 --fam=64 --batch=1 --peak_n=8192 --repeats=3 --full_max=16384
+  # last (the first to go if time runs out): base BSWA / FAM at 16k again with XLA's while loops and conditionals
+  # recorded as CUDA graphs too (command buffers), so that the F-row loop's small kernels are launched by the
+  # device instead of one by one from the host; compare with the first run's rows
+  XLA_FLAGS="--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL" timeout ${BENCH_CB_S:-70} $PY \
+    benchmarks/step_time.py --sizes=base --lengths=16384 --modes=bswa,fam --peer=false --dtype=bfloat16 \
+    --block=1024 --fam=64 --batch=${BENCH_BATCH:-4} --peak_n=8192 --repeats=5
 } > "$OUT/step_time.txt" 2>&1
 grep -v "^W0\|^I0" "$OUT/step_time.txt" | tail -20
