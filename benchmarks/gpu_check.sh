@@ -85,7 +85,7 @@ cat "$OUT/passkey_sweep.txt"
   timeout ${BENCH_S:-120} $PY benchmarks/step_time.py --sizes=${BENCH_SIZES:-base} --lengths=${BENCH_LENGTHS:-16384} --dtype=bfloat16 \
     --block=1024 --fam=64 --batch=${BENCH_BATCH:-4} --peak_n=8192 --repeats=5
   # the Pallas GPU kernel (ops.flash_gpu, attention_impl=pallas) against the default above (XLA block attention)
-  timeout ${BENCH_S:-70} $PY benchmarks/step_time.py --sizes=base --lengths=16384 --modes=bswa,fam --peer=false \
+  timeout ${BENCH_PALLAS_S:-70} $PY benchmarks/step_time.py --sizes=base --lengths=16384 --modes=bswa,fam --peer=false \
     --dtype=bfloat16 --block=1024 --fam=64 --batch=${BENCH_BATCH:-4} --peak_n=8192 --repeats=5 \
     --model=attention_impl=pallas
   # the 1B shape at 16k, full attention included (cuDNN on GPU): a mode that does not fit prints "out of memory"
